@@ -1,0 +1,43 @@
+"""Shared test helpers. Parity tests build timm models at random init."""
+
+import os
+
+# Sharding tests need several CPU devices; set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import numpy as np
+import pytest
+
+
+def randomize_batchnorm(torch_model, seed: int = 0):
+  """Gives every BatchNorm random affine params and running stats.
+
+  timm's init leaves mean 0 / var 1 / weight 1 / bias 0, which hides
+  conversion bugs (swapped or dropped BN tensors give identical outputs).
+  """
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in torch_model.modules():
+      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        c = m.num_features
+        m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+        m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+        m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+  return torch_model
+
+
+def timm_state_dict_numpy(torch_model) -> dict:
+  return {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
+
+
+def max_rel_err(a, b) -> float:
+  """Max abs difference relative to the reference's scale (max |b|, at least 1)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+
+
+@pytest.fixture(scope="session")
+def rng():
+  return np.random.default_rng(0)
