@@ -1,0 +1,307 @@
+"""Patch selection (paper Eqs. 24-25, Im et al. baselines), payload and byte accounting.
+
+Selection works on a [B, N] score grid (N = P*P patches, row-major) and returns
+boolean keep masks [B, N]; everything there is jnp and jit-able.
+
+Empty selections. The paper's rule (select_threshold) never sends zero patches
+(Eq. 25). The baselines of Im et al. can: `attention_sum_threshold` keeps only
+the prefix whose cumulative sum is <= delta, and `attention_threshold` keeps
+cam >= delta. In their code (iil-postech/semantic-attention,
+engine/__init__.py + vision_transformer_server.py) an offloaded image with no
+kept patch is still sent to the server, which gathers zero patch tokens and
+classifies from the CLS token alone; it counts as 0 patches in the cost. That
+is our default, "cls_only" (the payload is then a header-only message, see
+below). `apply_empty_policy` offers the two alternatives explicitly: "argmax"
+(keep the top patch, as Eq. 25 does) and "edge" (keep the edge prediction:
+the image counts as accepted and costs nothing).
+
+Payload of one offloaded image (all integers big-endian):
+  byte 0      magic/version: 0xA1 (magic nibble 0xA, version 1)
+  byte 1      flags: bit 0 = index encoding (0: byte list, 1: bitmask),
+              bit 1 = list entries are 2 bytes (set iff N > 256); others 0
+  byte 2      grid size P (1..255), N = P*P
+  byte 3      patch size p (1..255)
+  byte 4      channels c (1..255)
+  bytes 5-6   K, the number of patches (uint16, 0..N)
+  bytes 7-10  CRC-32 (zlib) of every other byte of the payload, so a
+              corrupted message is rejected rather than decoded to wrong
+              pixels or positions (4 bytes: 0.003% of a raw image)
+  indices     bitmask: ceil(N/8) bytes, bit i = patch i, MSB first, padding
+              bits 0; list: K strictly increasing indices, 1 byte each when
+              N <= 256 else 2. The encoder uses the list iff it is not longer
+              than the bitmask (N=196: list for K <= 25), and the decoder
+              rejects the other choice, so every payload has one encoding.
+  patches     K * p * p * c uint8, patch-major in index order, each row-major
+              (p, p, c).
+The header is 11 bytes, so payload_bytes(K) = 11 + min(ceil(N/8), K * width)
++ K p^2 c. K = 0 is legal: a header-only request for CLS-only server
+inference (11 bytes).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcst_jax.conformal import sequential_cumsum
+
+__all__ = [
+    "RAW_IMAGE_BYTES", "HEADER_BYTES", "EMPTY_POLICIES", "PayloadError",
+    "select_threshold", "min_entropy_accept", "select_random_k", "select_topk",
+    "select_attention_threshold", "select_attention_sum", "apply_empty_policy",
+    "patchify", "unpatchify", "index_bytes", "payload_bytes", "encode_payload",
+    "decode_payload", "patch_ratio", "byte_ratio",
+]
+
+RAW_IMAGE_BYTES = 224 * 224 * 3  # 150528: a full uint8 image, Im et al.'s "147 KB"
+HEADER_BYTES = 11  # 7 fixed fields + CRC-32
+_MAGIC_VERSION = 0xA1
+_FLAG_BITMASK, _FLAG_WIDE = 0x01, 0x02
+EMPTY_POLICIES = ("cls_only", "argmax", "edge")
+
+
+# ---------------------------------------------------------------------------
+# Selection rules: [B, N] scores -> [B, N] keep mask.
+
+
+def _desc_rank(scores: jax.Array) -> jax.Array:
+  """Rank of each entry in a stable descending sort (ties: lower index first)."""
+  order = jnp.argsort(scores, axis=-1, descending=True, stable=True)
+  return jnp.argsort(order, axis=-1)
+
+
+def _argmax_mask(scores: jax.Array) -> jax.Array:
+  n = scores.shape[-1]
+  return jnp.arange(n) == jnp.argmax(scores, axis=-1)[..., None]
+
+
+@jax.jit
+def select_threshold(scores: jax.Array, tau) -> jax.Array:
+  """Eq. 24: keep M_p >= tau; Eq. 25: if nothing qualifies, keep the argmax."""
+  keep = scores >= tau
+  return jnp.where(keep.any(-1, keepdims=True), keep, _argmax_mask(scores))
+
+
+def min_entropy_accept(probs: jax.Array, eta) -> jax.Array:
+  """Im et al.'s edge acceptance: -log2(max softmax) < eta (eta = 0.8 in the paper)."""
+  return -jnp.log2(jnp.max(probs, axis=-1)) < eta
+
+
+@functools.partial(jax.jit, static_argnames=("B", "N"))
+def select_random_k(key: jax.Array, B: int, N: int, k) -> jax.Array:
+  """k patches per image, uniformly without replacement (seeded by key)."""
+  # perm[j] < k marks k positions of a uniform random permutation.
+  perm = jax.vmap(lambda kk: jax.random.permutation(kk, N))(jax.random.split(key, B))
+  return perm < k
+
+
+@jax.jit
+def select_topk(scores: jax.Array, k) -> jax.Array:
+  """The k highest scores per row (ties: lower patch index first)."""
+  return _desc_rank(scores) < k
+
+
+def select_attention_threshold(attn: jax.Array, delta) -> jax.Array:
+  """Keep attn >= delta (may keep zero patches; see apply_empty_policy)."""
+  return attn >= delta
+
+
+@jax.jit
+def select_attention_sum(attn: jax.Array, delta) -> jax.Array:
+  """Im et al.'s attention-sum rule: sort descending, keep the prefix with cumsum <= delta.
+
+  The patch whose addition crosses delta is excluded, so zero patches are
+  possible. The cumulative sum is a sequential float32 one (a Python loop's
+  rounding), so exact-boundary cases decide the same way everywhere.
+  """
+  attn = jnp.asarray(attn, jnp.float32)
+  order = jnp.argsort(attn, axis=-1, descending=True, stable=True)
+  cum = sequential_cumsum(jnp.take_along_axis(attn, order, axis=-1))
+  keep_sorted = cum <= delta
+  rows = jnp.arange(attn.shape[0])[:, None]
+  return jnp.zeros(attn.shape, bool).at[rows, order].set(keep_sorted)
+
+
+def apply_empty_policy(offloaded: jax.Array, keep: jax.Array, scores: jax.Array,
+                       policy: str = "cls_only"):
+  """Resolves offloaded images whose keep mask is empty. Returns (offloaded, keep).
+
+  "cls_only": unchanged; the server sees the CLS token only (Im et al.'s code).
+  "argmax": keep the single highest-scoring patch (Eq. 25).
+  "edge": the image is not offloaded; the edge prediction stands, cost 0.
+  """
+  empty = ~keep.any(-1)
+  if policy == "cls_only":
+    return offloaded, keep
+  if policy == "argmax":
+    return offloaded, jnp.where(empty[:, None], _argmax_mask(scores), keep)
+  if policy == "edge":
+    return offloaded & ~empty, keep
+  raise ValueError(f"unknown empty-selection policy {policy!r}; choose from {EMPTY_POLICIES}")
+
+
+# ---------------------------------------------------------------------------
+# Patches <-> images.
+
+
+def patchify(images, patch: int = 16):
+  """[B, H, W, C] -> [B, N, p, p, C], patches in row-major grid order (ViT's order)."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch, patch, c)
+
+
+def unpatchify(patches, grid: int):
+  """[B, N, p, p, C] -> [B, P*p, P*p, C]; inverse of patchify."""
+  b, n, p, _, c = patches.shape
+  x = patches.reshape(b, grid, grid, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid * p, grid * p, c)
+
+
+# ---------------------------------------------------------------------------
+# Byte accounting.
+
+
+def index_bytes(k, N: int = 196):
+  """Bytes for K patch indices: the smaller of a ceil(N/8) bitmask and a byte list."""
+  width = 1 if N <= 256 else 2
+  return jnp.minimum((N + 7) // 8, jnp.asarray(k) * width)
+
+
+def payload_bytes(k, N: int = 196, patch: int = 16, channels: int = 3):
+  """Exact payload length: header + min(bitmask, list) + k * patch^2 * channels."""
+  k = jnp.asarray(k)
+  return HEADER_BYTES + index_bytes(k, N) + k * (patch * patch * channels)
+
+
+def patch_ratio(offloaded, kept, N: int = 196):
+  """Im et al.'s cost: offload rate * mean kept over offloaded / N, as one sum."""
+  offloaded = jnp.asarray(offloaded)
+  return jnp.sum(jnp.where(offloaded, kept, 0)) / (offloaded.shape[0] * N)
+
+
+def byte_ratio(offloaded, kept, N: int = 196, patch: int = 16, channels: int = 3,
+               raw_bytes: int = RAW_IMAGE_BYTES):
+  """Paper's cost: payload bytes over offloaded images / (B * raw image bytes).
+
+  Accepted images cost 0; an offloaded image with 0 patches costs its header.
+  """
+  offloaded = jnp.asarray(offloaded)
+  sent = jnp.where(offloaded, payload_bytes(kept, N, patch, channels), 0)
+  # float64 on host would be nicer, but int32 sums overflow past ~14k full images.
+  return jnp.sum(sent.astype(jnp.float32)) / (offloaded.shape[0] * raw_bytes)
+
+
+# ---------------------------------------------------------------------------
+# Payload encode / decode (host side, numpy).
+
+
+class PayloadError(ValueError):
+  """A payload that cannot be encoded or does not decode to a well-formed message."""
+
+
+def _u8(v: int, name: str) -> int:
+  if not 1 <= v <= 255:
+    raise PayloadError(f"{name} must be in 1..255, got {v}")
+  return v
+
+
+def encode_payload(patches, idx, grid: int = 14) -> bytes:
+  """Serialises K kept patches [K, p, p, c] uint8 with their sorted indices [K]."""
+  patches = np.asarray(patches)
+  idx = np.asarray(idx)
+  if patches.dtype != np.uint8:
+    raise PayloadError(f"patches must be uint8, got {patches.dtype}")
+  if patches.ndim != 4 or patches.shape[1] != patches.shape[2]:
+    raise PayloadError(f"patches must have shape [K, p, p, c], got {patches.shape}")
+  k, p, _, c = patches.shape
+  n = _u8(int(grid), "grid") ** 2
+  _u8(p, "patch size")
+  _u8(c, "channels")
+  if idx.ndim != 1 or idx.shape[0] != k:
+    raise PayloadError(f"idx must have shape [{k}], got {idx.shape}")
+  if k and not np.issubdtype(idx.dtype, np.integer):
+    raise PayloadError(f"idx must be integers, got {idx.dtype}")
+  idx = idx.astype(np.int64)
+  if k and (idx.min() < 0 or idx.max() >= n):
+    raise PayloadError(f"patch indices must lie in [0, {n}), got {idx.min()}..{idx.max()}")
+  if np.any(np.diff(idx) <= 0):
+    raise PayloadError("patch indices must be strictly increasing (sorted, no duplicates)")
+  wide = n > 256
+  use_list = k * (2 if wide else 1) <= (n + 7) // 8
+  flags = (0 if use_list else _FLAG_BITMASK) | (_FLAG_WIDE if wide else 0)
+  fields = bytes([_MAGIC_VERSION, flags, grid, p, c]) + k.to_bytes(2, "big")
+  if use_list:
+    index = idx.astype(">u2" if wide else np.uint8).tobytes()
+  else:
+    bits = np.zeros(n, np.uint8)
+    bits[idx] = 1
+    index = np.packbits(bits).tobytes()
+  rest = index + np.ascontiguousarray(patches).tobytes()
+  return fields + _crc(fields, rest).to_bytes(4, "big") + rest
+
+
+def _crc(fields: bytes, rest: bytes) -> int:
+  return zlib.crc32(rest, zlib.crc32(fields))
+
+
+def decode_payload(data: bytes):
+  """Parses a payload into (patches [K, p, p, c] uint8, idx [K] int64, grid).
+
+  Every malformed input raises PayloadError with the reason: wrong length,
+  bad magic/version/flags, non-canonical index encoding, checksum mismatch,
+  out-of-range, duplicate or unsorted indices, K disagreeing with the bitmask.
+  """
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+  data = bytes(data)
+  if len(data) < HEADER_BYTES:
+    raise PayloadError(f"truncated header: {len(data)} of {HEADER_BYTES} bytes")
+  magic, flags, grid, p, c = data[:5]  # bytes 7-10 (CRC) are checked once the length is known
+  k = int.from_bytes(data[5:7], "big")
+  if magic != _MAGIC_VERSION:
+    raise PayloadError(f"bad magic/version byte 0x{magic:02x}, expected 0x{_MAGIC_VERSION:02x}")
+  if flags & ~(_FLAG_BITMASK | _FLAG_WIDE):
+    raise PayloadError(f"unknown flag bits in 0x{flags:02x}")
+  for v, name in ((grid, "grid"), (p, "patch size"), (c, "channels")):
+    if v == 0:
+      raise PayloadError(f"{name} must be >= 1, got 0")
+  n = grid * grid
+  if k > n:
+    raise PayloadError(f"K={k} exceeds the {n} patches of a {grid}x{grid} grid")
+  wide = n > 256
+  if bool(flags & _FLAG_WIDE) != wide:
+    raise PayloadError(f"index width flag {bool(flags & _FLAG_WIDE)} inconsistent with N={n}")
+  mask_len = (n + 7) // 8
+  list_len = k * (2 if wide else 1)
+  use_list = list_len <= mask_len
+  if bool(flags & _FLAG_BITMASK) == use_list:
+    raise PayloadError(f"non-canonical index encoding for K={k}, N={n}")
+  idx_len = list_len if use_list else mask_len
+  body = k * p * p * c
+  want = HEADER_BYTES + idx_len + body
+  if len(data) != want:
+    kind = "truncated" if len(data) < want else "over-long"
+    raise PayloadError(f"{kind} payload: {len(data)} bytes, expected {want}")
+  if int.from_bytes(data[7:11], "big") != _crc(data[:7], data[HEADER_BYTES:]):
+    raise PayloadError("CRC-32 mismatch: the payload was corrupted")
+  raw = data[HEADER_BYTES:HEADER_BYTES + idx_len]
+  if use_list:
+    idx = np.frombuffer(raw, ">u2" if wide else np.uint8).astype(np.int64)
+    if k and idx.max() >= n:
+      raise PayloadError(f"patch index {int(idx.max())} out of range for N={n}")
+    if np.any(np.diff(idx) <= 0):
+      raise PayloadError("patch indices are not strictly increasing (unsorted or duplicate)")
+  else:
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8))
+    if bits[n:].any():
+      raise PayloadError("bitmask has bits set past the last patch")
+    idx = np.flatnonzero(bits[:n]).astype(np.int64)
+    if idx.size != k:
+      raise PayloadError(f"bitmask selects {idx.size} patches but the header says K={k}")
+  patches = np.frombuffer(data, np.uint8, count=body, offset=HEADER_BYTES + idx_len)
+  return patches.reshape(k, p, p, c).copy(), idx, grid

@@ -1,0 +1,320 @@
+"""Patch selection rules, payload format and byte accounting."""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rcst_jax import transmit as tr
+
+N = 196
+
+
+def _attention(rng, b, n=N, ties=False):
+  """CLS-attention-like maps: positive, peaked, renormalised to sum 1 in float32."""
+  a = rng.gamma(0.3, size=(b, n))
+  if ties:
+    a = np.round(a * 4) + 0.01
+  a = (a / a.sum(-1, keepdims=True)).astype(np.float32)
+  return a
+
+
+# ---------------------------------------------------------------------------
+# Selection rules.
+
+
+def test_select_threshold_and_argmax_fallback(rng):
+  s = rng.random((64, N)).astype(np.float32)
+  s[:8] *= 0.5  # nothing reaches tau = 0.6 in these rows
+  keep = np.asarray(tr.select_threshold(s, 0.6))
+  np.testing.assert_array_equal(keep[8:], s[8:] >= 0.6)
+  for i in range(8):
+    assert keep[i].sum() == 1 and keep[i, np.argmax(s[i])]
+  # tau = 0 keeps everything; ties at the max fall back to the first index.
+  assert np.asarray(tr.select_threshold(s, 0.0)).all()
+  z = np.zeros((1, N), np.float32)
+  z[0, [7, 9]] = 0.3
+  assert np.flatnonzero(np.asarray(tr.select_threshold(z, 0.5))[0]).tolist() == [7]
+
+
+def _attention_sum_loop(a, delta):
+  """Direct transcription of sel_sum_th: sorted descending, float32 running sum, keep cum <= delta."""
+  order = np.argsort(-a, kind="stable")
+  keep = np.zeros(len(a), bool)
+  acc = np.float32(0)
+  for j in order:
+    acc = np.float32(acc + a[j])
+    if acc <= np.float32(delta):
+      keep[j] = True
+  return keep
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_attention_sum_matches_loop(rng, ties):
+  a = _attention(rng, 200, ties=ties)
+  deltas = [0.0, 1e-4, 0.05, 0.5, 0.9, 0.97, 0.999, 1.0]
+  # Boundary deltas exactly equal to a float32 prefix sum of some row.
+  for i in range(5):
+    srt = np.sort(a[i])[::-1]
+    acc = np.float32(0)
+    for v in srt[:20]:
+      acc = np.float32(acc + v)
+    deltas.append(float(acc))
+  sel = jax.jit(tr.select_attention_sum)
+  zero_rows = 0
+  for d in deltas:
+    keep = np.asarray(sel(a, d))
+    want = np.stack([_attention_sum_loop(row, d) for row in a])
+    np.testing.assert_array_equal(keep, want, err_msg=f"delta={d}")
+    zero_rows += int((~keep.any(-1)).sum())
+  assert zero_rows > 0  # small deltas exercise the zero-patch case
+
+
+def test_attention_sum_excludes_crossing_patch():
+  a = np.array([[0.5, 0.3, 0.2]], np.float32)
+  assert np.asarray(tr.select_attention_sum(a, 0.79)).tolist() == [[True, False, False]]
+  assert np.asarray(tr.select_attention_sum(a, 0.8)).tolist() == [[True, True, False]]
+  assert np.asarray(tr.select_attention_sum(a, 0.49)).tolist() == [[False, False, False]]
+
+
+def test_attention_threshold(rng):
+  a = _attention(rng, 16)
+  np.testing.assert_array_equal(tr.select_attention_threshold(a, 0.01), a >= 0.01)
+
+
+def test_topk_and_random_k(rng):
+  s = rng.random((32, N)).astype(np.float32)
+  for k in [0, 1, 50, N]:
+    keep = np.asarray(tr.select_topk(s, k))
+    assert (keep.sum(-1) == k).all()
+    if 0 < k < N:
+      assert (np.where(keep, s, np.inf).min(-1) > np.where(keep, -np.inf, s).max(-1)).all()
+    r = np.asarray(tr.select_random_k(jax.random.PRNGKey(k), 32, N, k))
+    assert (r.sum(-1) == k).all()
+  ties = np.zeros((1, N), np.float32)
+  assert np.flatnonzero(np.asarray(tr.select_topk(ties, 3))[0]).tolist() == [0, 1, 2]
+  key = jax.random.PRNGKey(3)
+  a, b = tr.select_random_k(key, 32, N, 20), tr.select_random_k(key, 32, N, 20)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, tr.select_random_k(jax.random.PRNGKey(4), 32, N, 20))
+  assert not np.array_equal(np.asarray(a)[0], np.asarray(a)[1])  # rows differ
+  # Uniform: each patch kept with probability k/N.
+  keys = np.asarray(jax.random.split(jax.random.PRNGKey(5), 125))  # host keys: no slicing dispatch
+  rows = np.concatenate([np.asarray(tr.select_random_k(kk, 32, N, 49)) for kk in keys])
+  freq = rows.mean(0)
+  assert np.abs(freq - 0.25).max() < 6 * np.sqrt(0.25 * 0.75 / len(rows))
+
+
+def test_min_entropy_accept():
+  probs = jnp.asarray([[0.6, 0.4], [0.5, 0.5], [2 ** -0.8 + 1e-4, 1 - 2 ** -0.8 - 1e-4],
+                       [2 ** -0.8 - 1e-4, 1 - 2 ** -0.8 + 1e-4]])
+  # -log2(p_max) < 0.8  <=>  p_max > 2**-0.8 = 0.574
+  assert np.asarray(tr.min_entropy_accept(probs, 0.8)).tolist() == [True, False, True, False]
+
+
+def test_empty_policies(rng):
+  a = _attention(rng, 6)
+  keep = np.asarray(tr.select_attention_sum(a, 0.0))  # all empty
+  off = jnp.asarray([True, True, False, True, False, True])
+  o, k = tr.apply_empty_policy(off, keep, a, "cls_only")
+  assert np.array_equal(o, off) and not np.asarray(k).any()
+  o, k = tr.apply_empty_policy(off, keep, a, "argmax")
+  assert np.array_equal(o, off) and (np.asarray(k).sum(-1) == 1).all()
+  assert np.asarray(k)[np.arange(6), a.argmax(-1)].all()
+  o, _ = tr.apply_empty_policy(off, keep, a, "edge")
+  assert not np.asarray(o).any()
+  with pytest.raises(ValueError, match="policy"):
+    tr.apply_empty_policy(off, keep, a, "drop")
+
+
+# ---------------------------------------------------------------------------
+# Payload format.
+
+
+def _random_payload(rng, k, grid=14, patch=16, c=3):
+  idx = np.sort(rng.choice(grid * grid, k, replace=False))
+  patches = rng.integers(0, 256, (k, patch, patch, c), dtype=np.uint8)
+  return patches, idx
+
+
+def test_payload_round_trip_and_length(rng):
+  for k in list(range(0, 30)) + [50, 100, 195, 196]:
+    patches, idx = _random_payload(rng, k)
+    data = tr.encode_payload(patches, idx)
+    assert len(data) == int(tr.payload_bytes(k)) == 11 + min(25, k) + 768 * k
+    p2, i2, g = tr.decode_payload(data)
+    assert g == 14 and p2.dtype == np.uint8 and p2.shape == (k, 16, 16, 3)
+    np.testing.assert_array_equal(p2, patches)
+    np.testing.assert_array_equal(i2, idx)
+
+
+@pytest.mark.parametrize("grid, patch, c, crossover", [(14, 16, 3, 25), (17, 8, 3, 18),
+                                                       (2, 4, 1, 1), (16, 4, 1, 32)])
+def test_index_encoding_crossover(rng, grid, patch, c, crossover):
+  """List while K * width <= ceil(N/8), bitmask above; N > 256 uses 2-byte entries."""
+  n = grid * grid
+  for k in [crossover, crossover + 1]:
+    if k > n:
+      continue
+    patches, idx = _random_payload(rng, k, grid, patch, c)
+    data = tr.encode_payload(patches, idx, grid=grid)
+    assert (data[1] & 1) == (k > crossover)
+    assert (data[1] & 2) == (2 if n > 256 else 0)
+    assert len(data) == int(tr.payload_bytes(k, n, patch, c))
+    p2, i2, g2 = tr.decode_payload(data)
+    assert g2 == grid and np.array_equal(p2, patches) and np.array_equal(i2, idx)
+
+
+def test_payload_bytes_full_image_and_ratios():
+  assert tr.RAW_IMAGE_BYTES == 150528
+  assert int(tr.payload_bytes(196)) == 11 + 25 + 150528
+  assert int(tr.payload_bytes(0)) == 11
+  off = jnp.asarray([True, False, True, True])
+  kept = jnp.asarray([10, 196, 0, 196])
+  assert float(tr.patch_ratio(off, kept)) == pytest.approx((10 + 0 + 196) / (4 * 196))
+  # Same as Im et al.: offload rate * mean kept over offloaded / N.
+  assert float(tr.patch_ratio(off, kept)) == pytest.approx(3 / 4 * (206 / 3) / 196)
+  want = (int(tr.payload_bytes(10)) + 11 + int(tr.payload_bytes(196))) / (4 * 150528)
+  assert float(tr.byte_ratio(off, kept)) == pytest.approx(want, rel=1e-6)
+
+
+def _reseal(d):
+  """Recomputes the CRC, to reach the checks behind it (a buggy or hostile encoder)."""
+  d = bytes(d)
+  return d[:7] + zlib.crc32(d[11:], zlib.crc32(d[:7])).to_bytes(4, "big") + d[11:]
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (lambda d: d[:10], "truncated header"),
+    (lambda d: d[:-1], "truncated payload"),
+    (lambda d: d + b"\0", "over-long"),
+    (lambda d: b"\xa2" + d[1:], "magic/version"),
+    (lambda d: d[:1] + bytes([d[1] | 4]) + d[2:], "unknown flag"),
+    (lambda d: d[:1] + bytes([d[1] ^ 1]) + d[2:], "non-canonical"),
+    (lambda d: d[:1] + bytes([d[1] ^ 2]) + d[2:], "width flag"),
+    (lambda d: d[:2] + b"\0" + d[3:], "grid must be"),
+    (lambda d: d[:5] + (300).to_bytes(2, "big") + d[7:], "exceeds"),
+    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "CRC-32"),
+    (lambda d: d[:11] + bytes([d[12], d[11]]) + d[13:], "CRC-32"),
+    (lambda d: _reseal(d[:11] + bytes([d[12], d[11]]) + d[13:]), "strictly increasing"),
+    (lambda d: _reseal(d[:11] + bytes([d[11], d[11]]) + d[13:]), "strictly increasing"),
+    (lambda d: _reseal(d[:11] + bytes([d[11], 250]) + d[13:]), "out of range"),
+])
+def test_decode_rejects(rng, bad, msg):
+  patches, idx = _random_payload(rng, 5)
+  data = tr.encode_payload(patches, idx)
+  with pytest.raises(tr.PayloadError, match=msg):
+    tr.decode_payload(bad(data))
+
+
+def test_decode_rejects_bitmask_inconsistencies(rng):
+  patches, idx = _random_payload(rng, 40)
+  data = bytearray(tr.encode_payload(patches, idx))
+  zero_bit = next(i for i in range(N) if i not in set(idx))
+  flipped = bytearray(data)
+  flipped[11 + zero_bit // 8] |= 0x80 >> (zero_bit % 8)
+  with pytest.raises(tr.PayloadError, match="CRC-32"):
+    tr.decode_payload(bytes(flipped))
+  with pytest.raises(tr.PayloadError, match="header says K=40"):
+    tr.decode_payload(_reseal(flipped))
+  pad = bytearray(data)
+  pad[11 + 24] |= 0x01  # bit 199 of a 196-patch mask
+  with pytest.raises(tr.PayloadError, match="past the last patch"):
+    tr.decode_payload(_reseal(pad))
+
+
+def test_encode_rejects_bad_input(rng):
+  patches, idx = _random_payload(rng, 4)
+  with pytest.raises(tr.PayloadError, match="uint8"):
+    tr.encode_payload(patches.astype(np.float32), idx)
+  with pytest.raises(tr.PayloadError, match="increasing"):
+    tr.encode_payload(patches, idx[::-1])
+  with pytest.raises(tr.PayloadError, match=r"\[0, 196\)"):
+    tr.encode_payload(patches, np.array([0, 1, 2, 196]))
+  with pytest.raises(tr.PayloadError, match="shape"):
+    tr.encode_payload(patches, idx[:3])
+  with pytest.raises(tr.PayloadError, match="grid"):
+    tr.encode_payload(patches, idx, grid=256)
+
+
+def test_patchify_round_trip_and_payload(rng):
+  img = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+  p = np.asarray(tr.patchify(img))
+  assert p.shape == (2, 196, 16, 16, 3)
+  np.testing.assert_array_equal(p[0, 15], img[0, 16:32, 16:32])  # row 1, col 1
+  np.testing.assert_array_equal(np.asarray(tr.unpatchify(p, 14)), img)
+  keep = np.asarray(tr.select_topk(rng.random((1, 196)), 30))[0]
+  idx = np.flatnonzero(keep)
+  p2, i2, _ = tr.decode_payload(tr.encode_payload(p[0, idx], idx))
+  np.testing.assert_array_equal(p2, p[0, idx])
+
+
+# ---------------------------------------------------------------------------
+# Property tests: never another exception, never a silently different tensor.
+
+
+def _check_decode(data):
+  """Decode raises PayloadError, or returns a parse that re-encodes to the same bytes."""
+  try:
+    patches, idx, grid = tr.decode_payload(data)
+  except tr.PayloadError:
+    return None
+  assert tr.encode_payload(patches, idx, grid=grid) == bytes(data)
+  return patches, idx, grid
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=64))
+def test_random_bytes_never_crash(data):
+  _check_decode(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=7, max_size=7), st.binary(max_size=40))
+def test_random_headers_never_crash(header, rest):
+  _check_decode(bytes([0xA1]) + header[1:] + rest)
+  _check_decode(_reseal(bytes([0xA1]) + header[1:] + rest) if len(rest) >= 4 else rest)
+
+
+@st.composite
+def _payload_and_edit(draw):
+  grid = draw(st.sampled_from([1, 2, 3, 14, 17]))
+  patch = draw(st.sampled_from([1, 2, 4]))
+  c = draw(st.sampled_from([1, 3]))
+  k = draw(st.integers(0, grid * grid))
+  idx = sorted(draw(st.sets(st.integers(0, grid * grid - 1), min_size=k, max_size=k)))
+  rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+  patches = rng.integers(0, 256, (k, patch, patch, c), dtype=np.uint8)
+  data = tr.encode_payload(patches, np.asarray(idx, np.int64), grid=grid)
+  kind = draw(st.sampled_from(["none", "flip", "truncate", "append", "insert"]))
+  out = bytearray(data)
+  if kind == "flip":
+    pos = draw(st.integers(0, len(out) - 1))
+    out[pos] ^= draw(st.integers(1, 255))
+  elif kind == "truncate":
+    out = out[:draw(st.integers(0, len(out) - 1))]
+  elif kind == "append":
+    out += draw(st.binary(min_size=1, max_size=4))
+  elif kind == "insert":
+    pos = draw(st.integers(0, len(out)))
+    out[pos:pos] = draw(st.binary(min_size=1, max_size=2))
+  return patches, np.asarray(idx, np.int64), grid, kind, bytes(data), bytes(out)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_payload_and_edit())
+def test_corrupted_payloads(case):
+  patches, idx, grid, kind, data, edited = case
+  assert len(data) == int(tr.payload_bytes(len(idx), grid * grid, patches.shape[1], patches.shape[3]))
+  got = _check_decode(edited)
+  if edited == data:
+    assert got is not None
+    np.testing.assert_array_equal(got[0], patches)
+    np.testing.assert_array_equal(got[1], idx)
+    assert got[2] == grid
+  else:
+    assert got is None  # length is fixed by the header; any other edit breaks the CRC
