@@ -1,0 +1,241 @@
+"""One preprocessing for edge and server, and the batching every source shares.
+
+The server receives pixels cut from the edge's image, so both models must see
+the same 224x224 crop: resize the short side to 256 (bicubic), centre crop 224,
+keep uint8 until the model normalises. This is timm's eval transform
+(``Resize(floor(224 / 0.875))`` + ``CenterCrop(224)``) done with PIL, so
+accuracies are comparable with timm's.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import io
+import logging
+import math
+import os
+from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class BadItemError(Exception):
+  """An item a run should skip and count, not die on. `reason` keys the counter."""
+  reason = "bad_item"
+
+
+class BadImageError(BadItemError):
+  """The bytes or file cannot be decoded as an image."""
+  reason = "bad_image"
+
+
+class BadLabelError(BadItemError):
+  """The label is missing or outside [0, num_classes)."""
+  reason = "bad_label"
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def open_rgb(path_or_bytes: str | os.PathLike | bytes) -> Image.Image:
+  """Decodes fully and converts to RGB (grayscale, palette, RGBA, CMYK, ...)."""
+  name = "<bytes>" if isinstance(path_or_bytes, (bytes, bytearray)) else os.fspath(path_or_bytes)
+  src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else name
+  try:
+    with Image.open(src) as img:
+      # convert() forces the full decode, so truncated files fail here, not later.
+      return img.convert("RGB")
+  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    raise BadImageError(f"cannot decode image {name}: {e}") from e
+
+
+def load_image(path_or_bytes: str | os.PathLike | bytes) -> np.ndarray:
+  """Returns the image as a uint8 [H, W, 3] RGB array; raises BadImageError."""
+  return np.asarray(open_rgb(path_or_bytes), dtype=np.uint8)
+
+
+def array_to_rgb(image: np.ndarray) -> np.ndarray:
+  """Makes a decoded array uint8 [H, W, 3]: gray [H,W] / [H,W,1] and RGBA accepted."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise BadImageError(f"expected a uint8 image, got {image.dtype}")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+    raise BadImageError(f"not an image array: shape {image.shape}")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image[..., :3]  # RGBA -> RGB drops alpha, as PIL's convert('RGB') does
+
+
+def resize_short_side(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+  """torchvision ``Resize(int)``: short side -> size, long side truncated to int."""
+  w, h = img.size
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  if (new_w, new_h) == (w, h):
+    return img
+  return img.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """torchvision ``CenterCrop``: offsets use Python's round (half to even)."""
+  h, w = image.shape[:2]
+  if h < size or w < size:
+    raise ValueError(f"cannot crop {size} from a {h}x{w} image")
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  return image[top:top + size, left:left + size]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """Resize short side, centre crop -> uint8 [crop, crop, 3]. Callable on a
+  path, encoded bytes, a PIL image or a uint8 array."""
+  resize_size: int = 256
+  crop_size: int = 224
+  interpolation: str = "bicubic"
+
+  def __post_init__(self):
+    if self.interpolation not in _INTERPOLATIONS:
+      raise ValueError(f"unknown interpolation {self.interpolation!r}; "
+                       f"one of {sorted(_INTERPOLATIONS)}")
+    if self.resize_size < self.crop_size:
+      raise ValueError(f"resize_size {self.resize_size} < crop_size {self.crop_size}")
+
+  @classmethod
+  def from_timm_cfg(cls, cfg: dict[str, Any]) -> "Preprocess":
+    """From a timm pretrained cfg: resize = floor(input / crop_pct).
+
+    crop_pct=1.0 with 224 input leaves 224x224 images (e.g. SyntheticShapes) untouched.
+    """
+    size = int((cfg.get("input_size") or (3, 224, 224))[-1])
+    crop_pct = float(cfg.get("crop_pct") or 0.875)
+    if (cfg.get("crop_mode") or "center") != "center":
+      raise ValueError(f"only crop_mode='center' is supported, got {cfg['crop_mode']!r}")
+    return cls(resize_size=math.floor(size / crop_pct), crop_size=size,
+               interpolation=cfg.get("interpolation") or "bicubic")
+
+  def __call__(self, image) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+      image = Image.fromarray(array_to_rgb(image))
+    elif not isinstance(image, Image.Image):
+      image = open_rgb(image)
+    elif image.mode != "RGB":
+      image = image.convert("RGB")
+    image = resize_short_side(image, self.resize_size, self.interpolation)
+    return center_crop(np.asarray(image, dtype=np.uint8), self.crop_size)
+
+
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, on device."""
+  import jax.numpy as jnp
+  x = jnp.asarray(images, jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+# ---------------------------------------------------------------- sources
+
+
+class Example(NamedTuple):
+  image: np.ndarray  # uint8 [crop, crop, 3], already preprocessed
+  label: int
+  key: str  # stable identifier (file name or dataset/split/index)
+
+
+class ImageSource(Protocol):
+  """Random access, so evaluation can shard and resume from an index.
+
+  ``source[i]`` returns an Example or raises BadItemError.
+  """
+  num_classes: int
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> Example: ...
+
+
+class Batch(NamedTuple):
+  images: np.ndarray  # uint8 [B, H, W, 3]; zeros where not valid
+  labels: np.ndarray  # int32 [B]; -1 where not valid
+  keys: list[str]     # '' where not valid
+  valid: np.ndarray   # bool [B]; False only in the padded tail of the last batch
+
+
+def _fetch(source: ImageSource, index: int) -> Example | BadItemError:
+  """One item, or the error that says why it is skipped."""
+  try:
+    ex = source[int(index)]
+  except BadItemError as e:
+    return e
+  num_classes = getattr(source, "num_classes", None)
+  if not isinstance(ex.label, (int, np.integer)) or ex.label < 0 or (
+      num_classes is not None and ex.label >= num_classes):
+    return BadLabelError(f"{ex.key}: label {ex.label!r} outside [0, {num_classes})")
+  return ex
+
+
+def _fetch_all(source, indices: Sequence[int], chunk: int, workers: int):
+  """Yields fetched items in order; threads help because PIL releases the GIL."""
+  if workers <= 1:
+    for i in indices:
+      yield _fetch(source, i)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    # Chunked map keeps at most a few batches of decoded images in memory.
+    for start in range(0, len(indices), chunk):
+      yield from pool.map(lambda i: _fetch(source, i), indices[start:start + chunk])
+
+
+def _stack(examples: list[Example], batch_size: int) -> Batch:
+  n = len(examples)
+  images = np.zeros((batch_size,) + examples[0].image.shape, np.uint8)
+  images[:n] = np.stack([e.image for e in examples])
+  labels = np.full((batch_size,), -1, np.int32)
+  labels[:n] = [e.label for e in examples]
+  keys = [e.key for e in examples] + [""] * (batch_size - n)
+  return Batch(images, labels, keys, np.arange(batch_size) < n)
+
+
+def batches(source: ImageSource, indices: Iterable[int] | None = None, batch_size: int = 64,
+            *, skipped: collections.Counter | None = None, workers: int = 0,
+            progress: bool = True, desc: str | None = None) -> Iterator[Batch]:
+  """Yields full batches (the last one padded, see `valid`) of good items.
+
+  Bad items (undecodable, label outside [0, num_classes)) are skipped and
+  counted in `skipped` by reason: one bad file must not end a 50k-image run.
+  """
+  indices = list(range(len(source)) if indices is None else indices)
+  skipped = collections.Counter() if skipped is None else skipped
+  from tqdm.auto import tqdm
+  items = tqdm(_fetch_all(source, indices, 2 * batch_size, workers), total=len(indices),
+               desc=desc, disable=not progress, leave=False)
+  buf: list[Example] = []
+  for item in items:
+    if isinstance(item, BadItemError):
+      skipped[item.reason] += 1
+      if sum(skipped.values()) <= 5:
+        logging.warning("skipping item: %s", item)
+      continue
+    buf.append(item)
+    if len(buf) == batch_size:
+      yield _stack(buf, batch_size)
+      buf = []
+  if buf:
+    yield _stack(buf, batch_size)
