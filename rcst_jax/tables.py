@@ -1,0 +1,277 @@
+"""Operating points, latency and the paper's Tables 1-2 from sweep results.
+
+Input is the evaluation engine's list of operating points: one dict per
+(method, threshold) with `accuracy` (fraction), `cost` (patch-count ratio,
+the paper's measure), `cost_bytes` (exact payload ratio) and diagnostics.
+`server_only` and `edge_only` are reference rows, never candidates.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+REFERENCES = ("server_only", "edge_only")
+# Paper's row order; methods not listed follow in order of first appearance.
+METHOD_ORDER = ("random", "topk", "attention_sum", "proposed")
+DISPLAY_NAMES = {
+    "random": "Random",
+    "topk": "Top-K",
+    "attention_sum": "Attention Sum",
+    "proposed": "Proposed",
+    "server_only": "Server-only",
+    "edge_only": "Edge-only",
+}
+# Table 2 and Figure 2 use the short name.
+SHORT_NAMES = {**DISPLAY_NAMES, "attention_sum": "Att-Sum"}
+RESULT_KEYS = (
+    "method", "param_name", "param", "accuracy", "cost", "cost_bytes",
+    "offload_rate", "mean_patches", "edge_risk", "alpha_crc",
+    "aps_set_size", "aps_coverage", "n",
+)
+FULL_IMAGE_BYTES = 224 * 224 * 3  # 150,528 B: 8-bit RGB at 224 x 224
+RATES_MBPS = (1, 8, 20)
+# Accuracies are count ratios; this absorbs float error in `server - gap`
+# (0.818 - 0.01 == 0.80799999...).
+_EPS = 1e-9
+
+
+def display_name(method: str, names: dict | None = None) -> str:
+  return (names or DISPLAY_NAMES).get(method, method)
+
+
+def methods_in(points) -> list[str]:
+  """Non-reference methods present, in the paper's order."""
+  seen = [p["method"] for p in points if p["method"] not in REFERENCES]
+  known = [m for m in METHOD_ORDER if m in seen]
+  return known + [m for m in dict.fromkeys(seen) if m not in METHOD_ORDER]
+
+
+def reference_point(points, method: str = "server_only") -> dict | None:
+  return next((p for p in points if p["method"] == method), None)
+
+
+def server_accuracy(points, server_only_accuracy: float | None = None) -> float:
+  """The given accuracy, else the `server_only` row's."""
+  if server_only_accuracy is not None:
+    return float(server_only_accuracy)
+  ref = reference_point(points)
+  if ref is None or ref.get("accuracy") is None:
+    raise ValueError("server_only_accuracy not given and no server_only point in results")
+  return float(ref["accuracy"])
+
+
+def server_cost(points, cost_key: str = "cost") -> float:
+  """Server-only cost: its row's value when reported, else 1 by definition."""
+  ref = reference_point(points)
+  value = None if ref is None else ref.get(cost_key)
+  return 1.0 if value is None else float(value)
+
+
+def usable(point, cost_key: str) -> bool:
+  """Has both accuracy and the chosen cost (diagnostic rows may lack them)."""
+  acc, cost = point.get("accuracy"), point.get(cost_key)
+  return acc is not None and cost is not None and not (math.isnan(acc) or math.isnan(cost))
+
+
+def best_point(points, cost_key: str = "cost") -> dict | None:
+  """Highest accuracy; ties -> lowest cost (then first listed)."""
+  pts = [p for p in points if usable(p, cost_key)]
+  return min(pts, key=lambda p: (-p["accuracy"], p[cost_key]), default=None)
+
+
+def cheapest_within(points, floor: float, cost_key: str = "cost") -> dict | None:
+  """Lowest cost with accuracy >= floor; ties -> higher accuracy."""
+  pts = [p for p in points if usable(p, cost_key) and p["accuracy"] >= floor - _EPS]
+  return min(pts, key=lambda p: (p[cost_key], -p["accuracy"]), default=None)
+
+
+def operating_points(points, server_only_accuracy: float | None = None,
+                     gap: float = 0.01, cost_key: str = "cost") -> dict:
+  """Table 1's two settings per method: {method: {"best", "within_gap"}}.
+
+  "best": highest-accuracy point. "within_gap": cheapest point whose accuracy
+  is at least server-only minus `gap` (a fraction: 0.01 = 1 pp). Either is
+  None when the method has no qualifying point. `cost_key` picks the cost
+  measure ("cost": patch-count ratio as in the paper; "cost_bytes": exact
+  payload ratio).
+  """
+  floor = server_accuracy(points, server_only_accuracy) - gap
+  out = {}
+  for method in methods_in(points):
+    pts = [p for p in points if p["method"] == method]
+    out[method] = {"best": best_point(pts, cost_key),
+                   "within_gap": cheapest_within(pts, floor, cost_key)}
+  return out
+
+
+def latency_ms(cost, rate_mbps, full_image_bytes: int = FULL_IMAGE_BYTES,
+               convention: str = "paper"):
+  """Upload latency in ms of `cost` x a full image at `rate_mbps` Mb/s.
+
+  "paper" (Table 2): the image is counted in KiB as kilobits x 8 and the rate
+  in Mb/s read as 1000 kb/s, so latency = cost * (bytes / 1024) * 8 / rate ms:
+  150,528 B = 147 KiB -> 1176 ms at 1 Mb/s, 147 at 8, 58.8 at 20.
+  "si": bits / (rate * 1e6) s, i.e. cost * bytes * 8 / (rate * 1e3) ms
+  (1204.22 ms at 1 Mb/s), 2.4% above the paper's numbers.
+  Works elementwise on arrays.
+  """
+  cost, rate = np.asarray(cost, np.float64), np.asarray(rate_mbps, np.float64)
+  if convention == "paper":
+    out = cost * (full_image_bytes / 1024) * 8 / rate
+  elif convention == "si":
+    out = cost * full_image_bytes * 8 / (rate * 1e3)
+  else:
+    raise ValueError(f"convention must be 'paper' or 'si', got {convention!r}")
+  return float(out) if out.ndim == 0 else out
+
+
+# ---- Markdown ---------------------------------------------------------------
+
+def _fmt(x, spec: str = ".2f", scale: float = 1.0) -> str:
+  return "--" if x is None else format(x * scale, spec)
+
+
+def _bold_where(cells: list[str], pick) -> list[str]:
+  """Bolds every cell whose (formatted) value equals pick(values)."""
+  values = [float(c) for c in cells if c != "--"]
+  if not values:
+    return cells
+  target = format(pick(values), ".2f")
+  return [f"**{c}**" if c == target else c for c in cells]
+
+
+def _row(cells) -> str:
+  return "| " + " | ".join(cells) + " |"
+
+
+def _gap_label(gap: float) -> str:
+  return f"Within {gap * 100:g} pp"
+
+
+def table1_markdown(points, server_only_accuracy: float | None = None,
+                    gap: float = 0.01, cost_key: str = "cost",
+                    bold: bool = True, names: dict | None = None) -> str:
+  """Table 1: per method, cost and accuracy at "best" and "within gap".
+
+  Bold marks the lowest cost and highest accuracy among the methods in each
+  setting (the server-only row is the reference, never bolded).
+  """
+  server_acc = server_accuracy(points, server_only_accuracy)
+  ops = operating_points(points, server_acc, gap, cost_key)
+  methods = list(ops)
+  columns = []  # one list of cells per (setting, field)
+  for setting in ("best", "within_gap"):
+    pts = [ops[m][setting] for m in methods]
+    cost = [_fmt(None if p is None else p[cost_key]) for p in pts]
+    acc = [_fmt(None if p is None else p["accuracy"], scale=100) for p in pts]
+    if bold:
+      cost, acc = _bold_where(cost, min), _bold_where(acc, max)
+    columns += [cost, acc]
+  label = _gap_label(gap)
+  lines = [
+      _row(["Method", "Best Acc.: Cost", "Best Acc.: Acc. (%)",
+            f"{label}: Cost", f"{label}: Acc. (%)"]),
+      _row(["---"] + ["---:"] * 4),
+  ]
+  for i, m in enumerate(methods):
+    lines.append(_row([display_name(m, names)] + [col[i] for col in columns]))
+  ref = _fmt(server_cost(points, cost_key)), _fmt(server_acc, scale=100)
+  lines.append(_row([display_name("server_only", names), *ref, *ref]))
+  return "\n".join(lines) + "\n"
+
+
+def table2_markdown(points, server_only_accuracy: float | None = None,
+                    gap: float = 0.01, cost_key: str = "cost",
+                    rates=RATES_MBPS, methods=None, convention: str = "paper",
+                    full_image_bytes: int = FULL_IMAGE_BYTES, bold: bool = True,
+                    names: dict | None = None) -> str:
+  """Table 2: accuracy and upload latency (ms) for settings (a) and (b).
+
+  (a) = each method's best-accuracy point, (b) = its cheapest point within
+  `gap` of server-only. `methods` restricts the rows (the paper shows only
+  Att-Sum and Proposed); default: all. Bold marks the lowest latency among
+  the methods per rate.
+  """
+  names = names or SHORT_NAMES
+  server_acc = server_accuracy(points, server_only_accuracy)
+  ops = operating_points(points, server_acc, gap, cost_key)
+  methods = [m for m in (methods or ops) if m in ops]
+  lat = lambda c, r: latency_ms(c, r, full_image_bytes, convention)
+  ref_cost = server_cost(points, cost_key)
+  lines = [
+      _row(["Setting", "Method", "Acc. (%)"] + [f"{r:g} Mb/s" for r in rates]),
+      _row(["---", "---"] + ["---:"] * (1 + len(rates))),
+  ]
+  for tag, setting in (("(a)", "best"), ("(b)", "within_gap")):
+    pts = [ops[m][setting] for m in methods]
+    per_rate = []
+    for r in rates:
+      cells = [_fmt(None if p is None else lat(p[cost_key], r)) for p in pts]
+      per_rate.append(_bold_where(cells, min) if bold else cells)
+    ref = [_fmt(lat(ref_cost, r)) for r in rates]
+    lines.append(_row([tag, display_name("server_only", names),
+                       _fmt(server_acc, scale=100), *ref]))
+    for i, (m, p) in enumerate(zip(methods, pts)):
+      acc = _fmt(None if p is None else p["accuracy"], scale=100)
+      lines.append(_row(["", display_name(m, names), acc] + [c[i] for c in per_rate]))
+  return "\n".join(lines) + "\n"
+
+
+# ---- Files ------------------------------------------------------------------
+
+def _plain(x):
+  """JSON-safe scalar: numpy -> Python, NaN/inf -> None (strict JSON has no NaN)."""
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def result_columns(points) -> list[str]:
+  """Schema keys first (in schema order), then any extras sorted."""
+  keys = {k for p in points for k in p}
+  return [k for k in RESULT_KEYS if k in keys] + sorted(keys - set(RESULT_KEYS))
+
+
+def write_results(points, out_dir) -> tuple[Path, Path]:
+  """Writes results.json and results.csv under out_dir; returns both paths.
+
+  CSV: one row per point, every key as a column; None is an empty cell.
+  """
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  cols = result_columns(points)
+  rows = [{k: _plain(p.get(k)) for k in cols} for p in points]
+  json_path, csv_path = out / "results.json", out / "results.csv"
+  json_path.write_text(json.dumps(rows, indent=1) + "\n")
+  with csv_path.open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+  return json_path, csv_path
+
+
+def _parse_cell(s: str):
+  if s == "":
+    return None
+  for cast in (int, float):
+    try:
+      return cast(s)
+    except ValueError:
+      pass
+  return s
+
+
+def read_results(path) -> list[dict]:
+  """Reads results.json or results.csv (cells typed back: int, float, str, None)."""
+  path = Path(path)
+  if path.suffix == ".csv":
+    with path.open(newline="") as f:
+      return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+  return json.loads(path.read_text())
