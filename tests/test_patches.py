@@ -1,0 +1,118 @@
+"""Patch layout, bucket rules and padded selections."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rcst_jax import patches as P
+
+
+def _images(b=2, h=64, w=48, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+
+
+def test_patchify_is_row_major_and_round_trips():
+  img = _images()
+  x = np.asarray(P.patchify(img, 16))
+  assert x.shape == (2, 12, 16, 16, 3)
+  for n in range(12):
+    r, c = divmod(n, 3)  # 4 x 3 grid
+    np.testing.assert_array_equal(x[:, n], img[:, 16 * r:16 * r + 16, 16 * c:16 * c + 16])
+  np.testing.assert_array_equal(P.unpatchify(x, (4, 3)), img)
+  with pytest.raises(ValueError):
+    P.patchify(img[:, :60], 16)
+  with pytest.raises(ValueError):
+    P.unpatchify(x, (3, 3))
+
+
+def test_gather_and_paste():
+  img = _images()
+  idx = np.array([[11, 0, 5], [2, 2, 7]])
+  got = np.asarray(P.gather_patches(img, idx, 16))
+  np.testing.assert_array_equal(got, np.asarray(P.patchify(img, 16))[np.arange(2)[:, None], idx])
+
+  # Padding slots (valid False) must not overwrite anything, even with an
+  # index that points at a kept patch.
+  valid = np.array([[True, True, True], [True, False, True]])
+  garbage = got.copy()
+  garbage[1, 1] = 255 - garbage[1, 1]
+  canvas = np.asarray(P.paste_patches(garbage, idx, valid, (64, 48), fill=7))
+  want = np.full_like(img, 7)
+  for b in range(2):
+    for i, ok in zip(idx[b], valid[b]):
+      if ok:
+        r, c = divmod(int(i), 3)
+        want[b, 16 * r:16 * r + 16, 16 * c:16 * c + 16] = img[b, 16 * r:16 * r + 16, 16 * c:16 * c + 16]
+  np.testing.assert_array_equal(canvas, want)
+
+
+def test_bucket_rules():
+  assert P.bucket_for(0) == 1 and P.bucket_for(1) == 1
+  assert P.bucket_for(9) == 12 and P.bucket_for(12) == 12 and P.bucket_for(13) == 16
+  assert P.bucket_for(177) == 196 and P.bucket_for(196) == 196
+  assert all(P.bucket_for(b) == b for b in P.BUCKETS)
+  assert P.bucket_for(5, buckets=(10, 3, 6)) == 6  # order of the tuple does not matter
+  with pytest.raises(ValueError):
+    P.bucket_for(197)
+  with pytest.raises(ValueError):
+    P.bucket_for(-1)
+  # The documented waste bound: padded sequence (CLS included) <= 1.3x real
+  # from 9 patches on, and at most 3 padding slots below that.
+  assert P.max_padding_overhead(min_k=9) <= 1.3
+  assert max(P.bucket_for(k) - k for k in range(0, 9)) <= 3
+  assert list(P.BUCKETS) == sorted(set(P.BUCKETS)) and P.BUCKETS[-1] == 196
+
+
+def test_pad_selection_layout():
+  keep = np.zeros((3, 196), bool)
+  keep[0, [150, 3, 77]] = True
+  keep[1, :10] = True
+  idx, valid = P.pad_selection(keep)
+  assert idx.shape == valid.shape == (3, 12) and idx.dtype == jnp.int32
+  np.testing.assert_array_equal(idx[0], [3, 77, 150] + [0] * 9)
+  np.testing.assert_array_equal(valid[0], [True] * 3 + [False] * 9)
+  np.testing.assert_array_equal(idx[1], list(range(10)) + [0, 0])
+  np.testing.assert_array_equal(idx[2], 0)
+  assert not np.any(valid[2])
+
+  # Index lists give the same thing (sorted, de-duplicated).
+  idx2, valid2 = P.pad_selection([[150, 3, 77, 3], np.arange(10), []], num_patches=196)
+  np.testing.assert_array_equal(idx2, idx)
+  np.testing.assert_array_equal(valid2, valid)
+
+  # A fixed size works under jit; a size wider than the grid pads.
+  jitted = jax.jit(P.pad_selection, static_argnums=1)
+  idx3, valid3 = jitted(jnp.asarray(keep), 16)
+  np.testing.assert_array_equal(idx3[:, :12], idx)
+  assert not np.any(valid3[:, 12:])
+  small = np.ones((1, 4), bool)
+  idx4, valid4 = P.pad_selection(small, 8)
+  np.testing.assert_array_equal(idx4, [[0, 1, 2, 3, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(valid4, [[True] * 4 + [False] * 4])
+
+  with pytest.raises(ValueError):
+    P.pad_selection([[196]], num_patches=196)
+  with pytest.raises(ValueError):
+    P.pad_selection(keep.astype(np.int32))
+
+
+def test_group_by_bucket_partitions_the_batch():
+  rng = np.random.default_rng(0)
+  counts = np.array([0, 1, 5, 8, 9, 30, 31, 196, 100, 12])
+  keep = np.zeros((len(counts), 196), bool)
+  for row, k in zip(keep, counts):
+    row[rng.choice(196, k, replace=False)] = True
+  groups = P.group_by_bucket(keep)
+  assert sorted(np.concatenate(list(groups.values())).tolist()) == list(range(len(counts)))
+  for size, rows in groups.items():
+    assert all(P.bucket_for(counts[r]) == size for r in rows)
+  assert set(groups) == {1, 8, 12, 32, 112, 196}
+
+  seen = []
+  for rows, idx, valid in P.iter_buckets(keep):
+    seen.append(idx.shape[1])
+    np.testing.assert_array_equal(np.asarray(valid).sum(1), counts[rows])
+    for r, i, v in zip(rows, np.asarray(idx), np.asarray(valid)):
+      np.testing.assert_array_equal(i[v], np.flatnonzero(keep[r]))
+  assert seen == sorted(groups)
