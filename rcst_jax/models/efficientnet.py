@@ -1,0 +1,470 @@
+"""EfficientNet (B0-B3, TF ports, Lite0) in Flax, numerically equal to timm.
+
+Architectures are data: timm's block strings (``'ir_r2_k3_s2_e6_c24_se0.25'``)
+are decoded and scaled with timm's channel/depth rules, so one module covers
+every variant and the small demo configs (``create('efficientnet_b0',
+channel_multiplier=0.25, depth_multiplier=0.34, num_classes=10)``).
+
+Layout is NHWC. Parameter names follow timm's module names (``conv_stem``,
+``bn1``, ``blocks_{stage}_{block}/conv_dw``, ...) so ``from_timm`` is a pure
+rename-and-transpose.
+
+Grad-CAM taps. ``out['conv_head']`` (1x1 head conv, before ``bn2``) and
+``out['features']`` (after ``bn2`` + activation, the map that is pooled) pass
+through ``self.perturb``. Adding zeros there changes nothing, but the
+gradient with respect to those zeros is dL/dA, so ONE forward+backward pass
+gives the activations and their gradients::
+
+  variables = model.init(rng, x, mutable=['params', 'batch_stats'])
+  logits, out, grads = tap_gradients(model, variables, x,
+                                     lambda logits: logits[:, c].sum())
+  # grads['features'] == d logits[:, c] / d out['features']
+
+By hand: the taps live in the 'perturbations' collection under the names in
+``TAPS``; take ``jax.grad`` of a function of ``{**variables, 'perturbations':
+zeros}`` with respect to the zeros (shapes from ``apply(...,
+mutable=['perturbations'])`` under ``jax.eval_shape``).
+
+Without a 'perturbations' collection (plain ``apply``) the taps are no-ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcst_jax.state_dict import StateDictReader, check_against_template
+
+# timm's _gen_efficientnet / _gen_efficientnet_lite stage definitions.
+B0_BLOCKS = (
+    ("ds_r1_k3_s1_e1_c16_se0.25",),
+    ("ir_r2_k3_s2_e6_c24_se0.25",),
+    ("ir_r2_k5_s2_e6_c40_se0.25",),
+    ("ir_r3_k3_s2_e6_c80_se0.25",),
+    ("ir_r3_k5_s1_e6_c112_se0.25",),
+    ("ir_r4_k5_s2_e6_c192_se0.25",),
+    ("ir_r1_k3_s1_e6_c320_se0.25",),
+)
+LITE_BLOCKS = tuple(tuple(s.replace("_se0.25", "") for s in st) for st in B0_BLOCKS)
+
+ACTIVATIONS = {"swish": nn.silu, "relu": nn.relu, "relu6": nn.relu6,
+               "hard_swish": nn.hard_swish}
+_ACT_CODES = {"re": "relu", "r6": "relu6", "hs": "hard_swish", "sw": "swish"}
+
+# out[key] -> name in the 'perturbations' collection (must differ from the
+# 'conv_head' submodule's name, since Flax scopes share one namespace).
+TAPS = {"conv_head": "conv_head_tap", "features": "features_tap"}
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _cfg(size, crop_pct, tag, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  # Default pretrained cfg of timm 1.0 for the name (tag pinned for reference).
+  return {"num_classes": 1000, "input_size": (3, size, size), "crop_pct": crop_pct,
+          "interpolation": "bicubic", "mean": mean, "std": std, "tag": tag}
+
+
+def _effnet(cm, dm, drop):
+  return {"block_strings": B0_BLOCKS, "channel_multiplier": cm,
+          "depth_multiplier": dm, "drop_rate": drop}
+
+
+# TF ports: TF 'SAME' padding and TF's BatchNorm epsilon.
+_TF = {"padding": "same", "bn_eps": 1e-3}
+# Lite: ReLU6, no SE, stem/head widths and first/last stage depths not scaled.
+_LITE = {"block_strings": LITE_BLOCKS, "act": "relu6", "fix_stem": True,
+         "fix_head": True, "fix_first_last": True}
+
+# drop_rate is the paper's training dropout; it only acts with train=True.
+VARIANTS = {
+    "efficientnet_b0": {"arch": _effnet(1.0, 1.0, 0.2), "cfg": _cfg(224, 0.875, "ra_in1k")},
+    "efficientnet_b1": {"arch": _effnet(1.0, 1.1, 0.2),
+                        "cfg": _cfg(240, 0.9, "ra4_e3600_r240_in1k",
+                                    INCEPTION_MEAN, INCEPTION_STD)},
+    "efficientnet_b2": {"arch": _effnet(1.1, 1.2, 0.3), "cfg": _cfg(256, 0.875, "ra_in1k")},
+    "efficientnet_b3": {"arch": _effnet(1.2, 1.4, 0.3), "cfg": _cfg(288, 0.875, "ra2_in1k")},
+    "tf_efficientnet_b0": {"arch": {**_effnet(1.0, 1.0, 0.2), **_TF},
+                           "cfg": _cfg(224, 0.875, "ns_jft_in1k")},
+    "tf_efficientnet_b1": {"arch": {**_effnet(1.0, 1.1, 0.2), **_TF},
+                           "cfg": _cfg(240, 0.882, "ns_jft_in1k")},
+    "tf_efficientnet_b2": {"arch": {**_effnet(1.1, 1.2, 0.3), **_TF},
+                           "cfg": _cfg(260, 0.89, "ns_jft_in1k")},
+    "tf_efficientnet_b3": {"arch": {**_effnet(1.2, 1.4, 0.3), **_TF},
+                           "cfg": _cfg(300, 0.904, "ns_jft_in1k")},
+    "tf_efficientnet_lite0": {"arch": {**_LITE, **_TF, "drop_rate": 0.2},
+                              "cfg": _cfg(224, 0.875, "in1k", INCEPTION_MEAN, INCEPTION_STD)},
+}
+
+
+# ---------------------------------------------------------------- arch rules
+
+def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
+  """Nearest multiple of divisor, never more than 10% below v (timm's rule)."""
+  min_value = min_value or divisor
+  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+  return new_v + divisor if new_v < round_limit * v else new_v
+
+
+def round_channels(chs, multiplier=1.0, divisor=8):
+  return make_divisible(chs * multiplier, divisor) if multiplier else chs
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  kind: str  # 'ds' (depthwise-separable) or 'ir' (inverted residual)
+  in_chs: int
+  out_chs: int
+  mid_chs: int
+  kernel: int
+  stride: int
+  se_chs: int  # 0: no squeeze-excite
+  act: str | None  # None: the model's activation
+  skip: bool
+  drop_path: float
+
+
+def decode_block(block_str: str) -> tuple[dict, int]:
+  """'ir_r2_k3_s2_e6_c24_se0.25' -> (options, repeats)."""
+  kind, *ops = block_str.split("_")
+  if kind not in ("ds", "dsa", "ir"):
+    raise ValueError(f"unsupported block type {kind!r} in {block_str!r}")
+  opts = {"kind": kind, "act": None, "noskip": kind == "dsa", "se": 0.0, "e": 1.0}
+  for op in ops:
+    if op in ("noskip", "skip"):
+      opts["noskip"] = op == "noskip"
+    elif op.startswith("n") and op[1:] in _ACT_CODES:
+      opts["act"] = _ACT_CODES[op[1:]]
+    else:
+      m = re.fullmatch(r"([a-z]+)(\d.*)", op)
+      if not m:
+        raise ValueError(f"cannot parse {op!r} in {block_str!r}")
+      opts[m.group(1)] = float(m.group(2))
+  if kind != "ir":
+    opts["e"] = 1.0  # timm ignores 'e' on ds blocks (no expansion conv)
+  return opts, int(opts["r"])
+
+
+def _scale_depth(repeats: Sequence[int], multiplier: float) -> list[int]:
+  """timm's 'ceil' depth scaling, distributed over a stage's block strings from the back."""
+  total = sum(repeats)
+  total_scaled = int(math.ceil(total * multiplier))
+  out = []
+  for r in reversed(repeats):
+    rs = max(1, round(r / total * total_scaled))
+    out.append(rs)
+    total -= r
+    total_scaled -= rs
+  return out[::-1]
+
+
+def build_specs(m: "EfficientNet") -> tuple[int, list[list[BlockSpec]], int]:
+  """(stem channels, stages of BlockSpecs, head channels) for a module's arch fields."""
+  rc = lambda c: round_channels(c, m.channel_multiplier)
+  stem = m.stem_size if m.fix_stem else rc(m.stem_size)
+  decoded = []
+  for i, stage in enumerate(m.block_strings):
+    parsed = [decode_block(s) for s in stage]
+    fixed = m.fix_first_last and i in (0, len(m.block_strings) - 1)
+    reps = _scale_depth([r for _, r in parsed], 1.0 if fixed else m.depth_multiplier)
+    decoded.append([o for (o, _), r in zip(parsed, reps) for _ in range(r)])
+  total = sum(len(s) for s in decoded)
+  stages, in_chs, idx = [], stem, 0
+  for stage in decoded:
+    specs = []
+    for j, o in enumerate(stage):
+      stride = int(o["s"]) if j == 0 else 1
+      out_chs = rc(int(o["c"]))
+      mid = make_divisible(in_chs * o["e"]) if o["kind"] == "ir" else in_chs
+      # SE width comes from the block *input* width: timm divides the ratio by e.
+      se = round(mid * (o["se"] / o["e"])) if o["se"] else 0
+      skip = stride == 1 and in_chs == out_chs and not o["noskip"]
+      specs.append(BlockSpec(o["kind"], in_chs, out_chs, mid, int(o["k"]), stride, se,
+                             o["act"], skip, m.drop_path_rate * idx / total))
+      in_chs, idx = out_chs, idx + 1
+    stages.append(specs)
+  head = m.num_features if m.fix_head else rc(m.num_features)
+  return stem, stages, head
+
+
+def conv_padding(size: int, k: int, s: int, mode: str) -> tuple[int, int]:
+  """Padding of one spatial dim: timm's symmetric rule, or TF 'SAME' from the actual size."""
+  if mode == "same":
+    pad = max((math.ceil(size / s) - 1) * s + k - size, 0)
+    return pad // 2, pad - pad // 2  # the extra pixel goes after, as in TF
+  p = ((s - 1) + (k - 1)) // 2
+  return p, p
+
+
+# ---------------------------------------------------------------- layers
+
+# timm's TF-style init: conv normal(0, sqrt(2 / fan_out)), linear uniform(+-1/sqrt(out)).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dw_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # fan_out / groups = k*k
+dense_init = nn.initializers.variance_scaling(1.0 / 3, "fan_out", "uniform")
+
+
+class DepthwiseConv(nn.Module):
+  """Per-channel kxk conv; 'kernel' is (k, k, 1, C) whichever way it is computed.
+
+  'grouped' uses a feature-grouped convolution; 'shifted' sums k*k strided
+  slices of the padded input times the per-channel tap weight, which XLA on
+  CPU runs several times faster. 'auto' picks 'shifted' on CPU only.
+  """
+  kernel_size: int
+  stride: int = 1
+  padding: str = "symmetric"
+  impl: str = "auto"
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    k, s, c = self.kernel_size, self.stride, x.shape[-1]
+    kernel = self.param("kernel", dw_init, (k, k, 1, c), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    pads = [conv_padding(x.shape[d], k, s, self.padding) for d in (1, 2)]
+    impl = self.impl
+    if impl == "auto":
+      impl = "shifted" if jax.default_backend() == "cpu" else "grouped"
+    if impl == "grouped":
+      return jax.lax.conv_general_dilated(
+          x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=c)
+    if impl != "shifted":
+      raise ValueError(f"depthwise_impl must be auto, grouped or shifted, got {impl!r}")
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    ho = (xp.shape[1] - k) // s + 1
+    wo = (xp.shape[2] - k) // s + 1
+    out = None
+    for i in range(k):
+      for j in range(k):
+        tap = jax.lax.slice(xp, (0, i, j, 0),
+                            (xp.shape[0], i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c),
+                            (1, s, s, 1))
+        term = tap * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
+
+
+class SqueezeExcite(nn.Module):
+  se_chs: int
+  act: Callable
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda f, name: nn.Conv(f, (1, 1), dtype=self.dtype, kernel_init=conv_init, name=name)
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = self.act(conv(self.se_chs, "conv_reduce")(s))
+    return x * nn.sigmoid(conv(x.shape[-1], "conv_expand")(s))
+
+
+class Block(nn.Module):
+  """timm's DepthwiseSeparableConv ('ds') or InvertedResidual ('ir')."""
+  spec: BlockSpec
+  act: Callable
+  conv: Callable  # (features, k, stride, name) -> x -> y, bias-free
+  norm: Callable  # name -> BatchNorm
+  depthwise: Callable  # (k, stride, name) -> DepthwiseConv
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    sp = self.spec
+    shortcut = x
+    if sp.kind == "ir":  # pointwise expansion, then dw / se / linear projection
+      x = self.act(self.norm(name="bn1")(self.conv(sp.mid_chs, 1, name="conv_pw")(x)))
+      x = self.depthwise(sp.kernel, sp.stride, name="conv_dw")(x)
+      x = self.act(self.norm(name="bn2")(x))
+      names = ("conv_pwl", "bn3")
+    else:
+      x = self.depthwise(sp.kernel, sp.stride, name="conv_dw")(x)
+      x = self.act(self.norm(name="bn1")(x))
+      names = ("conv_pw", "bn2")
+    if sp.se_chs:
+      x = SqueezeExcite(sp.se_chs, self.act, self.dtype, name="se")(x)
+    x = self.norm(name=names[1])(self.conv(sp.out_chs, 1, name=names[0])(x))
+    if sp.skip:
+      if train and sp.drop_path > 0:  # stochastic depth: drop whole residual branches
+        keep = 1.0 - sp.drop_path
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1))
+        x = jnp.where(mask, x / keep, 0)
+      x = x + shortcut
+    return x
+
+
+class EfficientNet(nn.Module):
+  """EfficientNet; ``__call__(x NHWC normalised, train)`` -> ``(logits, out)``.
+
+  ``out``: 'conv_head', 'features', 'pre_logits', 'logits'. Training::
+
+    (logits, out), upd = model.apply(variables, x, train=True,
+                                     mutable=['batch_stats'],
+                                     rngs={'dropout': key})
+
+  train=True normalises with batch statistics and updates the running ones;
+  dropout (``drop_rate``) and stochastic depth (``drop_path_rate``) act only
+  then. ``model.init`` compiles one threefry kernel per parameter, which is
+  slow on CPU (tens of seconds); load converted weights where possible.
+  """
+  block_strings: tuple = B0_BLOCKS
+  channel_multiplier: float = 1.0
+  depth_multiplier: float = 1.0
+  stem_size: int = 32
+  num_features: int = 1280
+  fix_stem: bool = False
+  fix_head: bool = False
+  fix_first_last: bool = False
+  act: str = "swish"
+  padding: str = "symmetric"  # 'symmetric' (timm/PyTorch) or 'same' (TF ports)
+  bn_eps: float = 1e-5
+  bn_momentum: float = 0.9  # Flax convention; = PyTorch momentum 0.1
+  num_classes: int = 1000
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  depthwise_impl: str = "auto"
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    stem, stages, head = build_specs(self)
+    act = ACTIVATIONS[self.act]
+    norm = lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_eps,
+        dtype=self.dtype, name=name)
+
+    def conv(features, k, s=1, name=None):
+      # Pads depend on the input size for TF 'SAME', so resolve them per call;
+      # the nn.Conv is created in whichever module calls this.
+      def apply(x):
+        pads = [conv_padding(x.shape[d], k, s, self.padding) for d in (1, 2)]
+        return nn.Conv(features, (k, k), (s, s), pads, use_bias=False, dtype=self.dtype,
+                       kernel_init=conv_init, name=name)(x)
+      return apply
+
+    dw = lambda k, s, name: DepthwiseConv(k, s, self.padding, self.depthwise_impl,
+                                          self.dtype, name=name)
+    out = {}
+    x = act(norm("bn1")(conv(stem, 3, 2, "conv_stem")(x)))
+    for i, stage in enumerate(stages):
+      for j, spec in enumerate(stage):
+        block_act = ACTIVATIONS[spec.act] if spec.act else act
+        x = Block(spec, block_act, conv, norm, dw, self.dtype, name=f"blocks_{i}_{j}")(x, train)
+    x = conv(head, 1, name="conv_head")(x)
+    out["conv_head"] = x = self.perturb(TAPS["conv_head"], x)
+    x = act(norm("bn2")(x))
+    out["features"] = x = self.perturb(TAPS["features"], x)
+    out["pre_logits"] = x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init,
+                   name="classifier")(x)
+    out["logits"] = x
+    return x, out
+
+
+
+
+# ---------------------------------------------------------------- public API
+
+def create(name: str, **overrides) -> EfficientNet:
+  """Module for a timm name; overrides set any EfficientNet field (num_classes, ...)."""
+  if name not in VARIANTS:
+    raise ValueError(f"unknown EfficientNet {name!r}; known: {', '.join(VARIANTS)}")
+  fields = {f.name for f in dataclasses.fields(EfficientNet)} - {"parent", "name"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown EfficientNet option(s) {unknown}; valid: {sorted(fields)}")
+  return EfficientNet(**{**VARIANTS[name]["arch"], **overrides})
+
+
+def tap_gradients(model: nn.Module, variables, x, scalar_fn: Callable, train: bool = False):
+  """One forward+backward pass: ``(logits, out, grads)``.
+
+  ``grads[tap]`` is d scalar_fn(logits) / d out[tap] for the perturbed taps
+  ('conv_head', 'features'). Zero perturbations leave the forward unchanged.
+  """
+  variables = {k: v for k, v in variables.items() if k != "perturbations"}
+  shapes = jax.eval_shape(
+      lambda: model.apply(variables, x, train=train, mutable=["perturbations"])[1])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+
+  def f(perturbations):
+    logits, out = model.apply({**variables, "perturbations": perturbations}, x, train=train)
+    return scalar_fn(logits), (logits, out)
+
+  (_, (logits, out)), grads = jax.value_and_grad(f, has_aux=True)(zeros)
+  return logits, out, {k: grads[name] for k, name in TAPS.items()}
+
+
+def param_template(module: EfficientNet, image_size: int = 64):
+  """Shapes of {'params', 'batch_stats'} (no perturbations), without computing anything."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(
+      lambda x: module.init(jax.random.PRNGKey(0), x, mutable=["params", "batch_stats"]), x)
+
+
+def from_timm(reader: StateDictReader, module: EfficientNet) -> dict:
+  """timm EfficientNet state dict -> {'params', 'batch_stats'} for ``module``.
+
+  Every tensor is taken with the shape timm must have for this architecture;
+  leftovers, missing keys and wrong shapes raise ConversionError.
+  """
+  params, stats = {}, {}
+
+  def conv(key, cin, cout, k, bias=False):  # OIHW -> HWIO
+    p = {"kernel": reader.take(f"{key}.weight", (cout, cin, k, k)).transpose(2, 3, 1, 0)}
+    if bias:
+      p["bias"] = reader.take(f"{key}.bias", (cout,))
+    return p
+
+  def dwconv(key, c, k):  # (C, 1, kh, kw) -> (kh, kw, 1, C), the same transpose
+    return {"kernel": reader.take(f"{key}.weight", (c, 1, k, k)).transpose(2, 3, 1, 0)}
+
+  def bn(key, c):
+    t = lambda n: reader.take(f"{key}.{n}", (c,))
+    return ({"scale": t("weight"), "bias": t("bias")},
+            {"mean": t("running_mean"), "var": t("running_var")})
+
+  def put(tree_p, tree_s, name, key, c):
+    tree_p[name], tree_s[name] = bn(key, c)
+
+  stem, stages, head = build_specs(module)
+  params["conv_stem"] = conv("conv_stem", 3, stem, 3)
+  put(params, stats, "bn1", "bn1", stem)
+  for i, stage in enumerate(stages):
+    for j, sp in enumerate(stage):
+      key, p, s = f"blocks.{i}.{j}", {}, {}
+      if sp.kind == "ir":
+        p["conv_pw"] = conv(f"{key}.conv_pw", sp.in_chs, sp.mid_chs, 1)
+        put(p, s, "bn1", f"{key}.bn1", sp.mid_chs)
+        p["conv_dw"] = dwconv(f"{key}.conv_dw", sp.mid_chs, sp.kernel)
+        put(p, s, "bn2", f"{key}.bn2", sp.mid_chs)
+        proj, proj_bn = "conv_pwl", "bn3"
+      else:
+        p["conv_dw"] = dwconv(f"{key}.conv_dw", sp.in_chs, sp.kernel)
+        put(p, s, "bn1", f"{key}.bn1", sp.in_chs)
+        proj, proj_bn = "conv_pw", "bn2"
+      if sp.se_chs:
+        p["se"] = {"conv_reduce": conv(f"{key}.se.conv_reduce", sp.mid_chs, sp.se_chs, 1, True),
+                   "conv_expand": conv(f"{key}.se.conv_expand", sp.se_chs, sp.mid_chs, 1, True)}
+      p[proj] = conv(f"{key}.{proj}", sp.mid_chs, sp.out_chs, 1)
+      put(p, s, proj_bn, f"{key}.{proj_bn}", sp.out_chs)
+      params[f"blocks_{i}_{j}"], stats[f"blocks_{i}_{j}"] = p, s
+  params["conv_head"] = conv("conv_head", stages[-1][-1].out_chs, head, 1)
+  put(params, stats, "bn2", "bn2", head)
+  if module.num_classes:
+    params["classifier"] = {
+        "kernel": reader.take("classifier.weight", (module.num_classes, head)).T,
+        "bias": reader.take("classifier.bias", (module.num_classes,))}
+  reader.finish()
+  variables = {"params": params, "batch_stats": stats}
+  check_against_template(variables, param_template(module))
+  return jax.tree.map(np.ascontiguousarray, variables)
