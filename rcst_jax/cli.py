@@ -1,0 +1,245 @@
+"""The `rcst` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+
+def _cmd_convert(args, extra):
+  from rcst_jax.convert import convert
+  out = convert(args.timm, args.out, weights=args.weights,
+                num_classes=args.num_classes, overwrite=args.overwrite)
+  print(json.dumps({"converted": args.timm, "out": out}))
+
+
+def _cmd_predict(args, extra):
+  from rcst_jax.checkpoints import load_model
+  from rcst_jax.predict import predict_files
+  model = load_model(args.model)
+  failures = 0
+  for record in predict_files(model, args.images, batch_size=args.batch_size):
+    failures += "error" in record
+    print(json.dumps(record), flush=True)
+  return 1 if failures == len(args.images) else 0
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_config(path: str, overrides: list[str]):
+  """ml_collections config file + `--config.x=y` overrides (absl semantics)."""
+  from absl import flags
+  from ml_collections import config_flags
+  if REPO not in sys.path:  # configs/ import each other (configs.imagenet)
+    sys.path.insert(0, REPO)
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    raise SystemExit(f"rcst: unrecognised arguments: {' '.join(bad)}")
+  argv = ["rcst", f"--config={path}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def _cmd_evaluate(args, extra):
+  from rcst_jax.evaluate import evaluate_config
+  config = parse_config(args.config, extra)
+  out = evaluate_config(config)
+  _print_run(out)
+
+
+def _cmd_demo(args, extra):
+  from rcst_jax.evaluate import evaluate_config
+  t0 = time.time()
+  config = parse_config(os.path.join(REPO, "configs", "demo.py"), extra)
+  with _chdir(REPO):
+    out = evaluate_config(config)
+  _print_run(out)
+  print(f"demo finished in {time.time() - t0:.0f} s; outputs in "
+        f"{os.path.join(REPO, config.output_dir)}")
+
+
+@contextlib.contextmanager
+def _chdir(path):
+  old = os.getcwd()
+  os.chdir(path)
+  try:
+    yield
+  finally:
+    os.chdir(old)
+
+
+def _print_run(out):
+  if not out:
+    return
+  paths, result = out["paths"], out["result"]
+  cal = result["calibration"]
+  print(f"calibration: lambda_hat={cal.lambda_hat:.6g} q_hat={cal.q_hat:.6g} "
+        f"(alpha_crc={cal.alpha_crc}, alpha_aps={cal.alpha_aps}, n={cal.n})")
+  if result["skipped"]:
+    print(f"skipped items: {result['skipped']}")
+  for name in ("table1.md", "table2.md"):
+    with open(paths[name]) as f:
+      print(f.read())
+  for name, path in sorted(paths.items()):
+    print(f"{name:>16}: {path}")
+
+
+def _cmd_calibrate(args, extra):
+  from rcst_jax.evaluate import Evaluation, load_models, load_sources
+  config = parse_config(args.config, extra)
+  ev = Evaluation(config, load_models(config), load_sources(config), config.output_dir,
+                  progress=config.progress)
+  cal = ev.calibrate()
+  out = args.out or os.path.join(config.output_dir, "calibration.json")
+  cal.to_json(out)
+  print(json.dumps({"calibration": out, **cal.to_dict()}))
+
+
+def _load_run_models(args):
+  from rcst_jax.checkpoints import load_model
+  from rcst_jax.conformal import Calibration
+  edge = load_model(args.edge)
+  server = load_model(args.server) if getattr(args, "server", None) else None
+  return edge, server, Calibration.from_json(args.calibration)
+
+
+def _read_images(paths, size):
+  from rcst_jax.data import preprocess
+  prep = preprocess.Preprocess(resize_size=int(size * 256 / 224), crop_size=size)
+  good, images = [], []
+  for path in paths:
+    try:
+      images.append(prep(path))
+      good.append(path)
+    except (preprocess.BadImageError, OSError) as e:
+      print(json.dumps({"image": path, "error": str(e)}), flush=True)
+  return good, images
+
+
+def _cmd_run(args, extra):
+  import numpy as np
+  from rcst_jax.pipeline import collaborative_inference
+  edge, server, cal = _load_run_models(args)
+  names = edge.metadata.get("class_names")
+  good, images = _read_images(args.images, int(edge.metadata["input_size"][-1]))
+  if not images:
+    return 1
+  out = collaborative_inference(np.stack(images), edge, server, cal, args.tau)
+  label = (lambda c: names[c]) if names else (lambda c: None)
+  for i, path in enumerate(good):
+    aps = np.flatnonzero(out["aps_mask"][i])
+    print(json.dumps({
+        "image": path, "accepted_on_edge": bool(out["accepted"][i]),
+        "prediction": int(out["pred"][i]), "label": label(int(out["pred"][i])),
+        "p_max": float(out["p_max"][i]), "aps_set": [int(c) for c in aps],
+        "patches_sent": int(out["kept"][i]), "bytes_sent": int(out["bytes"][i])}), flush=True)
+  return 0
+
+
+def _cmd_explain(args, extra):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from rcst_jax import pipeline, plots, saliency, transmit
+  edge, _, cal = _load_run_models(args)
+  good, images = _read_images([args.image], int(edge.metadata["input_size"][-1]))
+  if not images:
+    return 1
+  image = images[0]
+  e = jax.device_get(pipeline.edge_step(edge, image[None], cal.lambda_hat, cal.q_hat))
+  cam = np.asarray(saliency.minmax_normalize(saliency.upsample(jnp.asarray(e["cam"]),
+                                                               image.shape[:2])))[0]
+  keep = np.asarray(transmit.select_threshold(e["patch_scores"], args.tau))[0]
+  probs, members = e["probs"][0], np.flatnonzero(e["aps_mask"][0])
+  members = members[np.argsort(-probs[members])]
+  names = edge.metadata.get("class_names")
+  if not names and edge.metadata.get("label_set") == "imagenet1k":
+    from rcst_jax.data.labels import imagenet_class_names
+    names = imagenet_class_names()
+  name = (lambda c: names[c]) if names else str
+  accepted = bool(e["accept"][0])
+  decision = (f"accepted on edge: p_max {probs.max():.3f} >= lambda_hat {cal.lambda_hat:.3f}"
+              if accepted else
+              f"offloaded: p_max {probs.max():.3f} < lambda_hat {cal.lambda_hat:.3f}; "
+              f"{int(keep.sum())}/{keep.size} patches at tau={args.tau}, "
+              f"{transmit.payload_bytes(int(keep.sum()))} bytes")
+  path = plots.explain_figure(image, cam, keep, [(name(c), float(probs[c])) for c in members],
+                              args.out, grid=int(round(keep.size ** 0.5)), accepted=accepted,
+                              decision=decision)
+  print(json.dumps({"image": args.image, "out": str(path), "decision": decision}))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="rcst", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("convert", help="convert a timm checkpoint to Flax/orbax")
+  p.add_argument("--timm", required=True, help="timm model name, optionally .tag")
+  p.add_argument("--weights", help=".safetensors or torch state dict (weights_only)")
+  p.add_argument("--out", required=True, help="output model directory")
+  p.add_argument("--num-classes", type=int, default=None)
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(func=_cmd_convert)
+
+  p = sub.add_parser("predict", help="top-5 predictions for image files, JSON lines")
+  p.add_argument("--model", required=True, help="model directory")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("images", nargs="+")
+  p.set_defaults(func=_cmd_predict)
+
+  p = sub.add_parser("evaluate", help="calibrate + sweep every method, write tables/figures")
+  p.add_argument("--config", required=True, help="ml_collections config file; "
+                 "then --config.x=y overrides")
+  p.set_defaults(func=_cmd_evaluate, takes_overrides=True)
+
+  p = sub.add_parser("demo", help="the full evaluation on the embedded synthetic demo")
+  p.set_defaults(func=_cmd_demo, takes_overrides=True)
+
+  p = sub.add_parser("calibrate", help="Algorithm 1: write the calibration JSON")
+  p.add_argument("--config", required=True)
+  p.add_argument("--out", help="calibration JSON path (default: <output_dir>/calibration.json)")
+  p.set_defaults(func=_cmd_calibrate, takes_overrides=True)
+
+  p = sub.add_parser("run", help="Algorithm 2 on image files: per-image decisions, JSON lines")
+  p.add_argument("--edge", required=True)
+  p.add_argument("--server", required=True)
+  p.add_argument("--calibration", required=True)
+  p.add_argument("--tau", type=float, required=True)
+  p.add_argument("images", nargs="+")
+  p.set_defaults(func=_cmd_run)
+
+  p = sub.add_parser("explain", help="PNG: image, APS set, Grad-CAM, patches that would be sent")
+  p.add_argument("--edge", required=True)
+  p.add_argument("--calibration", required=True)
+  p.add_argument("--tau", type=float, default=0.5)
+  p.add_argument("--out", required=True, help="output PNG")
+  p.add_argument("image")
+  p.set_defaults(func=_cmd_explain)
+  return parser
+
+
+def main(argv=None) -> int:
+  args, extra = build_parser().parse_known_args(argv)
+  if extra and not getattr(args, "takes_overrides", False):
+    build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+  from rcst_jax.checkpoints import CheckpointError
+  from rcst_jax.conformal import CalibrationError
+  from rcst_jax.state_dict import ConversionError
+  try:
+    return args.func(args, extra) or 0
+  except (ConversionError, CheckpointError, CalibrationError) as e:
+    print(f"rcst {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

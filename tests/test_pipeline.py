@@ -1,0 +1,75 @@
+"""Algorithm 2 end to end on small random models."""
+
+import jax
+import numpy as np
+import pytest
+
+import small_models
+from rcst_jax import conformal, pipeline, transmit
+
+
+@pytest.fixture(scope="module")
+def models():
+  return small_models.edge(), small_models.server()
+
+
+def _images(n, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+
+
+def _calibration(lam, q):
+  return conformal.Calibration(lambda_hat=lam, q_hat=q, alpha_crc=0.1, alpha_aps=0.1, n=100,
+                               lambda_valid=np.isfinite(lam))
+
+
+def _unpadded_server(server, image, keep):
+  idx = np.flatnonzero(keep)[None]
+  sent = np.asarray(pipeline.patches.gather_patches(image[None], idx))
+  return np.asarray(server.module.apply(server.variables, sent, idx, np.ones_like(idx, bool),
+                                        method="tokens")[0])[0]
+
+
+def test_server_buckets_equal_unpadded_runs(models):
+  _, server = models
+  images = _images(5, 1)
+  rng = np.random.default_rng(0)
+  keep = np.zeros((5, 196), bool)
+  for i, k in enumerate([1, 7, 30, 120, 196]):
+    keep[i, rng.choice(196, k, replace=False)] = True
+  got = pipeline.Server(server, batch_size=4).logits(images, keep)
+  for i in range(5):
+    np.testing.assert_allclose(got[i], _unpadded_server(server, images[i], keep[i]),
+                               rtol=1e-5, atol=1e-5)
+  # `rows` lets several keep masks share one image.
+  again = pipeline.Server(server, batch_size=4).logits(images[[3]], keep[[3, 3]],
+                                                       rows=np.array([0, 0]))
+  np.testing.assert_allclose(again[0], got[3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [np.inf, 0.0, "median"])
+def test_collaborative_inference(models, lam):
+  edge, server = models
+  images = _images(6)
+  e = jax.device_get(pipeline.edge_step(edge, images, 0.0, 0.5))
+  if lam == "median":
+    lam = float(np.median(e["p_max"]))
+  out = pipeline.collaborative_inference(images, edge, server, _calibration(lam, 0.5), tau=0.6,
+                                         server_batch=4)
+  accepted = out["accepted"]
+  np.testing.assert_array_equal(accepted, e["p_max"] >= np.float32(lam))
+  np.testing.assert_array_equal(out["pred"][accepted], e["pred"][accepted])
+  assert not out["keep"][accepted].any() and (out["bytes"][accepted] == 0).all()
+  expected_keep = np.asarray(transmit.select_threshold(e["patch_scores"], 0.6))
+  for i in np.flatnonzero(~accepted):
+    np.testing.assert_array_equal(out["keep"][i], expected_keep[i])
+    assert out["keep"][i].any()  # Eq. 25: never an empty transmission
+    logits = _unpadded_server(server, images[i], out["keep"][i])
+    assert out["pred"][i] == out["server_pred"][i] == int(np.argmax(logits))
+    k = int(out["keep"][i].sum())
+    assert out["bytes"][i] == transmit.payload_bytes(k) == len(transmit.encode_payload(
+        np.asarray(pipeline.patches.gather_patches(images[i:i + 1], np.flatnonzero(
+            out["keep"][i])[None]))[0], np.flatnonzero(out["keep"][i])))
+  if lam == np.inf:
+    assert not accepted.any()
+  if lam == 0.0:
+    assert accepted.all() and (out["server_pred"] == -1).all()
