@@ -1,0 +1,53 @@
+"""The paper's setting (Section 4.1): ImageNet-1K val split 10k / 40k,
+EfficientNet-B0 edge, DeiT-Base server, DeiT-Tiny baseline edge,
+alpha_crc = alpha_aps = 0.05, eta = 0.8.
+
+  rcst evaluate --config configs/imagenet.py \\
+      --config.models_dir=/content/drive/MyDrive/rcst/models \\
+      --config.output_dir=/content/drive/MyDrive/rcst/imagenet
+
+Model directories come from `rcst convert` (see the Colab notebook).
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.models_dir = "models"
+  c.edge = "efficientnet_b0.ra_in1k"            # <models_dir>/<name>
+  c.server = "deit_base_patch16_224.fb_in1k"
+  c.baseline_edge = "deit_tiny_patch16_224.fb_in1k"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "imagenet2012"   # or imagenet_v2, imagenette, folder
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.split = "validation"
+  c.data.n_cal = 10_000          # the rest of the split is the test set
+  c.data.split_seed = 0
+  c.data.folder_root = ml_collections.config_dict.placeholder(str)
+  c.data.label_map = ml_collections.config_dict.placeholder(str)
+  c.data.pil_decode = True       # decode JPEG bytes with PIL, as timm does
+  c.data.limit = 0               # >0: use only the first `limit` images (quick looks)
+
+  c.alpha_crc = 0.05
+  c.alpha_aps = 0.05
+  c.eta = 0.8                    # Im et al. min-entropy threshold, bits
+  c.tau_grid = (0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9)
+  c.k_grid = (20, 40, 60, 80, 100, 120, 140, 160, 180)
+  c.delta_sum_grid = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
+  c.empty_policy = "cls_only"    # attention-sum with 0 kept patches: CLS-only server, as Im et al.
+  c.gradcam_layer = "features"   # last conv stage of EfficientNet-B0 (bn2 + act output)
+  c.seed = 0                     # random-k baseline
+
+  c.dtype = "float32"            # or bfloat16 (TPU)
+  c.devices = "all"
+  c.batch_size = 128             # per step, across all local devices
+  c.server_batch = 128
+  c.chunk_size = 2048            # unit of resumption
+  c.buckets = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 112,
+               128, 144, 160, 176, 196)
+  c.gallery_size = 6
+  c.output_dir = "outputs/imagenet"
+  c.progress = True
+  return c

@@ -1,0 +1,130 @@
+"""Evaluation engine: ImageNet path on tfds mock data, sharding, resume, bad items."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import small_models
+from rcst_jax import evaluate
+from rcst_jax.cli import parse_config
+from rcst_jax.data import BadImageError, Example
+from rcst_jax.data.synthetic import SyntheticShapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_GRIDS = ["--config.tau_grid=(0.3,0.7)", "--config.k_grid=(10,60)",
+               "--config.delta_sum_grid=(0.4,0.9)", "--config.batch_size=8",
+               "--config.server_batch=8", "--config.progress=False", "--config.gallery_size=2"]
+
+
+def _config(tmp_path, *overrides):
+  return parse_config(os.path.join(REPO, "configs", "imagenet.py"),
+                      [f"--config.output_dir={tmp_path}", *SMALL_GRIDS, *overrides])
+
+
+@pytest.fixture(scope="module")
+def models12():
+  return evaluate.Models(small_models.edge(), small_models.server(), small_models.baseline())
+
+
+def _synthetic_sources(n_cal=40, n_test=24):
+  return evaluate.Sources(SyntheticShapes("calibration", n_cal), SyntheticShapes("test", n_test),
+                          name="synthetic")
+
+
+def test_imagenet_path_on_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  models = evaluate.Models(small_models.edge(num_classes=1000), small_models.server(num_classes=1000),
+                           small_models.baseline(num_classes=1000))
+  config = _config(tmp_path, "--config.data.n_cal=24", "--config.data.pil_decode=False",
+                   "--config.chunk_size=8")
+  with tfds.testing.mock_data(num_examples=40):
+    out = evaluate.evaluate_config(config, models=models)
+  paths = out["paths"]
+  for key in ("results_json", "results_csv", "table1.md", "table2.md", "figure1", "figure2",
+              "gallery", "calibration", "summary"):
+    assert os.path.getsize(paths[key]) > 0, key
+  points = json.load(open(paths["results_json"]))
+  methods = {p["method"] for p in points}
+  assert methods == {"server_only", "edge_only", "proposed", "random", "topk", "attention_sum"}
+  assert len(points) == 2 + 2 + 2 * 2 + 2
+  for p in points:
+    assert p["n"] == 16 and 0 <= p["accuracy"] <= 1 and 0 <= p["cost"] <= 1
+  server = next(p for p in points if p["method"] == "server_only")
+  assert server["cost"] == 1.0 and server["offload_rate"] == 1.0
+  assert next(p for p in points if p["method"] == "edge_only")["cost"] == 0.0
+  assert "| Proposed |" in open(paths["table1.md"]).read()
+  from PIL import Image
+  for key in ("figure1", "figure2", "gallery"):
+    assert Image.open(paths[key]).size[0] > 100
+  summary = json.load(open(paths["summary"]))
+  assert summary["skipped"] == {} and summary["devices"] == len(jax.local_devices())
+
+
+def _points(tmp_path, models, sources, *overrides, **run_kw):
+  ev = evaluate.Evaluation(_config(tmp_path, *overrides), models, sources, str(tmp_path),
+                           progress=False)
+  return ev, ev.run(**run_kw)
+
+
+def test_sharded_equals_unsharded(tmp_path, models12):
+  assert len(jax.local_devices()) == 8  # tests/conftest.py sets XLA_FLAGS
+  sources = _synthetic_sources()
+  _, one = _points(tmp_path / "one", models12, sources, "--config.devices=1")
+  _, eight = _points(tmp_path / "eight", models12, sources, "--config.devices=8")
+  assert one["points"] == eight["points"]
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, models12):
+  sources = _synthetic_sources()
+  opts = ("--config.chunk_size=8",)
+  _, clean = _points(tmp_path / "clean", models12, sources, *opts)
+  with pytest.raises(evaluate.Interrupted):
+    _points(tmp_path / "resumed", models12, sources, *opts, stop_after=1)
+  ev, resumed = _points(tmp_path / "resumed", models12, sources, *opts)
+  assert resumed["chunks_computed"] == 2 and clean["chunks_computed"] == 3
+  assert resumed["points"] == clean["points"]
+  for c in range(3):
+    a, b = np.load(tmp_path / "clean" / "cache" / ev.fp / f"chunk_{c:05d}.npz"), \
+        np.load(ev._chunk_path(c))
+    assert set(a.files) == set(b.files)
+    for k in a.files:
+      np.testing.assert_array_equal(a[k], b[k])
+  # A finished run recomputes nothing; a changed config never reuses the cache.
+  _, again = _points(tmp_path / "resumed", models12, sources, *opts)
+  assert again["chunks_computed"] == 0 and again["points"] == clean["points"]
+  ev2, changed = _points(tmp_path / "resumed", models12, sources, *opts, "--config.eta=0.5")
+  assert ev2.fp != ev.fp and changed["chunks_computed"] == 3
+
+
+class _Flaky:
+  """Wraps a source: some items undecodable, some labels out of range."""
+  num_classes = 12
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __len__(self):
+    return len(self.inner)
+
+  def __getitem__(self, i):
+    if i % 7 == 3:
+      raise BadImageError(f"item {i}: cannot decode")
+    ex = self.inner[i]
+    return Example(ex.image, 99, ex.key) if i % 11 == 5 else ex
+
+
+def test_bad_items_are_counted_and_skipped(tmp_path, models12):
+  sources = _synthetic_sources()
+  sources = evaluate.Sources(_Flaky(sources.cal_source), _Flaky(sources.test_source),
+                             name="flaky")
+  _, res = _points(tmp_path, models12, sources)
+  bad_cal = [i for i in range(40) if i % 7 == 3 or i % 11 == 5]
+  bad_test = [i for i in range(24) if i % 7 == 3 or i % 11 == 5]
+  assert sum(res["skipped"].values()) == len(bad_cal) + len(bad_test)
+  assert res["skipped"]["bad_image"] == sum(i % 7 == 3 for i in range(40)) + \
+      sum(i % 7 == 3 for i in range(24))
+  assert res["calibration"].n == 40 - len(bad_cal)
+  assert all(p["n"] == 24 - len(bad_test) for p in res["points"])
