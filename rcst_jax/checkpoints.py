@@ -140,10 +140,8 @@ class Model:
     return self.metadata.get("class_names")
 
   def normalize(self, images):
-    import jax.numpy as jnp
-    mean = jnp.asarray(self.metadata["mean"], jnp.float32)
-    std = jnp.asarray(self.metadata["std"], jnp.float32)
-    return (jnp.asarray(images, jnp.float32) / 255.0 - mean) / std
+    from rcst_jax.data import normalize
+    return normalize(images, self.metadata["mean"], self.metadata["std"])
 
   def __call__(self, images, **kwargs):
     return self.module.apply(self.variables, self.normalize(images), **kwargs)

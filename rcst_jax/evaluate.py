@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rcst_jax import conformal, patches, pipeline, plots, tables, transmit
 from rcst_jax.checkpoints import Model
-from rcst_jax.data import batches
+from rcst_jax.data import batches, normalize
 
 # Keys of the config that change results (and so the cache fingerprint).
 _RESULT_KEYS = ("alpha_crc", "alpha_aps", "eta", "tau_grid", "k_grid", "delta_sum_grid",
@@ -124,7 +124,7 @@ def _probs_fn(model: Model, with_attn: bool):
 
   @jax.jit
   def fn(variables, images):
-    logits, out = module.apply(variables, pipeline._normalize(images, mean, std))
+    logits, out = module.apply(variables, normalize(images, mean, std))
     probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
     return (probs, out["cls_attn"].astype(jnp.float32)) if with_attn else (probs, None)
   return fn
@@ -241,11 +241,9 @@ class Evaluation:
     for b in self._batches(self.sources.test_source, indices, f"chunk {c} edge"):
       v = b.valid
       images = _shard(self.mesh, b.images)[0]
-      e = jax.device_get(pipeline._edge_step(
-          self._edge.variables, images, jnp.float32(cal.lambda_hat), jnp.float32(cal.q_hat),
-          module=self._edge.module, mean=tuple(self._edge.metadata["mean"]),
-          std=tuple(self._edge.metadata["std"]), layer=self.config.gradcam_layer,
-          grid=self._server.module.grid))
+      e = jax.device_get(pipeline.edge_step(self._edge, images, cal.lambda_hat, cal.q_hat,
+                                            layer=self.config.gradcam_layer,
+                                            grid=self._server.module.grid))
       bp, attn = jax.device_get(self._base_probs(self._base.variables, images))
       lab = b.labels[v]
       edge["pred"].append(e["pred"][v])

@@ -19,16 +19,12 @@ import numpy as np
 
 from rcst_jax import conformal, patches, saliency, transmit
 from rcst_jax.checkpoints import Model
-
-
-def _normalize(images, mean, std):
-  return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32)) \
-      / jnp.asarray(std, jnp.float32)
+from rcst_jax.data import normalize
 
 
 @functools.partial(jax.jit, static_argnames=("module", "mean", "std", "layer", "grid"))
 def _edge_step(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid):
-  x = _normalize(images, mean, std)
+  x = normalize(images, mean, std)
   res = saliency.aps_grad_cam(module, variables, x,
                               lambda probs: conformal.aps_set(probs, q_hat)[0],
                               layer=layer, grid=grid)

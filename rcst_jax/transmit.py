@@ -53,7 +53,7 @@ __all__ = [
     "RAW_IMAGE_BYTES", "HEADER_BYTES", "EMPTY_POLICIES", "PayloadError",
     "select_threshold", "min_entropy_accept", "select_random_k", "select_topk",
     "select_attention_threshold", "select_attention_sum", "apply_empty_policy",
-    "patchify", "unpatchify", "index_bytes", "payload_bytes", "encode_payload",
+    "index_bytes", "payload_bytes", "encode_payload",
     "decode_payload", "patch_ratio", "byte_ratio",
 ]
 
@@ -142,24 +142,6 @@ def apply_empty_policy(offloaded: jax.Array, keep: jax.Array, scores: jax.Array,
   if policy == "edge":
     return offloaded & ~empty, keep
   raise ValueError(f"unknown empty-selection policy {policy!r}; choose from {EMPTY_POLICIES}")
-
-
-# ---------------------------------------------------------------------------
-# Patches <-> images.
-
-
-def patchify(images, patch: int = 16):
-  """[B, H, W, C] -> [B, N, p, p, C], patches in row-major grid order (ViT's order)."""
-  b, h, w, c = images.shape
-  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch, patch, c)
-
-
-def unpatchify(patches, grid: int):
-  """[B, N, p, p, C] -> [B, P*p, P*p, C]; inverse of patchify."""
-  b, n, p, _, c = patches.shape
-  x = patches.reshape(b, grid, grid, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, grid * p, grid * p, c)
 
 
 # ---------------------------------------------------------------------------

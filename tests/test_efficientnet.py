@@ -242,8 +242,16 @@ def tiny():
 def test_perturb_gradients(tiny):
   module, v, x, eval_logits = tiny
   c = 3
-  logits, out, grads = jax.jit(
-      lambda v, x: E.tap_gradients(module, v, x, lambda z: z[:, c].sum()))(v, x)
+  from rcst_jax.saliency import forward_with_taps
+
+  @jax.jit
+  def taps(v, x):
+    grads, out = {}, {}
+    for layer in ("features", "conv_head"):
+      logits, out[layer], vjp = forward_with_taps(module, v, x, layer)
+      grads[layer] = vjp(jnp.broadcast_to(jax.nn.one_hot(c, 10), logits.shape))
+    return logits, out, grads
+  logits, out, grads = taps(v, x)
   np.testing.assert_allclose(logits, eval_logits, rtol=1e-6, atol=1e-6)
   # Pooled linear head: d z_c / d A = W[:, c] / (h * w) at every position (CAM).
   feat = out["features"]

@@ -30,7 +30,7 @@ def _one_hot_fn(classes):
 
 
 def _jx(model, images):
-  return pipeline._normalize(jnp.asarray(images), MEAN, STD)
+  return model.normalize(jnp.asarray(images))
 
 
 def test_single_class_matches_pytorch_grad_cam(b0):

@@ -241,12 +241,10 @@ def test_encode_rejects_bad_input(rng):
     tr.encode_payload(patches, idx, grid=256)
 
 
-def test_patchify_round_trip_and_payload(rng):
+def test_payload_of_real_image_patches(rng):
+  from rcst_jax.patches import patchify
   img = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-  p = np.asarray(tr.patchify(img))
-  assert p.shape == (2, 196, 16, 16, 3)
-  np.testing.assert_array_equal(p[0, 15], img[0, 16:32, 16:32])  # row 1, col 1
-  np.testing.assert_array_equal(np.asarray(tr.unpatchify(p, 14)), img)
+  p = np.asarray(patchify(img))
   keep = np.asarray(tr.select_topk(rng.random((1, 196)), 30))[0]
   idx = np.flatnonzero(keep)
   p2, i2, _ = tr.decode_payload(tr.encode_payload(p[0, idx], idx))

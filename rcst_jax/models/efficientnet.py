@@ -15,10 +15,8 @@ through ``self.perturb``. Adding zeros there changes nothing, but the
 gradient with respect to those zeros is dL/dA, so ONE forward+backward pass
 gives the activations and their gradients::
 
-  variables = model.init(rng, x, mutable=['params', 'batch_stats'])
-  logits, out, grads = tap_gradients(model, variables, x,
-                                     lambda logits: logits[:, c].sum())
-  # grads['features'] == d logits[:, c] / d out['features']
+  logits, fmap, vjp = rcst_jax.saliency.forward_with_taps(model, variables, x, 'features')
+  grads = vjp(jax.nn.one_hot(c, num_classes))   # d logits[:, c] / d out['features']
 
 By hand: the taps live in the 'perturbations' collection under the names in
 ``TAPS``; take ``jax.grad`` of a function of ``{**variables, 'perturbations':
@@ -383,25 +381,6 @@ def create(name: str, **overrides) -> EfficientNet:
   if unknown:
     raise ValueError(f"unknown EfficientNet option(s) {unknown}; valid: {sorted(fields)}")
   return EfficientNet(**{**VARIANTS[name]["arch"], **overrides})
-
-
-def tap_gradients(model: nn.Module, variables, x, scalar_fn: Callable, train: bool = False):
-  """One forward+backward pass: ``(logits, out, grads)``.
-
-  ``grads[tap]`` is d scalar_fn(logits) / d out[tap] for the perturbed taps
-  ('conv_head', 'features'). Zero perturbations leave the forward unchanged.
-  """
-  variables = {k: v for k, v in variables.items() if k != "perturbations"}
-  shapes = jax.eval_shape(
-      lambda: model.apply(variables, x, train=train, mutable=["perturbations"])[1])
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
-
-  def f(perturbations):
-    logits, out = model.apply({**variables, "perturbations": perturbations}, x, train=train)
-    return scalar_fn(logits), (logits, out)
-
-  (_, (logits, out)), grads = jax.value_and_grad(f, has_aux=True)(zeros)
-  return logits, out, {k: grads[name] for k, name in TAPS.items()}
 
 
 def param_template(module: EfficientNet, image_size: int = 64):
