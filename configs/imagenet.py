@@ -41,6 +41,8 @@ def get_config():
   c.seed = 0                     # random-k baseline
 
   c.dtype = "float32"            # or bfloat16 (TPU)
+  c.matmul_precision = "highest"  # float32 parity on TPU; "default" is faster there
+  c.compare_dtype = ""           # e.g. "bfloat16": rerun the sweep in it, write dtype_comparison.md
   c.devices = "all"
   c.batch_size = 128             # per step, across all local devices
   c.server_batch = 128

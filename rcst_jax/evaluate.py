@@ -33,7 +33,8 @@ from rcst_jax.data import batches, normalize
 
 # Keys of the config that change results (and so the cache fingerprint).
 _RESULT_KEYS = ("alpha_crc", "alpha_aps", "eta", "tau_grid", "k_grid", "delta_sum_grid",
-                "seed", "gradcam_layer", "empty_policy", "dtype", "chunk_size")
+                "seed", "gradcam_layer", "empty_policy", "dtype", "matmul_precision",
+                "chunk_size")
 
 
 @dataclasses.dataclass
@@ -356,6 +357,11 @@ class Evaluation:
   # -- the whole run
 
   def run(self, stop_after: int | None = None, on_chunk: Callable | None = None) -> dict:
+    # float32 matmuls on TPU default to bfloat16 passes; "highest" keeps timm parity.
+    with jax.default_matmul_precision(self.config.get("matmul_precision", "highest")):
+      return self._run(stop_after, on_chunk)
+
+  def _run(self, stop_after, on_chunk) -> dict:
     t0 = time.perf_counter()
     cal = self.calibrate()
     chunks = self.chunks()
@@ -478,13 +484,35 @@ def write_outputs(ev: Evaluation, result: dict, gallery_size: int = 6) -> dict:
 # ---------------------------------------------------------------- from a config
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def load_models(config) -> Models:
   from rcst_jax.checkpoints import load_model
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
   path = lambda name: os.path.join(config.models_dir, name)
-  return Models(load_model(path(config.edge), dtype=dtype),
-                load_model(path(config.server), dtype=dtype),
-                load_model(path(config.baseline_edge), dtype=dtype))
+  return with_dtype(Models(load_model(path(config.edge)), load_model(path(config.server)),
+                           load_model(path(config.baseline_edge))), config.dtype)
+
+
+def with_dtype(models: Models, dtype: str) -> Models:
+  """Same weights (float32), computation in `dtype` (bfloat16 is what TPUs prefer)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  cast = lambda m: dataclasses.replace(m, module=m.module.clone(dtype=DTYPES[dtype]))
+  return Models(cast(models.edge), cast(models.server), cast(models.baseline_edge))
+
+
+def dtype_comparison(points_a, points_b, name_a: str, name_b: str) -> str:
+  """Markdown: accuracy and cost of every operating point under two compute dtypes."""
+  lines = [f"| method | param | acc {name_a} (%) | acc {name_b} (%) | diff (pp) | "
+           f"cost {name_a} | cost {name_b} |", "|---|---|---|---|---|---|---|"]
+  for a, b in zip(points_a, points_b):
+    assert (a["method"], a["param"]) == (b["method"], b["param"])
+    param = "" if a["param"] is None else f"{a['param_name']}={a['param']:g}"
+    lines.append(f"| {a['method']} | {param} | {100 * a['accuracy']:.2f} | "
+                 f"{100 * b['accuracy']:.2f} | {100 * (b['accuracy'] - a['accuracy']):+.2f} | "
+                 f"{a['cost']:.3f} | {b['cost']:.3f} |")
+  return "\n".join(lines)
 
 
 def load_sources(config) -> Sources:
@@ -518,12 +546,26 @@ def evaluate_config(config, models: Models | None = None, sources: Sources | Non
   """`rcst evaluate`: the whole run from a config; returns the output paths."""
   if config.get("multihost", False):
     jax.distributed.initialize()
-  models = models or load_models(config)
+  models = with_dtype(models, config.dtype) if models else load_models(config)
   sources = sources or load_sources(config)
-  ev = Evaluation(config, models, sources, config.output_dir,
-                  progress=config.progress if progress is None else progress)
+  progress = config.progress if progress is None else progress
+  ev = Evaluation(config, models, sources, config.output_dir, progress=progress)
   result = ev.run()
+  other = config.get("compare_dtype")
+  if other and other != config.dtype:
+    # The same sweep in the other dtype (its own cache): the accuracy change
+    # is measured, not assumed.
+    alt_config = config.copy_and_resolve_references()
+    with alt_config.unlocked():
+      alt_config.dtype = other
+    alt = Evaluation(alt_config, with_dtype(models, other), sources, config.output_dir,
+                     progress=progress).run()
   if jax.process_index() != 0:
     return {}
   paths = write_outputs(ev, result, int(config.gallery_size))
+  if other and other != config.dtype:
+    path = os.path.join(config.output_dir, "dtype_comparison.md")
+    _atomic_write_text(path, dtype_comparison(result["points"], alt["points"], config.dtype,
+                                              other) + "\n")
+    paths["dtype_comparison"] = path
   return {"paths": paths, "result": result}

@@ -39,7 +39,7 @@ def test_imagenet_path_on_mock_data(tmp_path):
   models = evaluate.Models(small_models.edge(num_classes=1000), small_models.server(num_classes=1000),
                            small_models.baseline(num_classes=1000))
   config = _config(tmp_path, "--config.data.n_cal=24", "--config.data.pil_decode=False",
-                   "--config.chunk_size=8")
+                   "--config.chunk_size=8", "--config.compare_dtype=bfloat16")
   with tfds.testing.mock_data(num_examples=40):
     out = evaluate.evaluate_config(config, models=models)
   paths = out["paths"]
@@ -59,6 +59,8 @@ def test_imagenet_path_on_mock_data(tmp_path):
   from PIL import Image
   for key in ("figure1", "figure2", "gallery"):
     assert Image.open(paths[key]).size[0] > 100
+  rows = open(paths["dtype_comparison"]).read().splitlines()
+  assert "acc float32" in rows[0] and "acc bfloat16" in rows[0] and len(rows) == 2 + len(points)
   summary = json.load(open(paths["summary"]))
   assert summary["skipped"] == {} and summary["devices"] == len(jax.local_devices())
 
