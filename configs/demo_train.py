@@ -1,4 +1,4 @@
-"""Training of the three demo models on SyntheticShapes (CPU, ~25 min on 2 cores).
+"""Training of the three demo models on SyntheticShapes (CPU).
 
   python -m rcst_jax.train --config configs/demo_train.py
   python -m rcst_jax.train --config configs/demo_train.py --config.models=server
@@ -6,8 +6,8 @@
 Small config variants of the ported modules (no new architectures), 224x224
 inputs and 16x16 patches as on ImageNet. The edge CNN is kept small and
 briefly trained on purpose: it must be clearly weaker than the server, or
-offloading would never pay. Step counts were sized from measured throughput
-(see weights/README.md).
+offloading would never pay. Step counts are sized from measured throughput;
+see weights/README.md for the run that produced the checkpoints.
 """
 
 import ml_collections

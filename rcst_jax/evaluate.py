@@ -187,9 +187,9 @@ class Evaluation:
   def __post_init__(self):
     self.mesh = make_mesh(self.config.get("devices", "all"))
     ndev = self.mesh.devices.size
-    bs = int(self.config.batch_size)
-    if bs % ndev:
-      raise ValueError(f"batch_size {bs} must be a multiple of the {ndev} devices")
+    for key in ("batch_size", "server_batch"):
+      if int(self.config[key]) % ndev:
+        raise ValueError(f"{key} {self.config[key]} must be a multiple of the {ndev} devices")
     self.fp = fingerprint(self.config, self.models, self.sources)
     self.cache_dir = os.path.join(self.out_dir, "cache", self.fp)
     os.makedirs(self.cache_dir, exist_ok=True)
