@@ -53,8 +53,8 @@ def get_config():
                   dict(channel_multiplier=0.25, depth_multiplier=0.25),
                   epochs=0.5, lr=3e-3)
   c.server = _model("deit_tiny_patch16_224", "demo_server",
-                    dict(embed_dim=128, depth=4, num_heads=4),
-                    epochs=2.0, lr=1e-3, tokens=_tokens((64, 196), (0.75, 0.25)))
+                    dict(embed_dim=96, depth=4, num_heads=3),
+                    epochs=4.0, lr=2e-3, tokens=_tokens((32, 64, 196), (0.3, 0.5, 0.2)))
   c.baseline_edge = _model("deit_tiny_patch16_224", "demo_baseline_edge",
                            dict(embed_dim=96, depth=3, num_heads=3),
                            epochs=0.5, lr=1e-3)

@@ -1,0 +1,29 @@
+"""`rcst demo` at smoke size, with the shipped demo weights: the README's first
+command runs the same code on more images."""
+
+import json
+import os
+
+from rcst_jax import cli
+
+
+def test_demo_smoke(tmp_path, capsys):
+  out = tmp_path / "demo"
+  assert cli.main(["demo", f"--config.output_dir={out}", "--config.data.n_cal=200",
+                   "--config.data.n_test=48", "--config.progress=False",
+                   "--config.tau_grid=(0.2,0.6)", "--config.k_grid=(20,80)",
+                   "--config.delta_sum_grid=(0.6,0.9)", "--config.gallery_size=2"]) == 0
+  printed = capsys.readouterr().out
+  assert "demo finished" in printed and "| Proposed |" in printed
+  for name in ("results.json", "results.csv", "table1.md", "table2.md", "figure1.png",
+               "figure2.png", "gallery.png", "calibration.json", "summary.json"):
+    assert (out / name).stat().st_size > 0, name
+  points = json.loads((out / "results.json").read_text())
+  assert {p["method"] for p in points} == {"server_only", "edge_only", "proposed", "random",
+                                           "topk", "attention_sum"}
+  assert all(p["n"] == 48 for p in points)
+  cal = json.loads((out / "calibration.json").read_text())
+  assert cal["n"] == 200 and cal["lambda_valid"] and cal["dataset"] == "synthetic"
+  # The shipped models are real: far better than chance (1/12) on the server.
+  server = next(p for p in points if p["method"] == "server_only")
+  assert server["accuracy"] > 0.4
