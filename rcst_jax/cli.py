@@ -111,9 +111,10 @@ def _load_run_models(args):
   return edge, server, Calibration.from_json(args.calibration)
 
 
-def _read_images(paths, size):
+def _read_images(paths, metadata):
+  """The edge's eval transform (the server gets pixels cut from the same crop)."""
   from rcst_jax.data import preprocess
-  prep = preprocess.Preprocess(resize_size=int(size * 256 / 224), crop_size=size)
+  prep = preprocess.Preprocess.from_timm_cfg(metadata)
   good, images = [], []
   for path in paths:
     try:
@@ -129,7 +130,7 @@ def _cmd_run(args, extra):
   from rcst_jax.pipeline import collaborative_inference
   edge, server, cal = _load_run_models(args)
   names = edge.metadata.get("class_names")
-  good, images = _read_images(args.images, int(edge.metadata["input_size"][-1]))
+  good, images = _read_images(args.images, edge.metadata)
   if not images:
     return 1
   out = collaborative_inference(np.stack(images), edge, server, cal, args.tau)
@@ -150,7 +151,7 @@ def _cmd_explain(args, extra):
   import numpy as np
   from rcst_jax import pipeline, plots, saliency, transmit
   edge, _, cal = _load_run_models(args)
-  good, images = _read_images([args.image], int(edge.metadata["input_size"][-1]))
+  good, images = _read_images([args.image], edge.metadata)
   if not images:
     return 1
   image = images[0]
