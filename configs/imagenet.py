@@ -47,8 +47,8 @@ def get_config():
   c.batch_size = 128             # per step, across all local devices
   c.server_batch = 128
   c.chunk_size = 2048            # unit of resumption
-  c.buckets = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 112,
-               128, 144, 160, 176, 196)
+  c.buckets = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80,
+               96, 112, 128, 144, 160, 176, 196)
   c.gallery_size = 6
   c.output_dir = "outputs/imagenet"
   c.progress = True

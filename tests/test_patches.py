@@ -49,7 +49,7 @@ def test_gather_and_paste():
 
 def test_bucket_rules():
   assert P.bucket_for(0) == 1 and P.bucket_for(1) == 1
-  assert P.bucket_for(9) == 12 and P.bucket_for(12) == 12 and P.bucket_for(13) == 16
+  assert P.bucket_for(9) == 10 and P.bucket_for(11) == 12 and P.bucket_for(13) == 16
   assert P.bucket_for(177) == 196 and P.bucket_for(196) == 196
   assert all(P.bucket_for(b) == b for b in P.BUCKETS)
   assert P.bucket_for(5, buckets=(10, 3, 6)) == 6  # order of the tuple does not matter
@@ -67,17 +67,17 @@ def test_bucket_rules():
 def test_pad_selection_layout():
   keep = np.zeros((3, 196), bool)
   keep[0, [150, 3, 77]] = True
-  keep[1, :10] = True
+  keep[1, :11] = True
   idx, valid = P.pad_selection(keep)
   assert idx.shape == valid.shape == (3, 12) and idx.dtype == jnp.int32
   np.testing.assert_array_equal(idx[0], [3, 77, 150] + [0] * 9)
   np.testing.assert_array_equal(valid[0], [True] * 3 + [False] * 9)
-  np.testing.assert_array_equal(idx[1], list(range(10)) + [0, 0])
+  np.testing.assert_array_equal(idx[1], list(range(11)) + [0])
   np.testing.assert_array_equal(idx[2], 0)
   assert not np.any(valid[2])
 
   # Index lists give the same thing (sorted, de-duplicated).
-  idx2, valid2 = P.pad_selection([[150, 3, 77, 3], np.arange(10), []], num_patches=196)
+  idx2, valid2 = P.pad_selection([[150, 3, 77, 3], np.arange(11), []], num_patches=196)
   np.testing.assert_array_equal(idx2, idx)
   np.testing.assert_array_equal(valid2, valid)
 
@@ -107,7 +107,7 @@ def test_group_by_bucket_partitions_the_batch():
   assert sorted(np.concatenate(list(groups.values())).tolist()) == list(range(len(counts)))
   for size, rows in groups.items():
     assert all(P.bucket_for(counts[r]) == size for r in rows)
-  assert set(groups) == {1, 8, 12, 32, 112, 196}
+  assert set(groups) == {1, 5, 8, 10, 12, 32, 112, 196}
 
   seen = []
   for rows, idx, valid in P.iter_buckets(keep):
