@@ -20,7 +20,6 @@ sys.path.insert(0, REPO)
 
 from rcst_jax import evaluate, patches, pipeline, transmit  # noqa: E402
 from rcst_jax.cli import parse_config  # noqa: E402
-from rcst_jax.data.synthetic import SyntheticShapes  # noqa: E402
 
 
 def main():

@@ -16,7 +16,6 @@ import collections
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 import zlib
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rcst_jax import conformal, patches, pipeline, plots, tables, transmit
+from rcst_jax import conformal, pipeline, plots, tables, transmit
 from rcst_jax.checkpoints import Model
 from rcst_jax.data import batches, normalize
 
@@ -415,7 +414,7 @@ def _atomic_write_text(path: str, text: str) -> None:
 def gallery_examples(ev: Evaluation, cal: conformal.Calibration, tau: float, count: int,
                      class_names: Sequence[str] | None):
   """The first `count` offloaded test images: image, upsampled map, kept patches, title."""
-  picked, scanned = [], 0
+  picked = []
   for b in ev._batches(ev.sources.test_source, ev.sources.test_indices[:32 * count], "gallery"):
     e = jax.device_get(pipeline.edge_step(ev.models.edge, b.images, cal.lambda_hat, cal.q_hat,
                                           layer=ev.config.gradcam_layer,
@@ -423,7 +422,6 @@ def gallery_examples(ev: Evaluation, cal: conformal.Calibration, tau: float, cou
     for i in np.flatnonzero(b.valid & ~e["accept"]):
       picked.append((b.images[i], e["cam"][i], e["probs"][i], e["aps_mask"][i],
                      e["patch_scores"][i], int(b.labels[i])))
-    scanned += 1
     if len(picked) >= count:
       break
   picked = picked[:count]

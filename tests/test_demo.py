@@ -2,7 +2,6 @@
 command runs the same code on more images."""
 
 import json
-import os
 
 from rcst_jax import cli
 
