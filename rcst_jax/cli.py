@@ -93,88 +93,101 @@ def _print_run(out):
 
 
 def _cmd_calibrate(args, extra):
-  from rcst_jax.evaluate import Evaluation, load_models, load_sources
+  from rcst_jax.data.sources import load_sources, run_transform
+  from rcst_jax.engine import Evaluation
+  from rcst_jax.models.loading import load_models
   config = parse_config(args.config, extra)
-  ev = Evaluation(config, load_models(config), load_sources(config), config.output_dir,
-                  progress=config.progress)
+  models = load_models(config)
+  transform = run_transform(models.edge.metadata)
+  ev = Evaluation(config, models, load_sources(config, transform), config.output_dir,
+                  transform, progress=config.progress)
   cal = ev.calibrate()
   out = args.out or os.path.join(config.output_dir, "calibration.json")
   cal.to_json(out)
   print(json.dumps({"calibration": out, **cal.to_dict()}))
 
 
-def _load_run_models(args):
+def _load_run_models(args, with_server: bool):
   from rcst_jax.checkpoints import load_model
   from rcst_jax.conformal import Calibration
+  from rcst_jax.geometry import Geometry
+  cal = Calibration.from_json(args.calibration)
   edge = load_model(args.edge)
-  server = load_model(args.server) if getattr(args, "server", None) else None
-  return edge, server, Calibration.from_json(args.calibration)
+  server = load_model(args.server) if with_server else None
+  geometry = Geometry.from_dict(cal.geometry) if cal.geometry else Geometry()
+  if server is not None and Geometry.of_server(server) != geometry:
+    raise SystemExit(f"rcst {args.command}: error: the server's patch geometry "
+                     f"{Geometry.of_server(server)} differs from the calibration's {geometry}")
+  return edge, server, cal, geometry
 
 
-def _read_images(paths, metadata):
-  """The edge's eval transform (the server gets pixels cut from the same crop)."""
+def _read_images(paths, transform):
+  """The run's transform (recorded in the calibration); bad files reported, not fatal."""
   from rcst_jax.data import preprocess
-  prep = preprocess.Preprocess.from_timm_cfg(metadata)
-  good, images = [], []
+  good, images, failed = [], [], 0
   for path in paths:
     try:
-      images.append(prep(path))
+      images.append(transform(path))
       good.append(path)
-    except (preprocess.BadImageError, OSError) as e:
+    except (preprocess.BadItemError, OSError, ValueError) as e:
+      failed += 1
       print(json.dumps({"image": path, "error": str(e)}), flush=True)
-  return good, images
+  return good, images, failed
+
+
+def _chunks(seq, size):
+  return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
 def _cmd_run(args, extra):
   import numpy as np
+  from rcst_jax.data.sources import transform_from_record
   from rcst_jax.pipeline import collaborative_inference
-  edge, server, cal = _load_run_models(args)
-  names = edge.metadata.get("class_names")
-  good, images = _read_images(args.images, edge.metadata)
-  if not images:
-    return 1
-  out = collaborative_inference(np.stack(images), edge, server, cal, args.tau)
+  from rcst_jax.predict import class_names_for
+  edge, server, cal, _ = _load_run_models(args, with_server=True)
+  transform = transform_from_record(cal.transform, edge.metadata)
+  names = class_names_for(edge)
   label = (lambda c: names[c]) if names else (lambda c: None)
-  for i, path in enumerate(good):
-    aps = np.flatnonzero(out["aps_mask"][i])
-    print(json.dumps({
-        "image": path, "accepted_on_edge": bool(out["accepted"][i]),
-        "prediction": int(out["pred"][i]), "label": label(int(out["pred"][i])),
-        "p_max": float(out["p_max"][i]), "aps_set": [int(c) for c in aps],
-        "patches_sent": int(out["kept"][i]), "bytes_sent": int(out["bytes"][i])}), flush=True)
-  return 0
+  failed = 0
+  for paths in _chunks(list(args.images), args.batch_size):
+    good, images, bad = _read_images(paths, transform)
+    failed += bad
+    if not images:
+      continue
+    out = collaborative_inference(np.stack(images), edge, server, cal, args.tau,
+                                  batch_size=args.batch_size, server_batch=args.batch_size)
+    for i, path in enumerate(good):
+      pred = int(out["pred"][i])
+      print(json.dumps({
+          "image": path, "accepted_on_edge": bool(out["accepted"][i]),
+          "prediction": pred, "label": label(pred), "p_max": float(out["p_max"][i]),
+          "aps_set": [int(c) for c in np.flatnonzero(out["aps_mask"][i])],
+          "patches_sent": int(out["kept"][i]), "bytes_sent": int(out["bytes"][i])}), flush=True)
+  return 1 if failed else 0
 
 
 def _cmd_explain(args, extra):
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from rcst_jax import pipeline, plots, saliency, transmit
-  edge, _, cal = _load_run_models(args)
-  good, images = _read_images([args.image], edge.metadata)
+  from rcst_jax import explain, pipeline, plots
+  from rcst_jax.data.sources import transform_from_record
+  from rcst_jax.predict import class_names_for
+  edge, _, cal, geometry = _load_run_models(args, with_server=False)
+  out = args.out
+  if os.path.isdir(out) or not out.lower().endswith(".png"):
+    raise SystemExit(f"rcst explain: error: --out must name a .png file, got {out!r}")
+  good, images, _ = _read_images([args.image], transform_from_record(cal.transform,
+                                                                      edge.metadata))
   if not images:
     return 1
   image = images[0]
-  e = jax.device_get(pipeline.edge_step(edge, image[None], cal.lambda_hat, cal.q_hat))
-  cam = np.asarray(saliency.minmax_normalize(saliency.upsample(jnp.asarray(e["cam"]),
-                                                               image.shape[:2])))[0]
-  keep = np.asarray(transmit.select_threshold(e["patch_scores"], args.tau))[0]
-  probs, members = e["probs"][0], np.flatnonzero(e["aps_mask"][0])
-  members = members[np.argsort(-probs[members])]
-  names = edge.metadata.get("class_names")
-  if not names and edge.metadata.get("label_set") == "imagenet1k":
-    from rcst_jax.data.labels import imagenet_class_names
-    names = imagenet_class_names()
-  name = (lambda c: names[c]) if names else str
-  accepted = bool(e["accept"][0])
-  decision = (f"accepted on edge: p_max {probs.max():.3f} >= lambda_hat {cal.lambda_hat:.3f}"
-              if accepted else
-              f"offloaded: p_max {probs.max():.3f} < lambda_hat {cal.lambda_hat:.3f}; "
-              f"{int(keep.sum())}/{keep.size} patches at tau={args.tau}, "
-              f"{transmit.payload_bytes(int(keep.sum()))} bytes")
-  path = plots.explain_figure(image, cam, keep, [(name(c), float(probs[c])) for c in members],
-                              args.out, grid=int(round(keep.size ** 0.5)), accepted=accepted,
-                              decision=decision)
+  e = jax.device_get(pipeline.edge_step(edge, image[None], cal.lambda_hat, cal.q_hat,
+                                        layer=cal.gradcam_layer or "features",
+                                        grid=geometry.grid))
+  x = explain.explain_batch(e, args.tau, geometry)[0]
+  name = explain.namer(class_names_for(edge))
+  decision = explain.decision_text(x, cal.lambda_hat, args.tau, geometry)
+  path = plots.explain_figure(image, x.cam, x.keep, [(name(c), p) for c, p in x.aps], out,
+                              grid=geometry.grid, accepted=x.accepted, decision=decision)
   print(json.dumps({"image": args.image, "out": str(path), "decision": decision}))
   return 0
 
@@ -215,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--server", required=True)
   p.add_argument("--calibration", required=True)
   p.add_argument("--tau", type=float, required=True)
+  p.add_argument("--batch-size", type=int, default=16, help="images per edge/server call")
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_run)
 

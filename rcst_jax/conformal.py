@@ -17,21 +17,18 @@ mass up to and including the true class (ties in probs broken by class index);
 q_hat = the ceil((n+1)(1-alpha))-th smallest score, +inf past n. The set takes
 the smallest k with cumulative mass > q_hat, so the crossing class is included:
 the label is covered whenever its score is <= q_hat, and sometimes also when
-not (coverage is >= 1-alpha but can exceed 1-alpha+1/(n+1)). A randomised
-variant (Romano et al.: score = cum mass - U * p_label) is behind a flag.
+not (coverage is >= 1-alpha but can exceed 1-alpha+1/(n+1)).
 
 Cumulative sums run sequentially (one add at a time) so that scores at
 calibration and sets at test time round identically on every backend.
 
-Integer budgets (m above, the APS rank k) are exact for a concrete alpha,
-read as its shortest decimal (0.05 means 1/20 even as float32); under
-jit/vmap a traced alpha uses float arithmetic with a rounding tolerance.
+Integer budgets (m above, the APS rank k) are exact: alpha is read as its
+shortest decimal (0.05 means 1/20 even as float32).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import warnings
@@ -45,7 +42,7 @@ import numpy as np
 __all__ = [
     "sequential_cumsum", "crc_max_errors", "crc_threshold", "crc_lambda_hat", "aps_scores",
     "aps_rank", "aps_order_stat", "aps_q_hat",
-    "aps_set", "validate_calibration_inputs", "Calibration", "CalibrationError",
+    "aps_set", "check_alpha", "validate_calibration_inputs", "Calibration", "CalibrationError",
     "CalibrationWarning", "calibrate", "acceptance_risk", "aps_coverage", "mean_set_size",
 ]
 
@@ -71,54 +68,30 @@ def sequential_cumsum(x: jax.Array) -> jax.Array:
   return jnp.moveaxis(out, 0, -1)
 
 
-def _is_traced(*xs) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
 def _decimal(x) -> Fraction:
   # The shortest decimal that round-trips in x's own dtype: 0.05 as float32 is
   # 0.0500000007..., but the user meant 1/20.
   return Fraction(np.format_float_positional(x, unique=True, trim="-"))
 
 
-def _exact_int(fn, n: int, alpha, B=1) -> jax.Array:
+def _exact_int(fn, n: int, alpha, B=1) -> int:
   a = np.asarray(alpha)
-  if not np.all(np.isfinite(a)):
-    raise ValueError(f"alpha must be finite, got {a.tolist()}")
-  b = _decimal(np.asarray(B))
-  out = [fn((n + 1) * _decimal(x), b) for x in a.ravel()]
-  return jnp.asarray(np.array(out, np.int64).reshape(a.shape).clip(-2**31, 2**31 - 1), jnp.int32)
-
-
-def _float_tol(t, alpha, n, B) -> jax.Array:
-  # Traced alpha: rounding of alpha itself, of (n+1)*alpha and of the
-  # subtraction, each at most half an ulp; exact for 2-digit alphas up to
-  # n ~ 1e4 in float32 (enable x64 or pass a concrete alpha for more).
-  eps = jnp.finfo(t.dtype).eps
-  return 2 * eps * ((n + 1) * jnp.abs(alpha) + jnp.abs(B) + 1)
-
-
-def _as_float(alpha) -> jax.Array:
-  alpha = jnp.asarray(alpha)
-  return alpha if jnp.issubdtype(alpha.dtype, jnp.floating) else alpha.astype(jnp.float32)
+  if a.ndim or not np.isfinite(a):
+    raise ValueError(f"alpha must be one finite number, got {a.tolist()}")
+  return int(np.clip(fn((n + 1) * _decimal(a), _decimal(np.asarray(B))), -2**31, 2**31 - 1))
 
 
 # ---------------------------------------------------------------------------
 # CRC (Eqs. 12-15, Algorithm 1 line "lambda_hat <- ...").
 
 
-def crc_max_errors(n: int, alpha, B=1.0) -> jax.Array:
+def crc_max_errors(n: int, alpha, B=1.0) -> int:
   """m = floor((n+1) alpha - B): accepted wrong calibration samples allowed.
 
-  Negative when n < B/alpha - 1 (no threshold can satisfy the rule). A
-  concrete alpha is read as its shortest decimal and m is computed exactly;
-  a traced alpha (jit/vmap) uses float arithmetic with a rounding tolerance.
+  Negative when n < B/alpha - 1 (no threshold can satisfy the rule). alpha
+  is read as its shortest decimal and m is computed exactly.
   """
-  if not _is_traced(alpha, B):
-    return _exact_int(lambda t, b: math.floor(t - b), n, alpha, B)
-  alpha = _as_float(alpha)
-  t = (n + 1) * alpha - B
-  return jnp.floor(t + _float_tol(t, alpha, n, B)).astype(jnp.int32)
+  return _exact_int(lambda t, b: math.floor(t - b), n, alpha, B)
 
 
 def crc_threshold(p_max: jax.Array, wrong: jax.Array, m):
@@ -146,7 +119,6 @@ def crc_lambda_hat(p_max: jax.Array, wrong: jax.Array, alpha, B=1.0):
   p_max: [n] float edge confidences; wrong: [n] bool (edge top-1 != label).
   Returns (lambda_hat, valid): the smallest lambda in [0, 1] (as a float of
   p_max's dtype) with R_n(lambda) <= alpha - (B - alpha)/n; (inf, False) if none.
-  Jit-able; vmap over alpha with in_axes=(None, None, 0).
   """
   return crc_threshold(p_max, wrong, crc_max_errors(jnp.shape(p_max)[0], alpha, B))
 
@@ -162,37 +134,25 @@ def _sorted_mass(probs: jax.Array):
   return order, sorted_p, sequential_cumsum(sorted_p)
 
 
-@functools.partial(jax.jit, static_argnames=("randomized",))
-def aps_scores(probs: jax.Array, labels: jax.Array, randomized: bool = False,
-               key: Optional[jax.Array] = None) -> jax.Array:
+@jax.jit
+def aps_scores(probs: jax.Array, labels: jax.Array) -> jax.Array:
   """APS conformity score per sample: sorted mass up to and including the label.
 
-  probs [n, C], labels [n] int -> [n]. randomized=True subtracts U * p_label,
-  U ~ Uniform[0, 1) from `key` (Romano et al.'s randomised APS).
+  probs [n, C], labels [n] int -> [n].
   """
   probs = jnp.asarray(probs)
-  order, sorted_p, cum = _sorted_mass(probs)
+  order, _, cum = _sorted_mass(probs)
   rank = jnp.argmax(order == jnp.asarray(labels)[:, None], axis=-1)
-  score = jnp.take_along_axis(cum, rank[:, None], axis=-1)[:, 0]
-  if randomized:
-    if key is None:
-      raise ValueError("randomized APS needs a PRNG key")
-    u = jax.random.uniform(key, score.shape, score.dtype)
-    score = score - u * jnp.take_along_axis(sorted_p, rank[:, None], axis=-1)[:, 0]
-  return score
+  return jnp.take_along_axis(cum, rank[:, None], axis=-1)[:, 0]
 
 
-def aps_rank(n: int, alpha) -> jax.Array:
-  """k = ceil((n+1)(1-alpha)), exact for a concrete alpha (see crc_max_errors)."""
-  if not _is_traced(alpha):
-    return _exact_int(lambda t, b: math.ceil((n + 1) - t), n, alpha)
-  alpha = _as_float(alpha)
-  t = (n + 1) - (n + 1) * alpha
-  return jnp.ceil(t - _float_tol(t, alpha, n, 0.0)).astype(jnp.int32)
+def aps_rank(n: int, alpha) -> int:
+  """k = ceil((n+1)(1-alpha)), exact (see crc_max_errors)."""
+  return _exact_int(lambda t, b: math.ceil((n + 1) - t), n, alpha)
 
 
 def aps_order_stat(scores: jax.Array, k) -> jax.Array:
-  """The k-th smallest score (1-based), +inf when k > n. vmap over k."""
+  """The k-th smallest score (1-based), +inf when k > n."""
   scores = jnp.asarray(scores)
   n = scores.shape[0]
   kth = jnp.sort(scores)[jnp.clip(k - 1, 0, n - 1)]
@@ -200,43 +160,26 @@ def aps_order_stat(scores: jax.Array, k) -> jax.Array:
 
 
 def aps_q_hat(scores: jax.Array, alpha) -> jax.Array:
-  """The ceil((n+1)(1-alpha))-th smallest score; +inf when that rank exceeds n.
-
-  Jit-able; vmap over alpha with in_axes=(None, 0).
-  """
+  """The ceil((n+1)(1-alpha))-th smallest score; +inf when that rank exceeds n."""
   return aps_order_stat(scores, aps_rank(jnp.shape(scores)[0], alpha))
 
 
-@functools.partial(jax.jit, static_argnames=("randomized", "allow_empty"))
-def aps_set(probs: jax.Array, q_hat, randomized: bool = False,
-            key: Optional[jax.Array] = None, allow_empty: bool = False):
+@jax.jit
+def aps_set(probs: jax.Array, q_hat):
   """APS candidate set S(x) (Eqs. 17-18) as a mask in original class order.
 
   probs [B, C]; q_hat scalar or [B]. Returns (mask [B, C] bool, k [B] int32):
   k = the smallest k with cumulative sorted mass > q_hat (crossing class
   included), C if none (q_hat = inf or >= the total mass).
-  randomized=True keeps the ranks r with cum_r - U p_(r) <= q_hat (one U per
-  image, from `key`); such sets may be empty, so unless allow_empty they are
-  padded to the top-1 class (Grad-CAM weights need a non-empty set).
   """
   probs = jnp.asarray(probs)
   b, c = probs.shape
-  order, sorted_p, cum = _sorted_mass(probs)
+  order, _, cum = _sorted_mass(probs)
   q = jnp.broadcast_to(jnp.asarray(q_hat, probs.dtype), (b,))[:, None]
-  if randomized:
-    if key is None:
-      raise ValueError("randomized APS needs a PRNG key")
-    u = jax.random.uniform(key, (b, 1), probs.dtype)
-    inside = cum - u * sorted_p <= q
-    extra = 0
-  else:
-    inside = cum <= q  # ranks before the crossing one
-    extra = 1
+  inside = cum <= q  # ranks before the crossing one
   # Leading run of True, robust to any non-monotone rounding.
   lead = jnp.cumprod(inside.astype(jnp.int32), axis=-1).sum(-1)
-  k = jnp.minimum(lead + extra, c)
-  if randomized and not allow_empty:
-    k = jnp.maximum(k, 1)
+  k = jnp.minimum(lead + 1, c)
   sorted_mask = jnp.arange(c)[None, :] < k[:, None]
   mask = jnp.zeros((b, c), bool).at[jnp.arange(b)[:, None], order].set(sorted_mask)
   return mask, k.astype(jnp.int32)
@@ -246,30 +189,36 @@ def aps_set(probs: jax.Array, q_hat, randomized: bool = False,
 # Empirical helpers for evaluation.
 
 
-def acceptance_risk(p_max: jax.Array, wrong: jax.Array, lambda_hat) -> jax.Array:
-  """Mean of l(lambda_hat) = 1{p_max >= lambda_hat and wrong} (Eq. 6's empirical risk)."""
-  return jnp.mean((jnp.asarray(p_max) >= lambda_hat) & jnp.asarray(wrong))
+def acceptance_risk(accepted, wrong) -> float:
+  """Eq. 12's empirical risk: mean of 1{accepted on the edge and edge wrong}.
+
+  For the proposed edge `accepted` is p_max >= lambda_hat (Eq. 15); the same
+  definition serves the baselines' min-entropy acceptance.
+  """
+  return float(np.mean(np.asarray(accepted, bool) & np.asarray(wrong, bool)))
 
 
-def aps_coverage(mask: jax.Array, labels: jax.Array) -> jax.Array:
-  """Fraction of samples whose label is in the set."""
-  return jnp.mean(jnp.take_along_axis(mask, jnp.asarray(labels)[:, None], axis=-1))
+def aps_coverage(covered) -> float:
+  """Fraction of samples whose label is in the APS set (`covered` [n] bool)."""
+  return float(np.mean(np.asarray(covered, bool)))
 
 
-def mean_set_size(mask: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.sum(mask, axis=-1))
+def mean_set_size(sizes) -> float:
+  return float(np.mean(np.asarray(sizes)))
 
 
 # ---------------------------------------------------------------------------
 # Input validation (host side, not jitted).
 
 
-def _check_alpha(alpha, name: str) -> np.ndarray:
+def check_alpha(alpha, name: str) -> np.ndarray:
   a = np.asarray(alpha)
+  if a.dtype == object or a.dtype.kind not in "biuf":
+    raise ValueError(f"{name} must be a number, got {alpha!r}")
   if not np.issubdtype(a.dtype, np.floating):  # keep float32 alphas as given: 0.05f means 1/20
     a = a.astype(np.float64)
-  if a.ndim > 1 or a.size == 0:
-    raise ValueError(f"{name} must be a number or a 1-D array of numbers, got shape {a.shape}")
+  if a.ndim != 0:
+    raise ValueError(f"{name} must be one number, got shape {a.shape}")
   if not np.all((a > 0) & (a < 1)):  # also rejects NaN
     raise ValueError(f"{name} must lie in the open interval (0, 1), got {a.tolist()}")
   return a
@@ -279,7 +228,7 @@ def validate_calibration_inputs(probs, labels, alpha=None, *, tol: float = 1e-3)
   """Checks calibration data before any rule runs; raises ValueError naming the problem.
 
   probs [n, C] softmax probabilities (finite, >= 0, rows sum to 1 within tol),
-  labels [n] integers in [0, C), alpha (scalar or 1-D) in (0, 1).
+  labels [n] integers in [0, C), alpha (a number) in (0, 1).
   Returns (probs, labels) as numpy arrays.
   """
   p = np.asarray(probs)
@@ -313,7 +262,7 @@ def validate_calibration_inputs(probs, labels, alpha=None, *, tol: float = 1e-3)
   if np.any((y < 0) | (y >= p.shape[1])):
     raise ValueError(f"labels must lie in [0, {p.shape[1]}), got min {int(y.min())} max {int(y.max())}")
   if alpha is not None:
-    _check_alpha(alpha, "alpha")
+    check_alpha(alpha, "alpha")
   return p, y
 
 
@@ -329,9 +278,8 @@ class CalibrationWarning(UserWarning):
   """CRC could not be satisfied: the stored lambda_hat is inf (the edge accepts nothing)."""
 
 
-_META = ("edge_model", "server_model", "dataset", "split")
-_SWEEP = ("alphas_crc", "lambda_hats", "lambda_valids", "alphas_aps", "q_hats")
-_FORMAT, _VERSION = "rcst_calibration", 1
+_META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer")
+_FORMAT, _VERSION = "rcst_calibration", 2
 
 
 def _enc(x: float):
@@ -353,15 +301,31 @@ def _check_threshold(lam: float, valid: bool, name: str):
     raise CalibrationError(f"{name}={lam} must be inf when the CRC rule is not satisfiable")
 
 
+_TRANSFORM_KEYS = {"resize_size": int, "crop_size": int, "interpolation": str}
+_GEOMETRY_KEYS = {"image_size": int, "patch": int, "channels": int}
+
+
+def _check_record(d, keys: dict, name: str):
+  if d is None:
+    return
+  if not isinstance(d, dict) or set(d) != set(keys):
+    raise CalibrationError(f"{name} must be an object with keys {sorted(keys)}, got {d!r}")
+  for k, t in keys.items():
+    if isinstance(d[k], bool) or not isinstance(d[k], t) or (t is int and d[k] < 1):
+      raise CalibrationError(f"{name}.{k} must be a {'positive int' if t is int else 'string'}, "
+                             f"got {d[k]!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-  """Output of Algorithm 1 at one operating point, plus optional per-alpha sweeps.
+  """Output of Algorithm 1, plus what the run that made it used.
 
   lambda_hat: edge accepts when p_max >= lambda_hat, with p_max in float32
-  as calibrated (inf: accepts nothing, lambda_valid False). q_hat: APS quantile (inf: every class is a candidate).
-  The sweep tuples (alphas_crc, lambda_hats, lambda_valids) and
-  (alphas_aps, q_hats) hold the per-alpha results when calibrate got arrays;
-  `select` moves the operating point to one of their entries.
+  as calibrated (inf: accepts nothing, lambda_valid False). q_hat: APS
+  quantile (inf: every class is a candidate). `transform` (resize, crop,
+  interpolation), `gradcam_layer` and `geometry` (image size, patch,
+  channels) are recorded so `rcst run` and `rcst explain` apply exactly the
+  evaluation's steps.
   """
   lambda_hat: float
   q_hat: float
@@ -374,11 +338,9 @@ class Calibration:
   dataset: Optional[str] = None
   split: Optional[str] = None
   B: float = 1.0
-  alphas_crc: Optional[tuple] = None
-  lambda_hats: Optional[tuple] = None
-  lambda_valids: Optional[tuple] = None
-  alphas_aps: Optional[tuple] = None
-  q_hats: Optional[tuple] = None
+  gradcam_layer: Optional[str] = None
+  transform: Optional[dict] = None
+  geometry: Optional[dict] = None
 
   def __post_init__(self):
     if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
@@ -396,28 +358,8 @@ class Calibration:
       v = getattr(self, name)
       if v is not None and not isinstance(v, str):
         raise CalibrationError(f"{name} must be a string or null, got {v!r}")
-    crc = [getattr(self, k) for k in _SWEEP[:3]]
-    aps = [getattr(self, k) for k in _SWEEP[3:]]
-    for group, names in ((crc, _SWEEP[:3]), (aps, _SWEEP[3:])):
-      if any(g is None for g in group) and not all(g is None for g in group):
-        raise CalibrationError(f"sweep fields {names} must be given together")
-      if group[0] is not None and len({len(g) for g in group}) != 1:
-        raise CalibrationError(f"sweep fields {names} must have equal lengths")
-    if crc[0] is not None:
-      for lam, ok in zip(crc[1], crc[2]):
-        _check_threshold(lam, ok, "lambda_hats entry")
-
-  def select(self, alpha_crc: Optional[float] = None, alpha_aps: Optional[float] = None):
-    """Copy whose operating point is the sweep entry for the given alpha(s)."""
-    out = {}
-    if alpha_crc is not None:
-      i = _find(self.alphas_crc, alpha_crc, "alpha_crc")
-      out.update(alpha_crc=self.alphas_crc[i], lambda_hat=self.lambda_hats[i],
-                 lambda_valid=self.lambda_valids[i])
-    if alpha_aps is not None:
-      i = _find(self.alphas_aps, alpha_aps, "alpha_aps")
-      out.update(alpha_aps=self.alphas_aps[i], q_hat=self.q_hats[i])
-    return dataclasses.replace(self, **out)
+    _check_record(self.transform, _TRANSFORM_KEYS, "transform")
+    _check_record(self.geometry, _GEOMETRY_KEYS, "geometry")
 
   def to_dict(self) -> dict:
     d = {"format": _FORMAT, "version": _VERSION}
@@ -425,17 +367,12 @@ class Calibration:
       v = getattr(self, f.name)
       if f.name in ("lambda_hat", "q_hat"):
         v = _enc(float(v))
-      elif f.name in ("lambda_hats", "q_hats") and v is not None:
-        v = [_enc(float(x)) for x in v]
-      elif isinstance(v, tuple):
-        v = list(v)
       d[f.name] = v
     return d
 
   def to_json(self, path) -> None:
-    with open(path, "w") as f:
-      json.dump(self.to_dict(), f, indent=2, allow_nan=False)
-      f.write("\n")
+    from rcst_jax.fileio import atomic_write_text
+    atomic_write_text(str(path), json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
   @classmethod
   def from_dict(cls, d: Any) -> "Calibration":
@@ -443,7 +380,8 @@ class Calibration:
       raise CalibrationError(f"expected a JSON object, got {type(d).__name__}")
     if d.get("format") != _FORMAT or d.get("version") != _VERSION:
       raise CalibrationError(
-          f"not an {_FORMAT} v{_VERSION} file (format={d.get('format')!r}, version={d.get('version')!r})")
+          f"not an {_FORMAT} v{_VERSION} file (format={d.get('format')!r}, "
+          f"version={d.get('version')!r}); rerun `rcst calibrate`")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     body = {k: v for k, v in d.items() if k not in ("format", "version")}
     unknown = sorted(set(body) - set(fields))
@@ -459,18 +397,6 @@ class Calibration:
     for k in ("alpha_crc", "alpha_aps", "B"):
       if k in kw:
         kw[k] = _dec(kw[k], k)
-    for k in _SWEEP:
-      v = kw.get(k)
-      if v is None:
-        continue
-      if not isinstance(v, list):
-        raise CalibrationError(f"{k} must be a list, got {v!r}")
-      if k == "lambda_valids":
-        if not all(isinstance(x, bool) for x in v):
-          raise CalibrationError(f"{k} must be a list of booleans")
-        kw[k] = tuple(v)
-      else:
-        kw[k] = tuple(_dec(x, k) for x in v)
     return cls(**kw)
 
   @classmethod
@@ -486,60 +412,28 @@ class Calibration:
       raise CalibrationError(f"{path}: malformed calibration file: {e}") from e
 
 
-def _find(values, alpha, name) -> int:
-  if values is None:
-    raise CalibrationError(f"no {name} sweep stored in this calibration")
-  hits = [i for i, a in enumerate(values) if math.isclose(a, alpha, rel_tol=1e-6)]
-  if not hits:
-    raise CalibrationError(f"{name}={alpha} not in the stored sweep {list(values)}")
-  return hits[0]
-
-
-_lambda_sweep = jax.jit(jax.vmap(crc_threshold, in_axes=(None, None, 0)))
-_q_sweep = jax.jit(jax.vmap(aps_order_stat, in_axes=(None, 0)))
-
-
 def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bool = False,
-              operating_index: int = 0, edge_model: Optional[str] = None,
-              server_model: Optional[str] = None, dataset: Optional[str] = None,
-              split: Optional[str] = None) -> Calibration:
+              **record) -> Calibration:
   """Algorithm 1 on edge softmax outputs: validates, then runs CRC and APS.
 
-  alpha_crc / alpha_aps may be scalars or 1-D arrays (one vmapped call); with
-  arrays the sweep fields are filled and the operating point is entry
-  `operating_index`. If the CRC rule cannot be met (n < B/alpha - 1) the
-  threshold is inf and a CalibrationWarning is issued; strict=True raises.
+  If the CRC rule cannot be met (n < B/alpha - 1) the threshold is inf and a
+  CalibrationWarning is issued; strict=True raises. `record`: the metadata
+  fields of `Calibration` (models, data, transform, layer, geometry).
   """
   p, y = validate_calibration_inputs(probs, labels)
-  a_crc = _check_alpha(alpha_crc, "alpha_crc")
-  a_aps = _check_alpha(alpha_aps, "alpha_aps")
+  a_crc = float(check_alpha(alpha_crc, "alpha_crc"))
+  a_aps = float(check_alpha(alpha_aps, "alpha_aps"))
   p = jnp.asarray(p, jnp.float32)
   y = jnp.asarray(y, jnp.int32)
-  p_max = p.max(-1)
-  wrong = jnp.argmax(p, -1) != y
   n = int(p.shape[0])
-  # Integer budgets on the host, exactly; then one vmapped call per rule.
-  lams, valids = _lambda_sweep(p_max, wrong, jnp.atleast_1d(crc_max_errors(n, a_crc, B)))
-  qs = _q_sweep(aps_scores(p, y), jnp.atleast_1d(aps_rank(n, a_aps)))
-  lams, valids, qs = np.asarray(lams), np.asarray(valids), np.asarray(qs)
-  if not valids.all():
-    bad = np.atleast_1d(a_crc)[~valids].tolist()
-    msg = (f"CRC cannot control the risk at alpha_crc={bad} with n={n} calibration samples "
+  lam, valid = crc_threshold(p.max(-1), jnp.argmax(p, -1) != y, crc_max_errors(n, a_crc, B))
+  q = aps_order_stat(aps_scores(p, y), aps_rank(n, a_aps))
+  if not bool(valid):
+    msg = (f"CRC cannot control the risk at alpha_crc={a_crc} with n={n} calibration samples "
            f"(needs n >= B/alpha - 1 and no wrong sample with p_max == 1); "
            "lambda_hat = inf, the edge will accept nothing")
     if strict:
       raise CalibrationError(msg)
     warnings.warn(msg, CalibrationWarning, stacklevel=2)
-  i_crc = operating_index if a_crc.ndim else 0
-  i_aps = operating_index if a_aps.ndim else 0
-  sweep = {}
-  if a_crc.ndim:
-    sweep.update(alphas_crc=tuple(float(a) for a in a_crc), lambda_hats=tuple(float(v) for v in lams),
-                 lambda_valids=tuple(bool(v) for v in valids))
-  if a_aps.ndim:
-    sweep.update(alphas_aps=tuple(float(a) for a in a_aps), q_hats=tuple(float(v) for v in qs))
-  return Calibration(
-      lambda_hat=float(lams[i_crc]), q_hat=float(qs[i_aps]),
-      alpha_crc=float(np.atleast_1d(a_crc)[i_crc]), alpha_aps=float(np.atleast_1d(a_aps)[i_aps]),
-      n=n, lambda_valid=bool(valids[i_crc]), edge_model=edge_model, server_model=server_model,
-      dataset=dataset, split=split, B=float(B), **sweep)
+  return Calibration(lambda_hat=float(lam), q_hat=float(q), alpha_crc=a_crc, alpha_aps=a_aps,
+                     n=n, lambda_valid=bool(valid), B=float(B), **record)

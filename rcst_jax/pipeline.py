@@ -1,10 +1,14 @@
 """Algorithm 2: the edge step, the token-subset server, and the two together.
 
-edge_step:  uint8 images -> edge softmax, CRC acceptance, APS set,
+edge_step:  uint8 images -> edge softmax, CRC acceptance (Eq. 15), APS set,
             APS-guided Grad-CAM and P x P patch scores (one jitted function,
             one forward and one backward pass per batch).
-Server:     kept uint8 patches + indices -> DeiT on those tokens alone,
-            batched by kept-token bucket so jit compiles a few shapes only.
+Server:     (patches, idx, valid) -> DeiT on those tokens alone, batched by
+            kept-token bucket so jit compiles a few shapes only. The sweep
+            engine gathers the patches on the device; `rcst run` feeds the
+            patches it decoded from the payloads the edge encoded.
+collaborative_inference: both, with the decision of `methods.decide` and the
+            combination of `methods.combine`, i.e. the same code as the sweep.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax import conformal, patches, saliency, transmit
+from rcst_jax import conformal, methods, patches, saliency, transmit
 from rcst_jax.checkpoints import Model
 from rcst_jax.data import normalize
+from rcst_jax.geometry import Geometry
 
 
 @functools.partial(jax.jit, static_argnames=("module", "mean", "std", "layer", "grid"))
@@ -49,11 +54,33 @@ def edge_step(edge: Model, images, lambda_hat, q_hat, *, layer: str = "features"
                     std=tuple(edge.metadata["std"]), layer=layer, grid=grid)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "patch"))
-def _server_logits(variables, images, idx, valid, *, module, patch):
-  # Only the gathered patches enter the server.
-  sent = patches.gather_patches(images, idx, patch)
+def edge_view(e: dict) -> dict:
+  """The proposed edge's outputs as `methods.decide` reads them."""
+  return {"pred": e["pred"], "accept": e["accept"], "scores": e["patch_scores"]}
+
+
+# ---------------------------------------------------------------- server
+
+
+def _server_tokens(variables, sent, idx, valid, module):
   return module.apply(variables, sent, idx, valid, method="tokens")[0]
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _server_from_patches(variables, sent, idx, valid, *, module):
+  return _server_tokens(variables, sent, idx, valid, module)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "patch"))
+def _server_from_images(variables, images, idx, valid, *, module, patch):
+  # Gathering on the device: only the kept patches enter the server.
+  return _server_tokens(variables, patches.gather_patches(images, idx, patch), idx, valid,
+                        module)
+
+
+def _pad_rows(a, rows: int):
+  a = np.asarray(a)
+  return np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
 
 
 @dataclasses.dataclass
@@ -69,58 +96,101 @@ class Server:
   sharding: object = None
 
   @property
-  def patch(self) -> int:
-    return int(self.model.module.patch_size)
+  def geometry(self) -> Geometry:
+    return Geometry.of_server(self.model)
 
-  def logits(self, images: np.ndarray, keep: np.ndarray, rows=None) -> np.ndarray:
-    """keep [R,N] bool -> logits [R,C] for images[rows] ([B,H,W,3] uint8; only
-    kept patches are read). ``rows`` maps keep rows to images (default: 1:1)."""
-    images, keep = np.asarray(images), np.asarray(keep, bool)
-    rows_to_image = np.arange(len(keep)) if rows is None else np.asarray(rows)
+  def _run(self, fn, keep: np.ndarray, rows_to_input, inputs, **static) -> np.ndarray:
     out = np.zeros((len(keep), self.model.num_classes), np.float32)
     for rows, idx, valid in patches.iter_buckets(keep, self.buckets):
+      idx, valid = np.asarray(idx), np.asarray(valid)
       for start in range(0, len(rows), self.batch_size):
         sel = rows[start:start + self.batch_size]
-        pad = self.batch_size - len(sel)
-        args = [np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in
-                (images[rows_to_image[sel]], np.asarray(idx)[start:start + len(sel)],
-                 np.asarray(valid)[start:start + len(sel)])]
+        args = [_pad_rows(a, self.batch_size) for a in
+                (inputs(rows_to_input[sel], idx[start:start + len(sel)]),
+                 idx[start:start + len(sel)], valid[start:start + len(sel)])]
         if self.sharding is not None:
           args = [jax.device_put(a, self.sharding) for a in args]
-        res = _server_logits(self.model.variables, *args, module=self.model.module,
-                             patch=self.patch)
+        res = fn(self.model.variables, *args, module=self.model.module, **static)
         out[sel] = np.asarray(res)[:len(sel)]
     return out
+
+  def logits_from_images(self, images: np.ndarray, keep: np.ndarray, rows=None) -> np.ndarray:
+    """keep [R,N] bool -> logits [R,C] for images[rows] ([B,H,W,3] uint8; the
+    kept patches are gathered on the device). ``rows`` maps keep rows to
+    images (default 1:1)."""
+    images, keep = np.asarray(images), np.asarray(keep, bool)
+    rows = np.arange(len(keep)) if rows is None else np.asarray(rows)
+    return self._run(_server_from_images, keep, rows, lambda r, _: images[r],
+                     patch=self.geometry.patch)
+
+  def logits_from_payloads(self, payloads: Sequence[bytes]) -> np.ndarray:
+    """The server side of `rcst run`: decode each payload, classify its tokens."""
+    geo = self.geometry
+    decoded = [transmit.decode_payload(p) for p in payloads]
+    for _, _, grid in decoded:
+      if grid != geo.grid:
+        raise transmit.PayloadError(f"payload grid {grid} does not match the server's "
+                                    f"{geo.grid}x{geo.grid}")
+    keep = np.zeros((len(decoded), geo.num_patches), bool)
+    for row, (_, idx, _) in zip(keep, decoded):
+      row[idx] = True
+
+    def inputs(rows, idx):
+      # Decoded patches are in ascending index order, as pad_selection's slots.
+      out = np.zeros(idx.shape + (geo.patch, geo.patch, geo.channels), np.uint8)
+      for j, r in enumerate(rows):
+        got = decoded[r][0]
+        out[j, :len(got)] = got
+      return out
+    return self._run(_server_from_patches, keep, np.arange(len(decoded)), inputs)
+
+
+# ---------------------------------------------------------------- Algorithm 2
+
+
+def _pad_batch(images: np.ndarray, size: int) -> np.ndarray:
+  return images if len(images) == size else _pad_rows(images, size)
 
 
 def collaborative_inference(images, edge: Model, server: Model,
                             calibration: conformal.Calibration, tau: float, *,
-                            layer: str = "features", server_batch: int = 64,
+                            batch_size: int = 16, server_batch: int = 16,
                             buckets: Sequence[int] = patches.BUCKETS) -> dict:
-  """Algorithm 2 on a batch of uint8 images [B, 224, 224, 3].
+  """Algorithm 2 on uint8 images [B, H, W, 3], `batch_size` images per edge call.
 
-  Returns final predictions, which images the edge accepted, the kept-patch
-  masks (all False for accepted images), and the exact payload bytes sent.
+  The edge decides with `methods.decide` (the sweep's rule), encodes each
+  offloaded image's payload, and the server classifies what it decodes.
+  The Grad-CAM layer is the one the calibration recorded. Returns final
+  predictions, acceptance, kept-patch masks (all False for accepted images)
+  and the bytes of the payloads actually encoded.
   """
   images = np.asarray(images, np.uint8)
-  grid = images.shape[1] // int(server.module.patch_size)
-  e = jax.device_get(edge_step(edge, images, calibration.lambda_hat, calibration.q_hat,
-                               layer=layer, grid=grid))
-  accept = np.asarray(e["accept"])
-  keep = np.array(transmit.select_threshold(e["patch_scores"], tau))  # Eqs. 24-25
-  keep[accept] = False
-  final = np.asarray(e["pred"]).copy()
+  geo = Geometry.of_server(server)
+  if images.ndim != 4 or images.shape[1:] != (geo.image_size, geo.image_size, geo.channels):
+    raise ValueError(f"images must be uint8 [B, {geo.image_size}, {geo.image_size}, "
+                     f"{geo.channels}] (the server's geometry), got {images.shape}")
+  layer = calibration.gradcam_layer or "features"
+  parts = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    e = jax.device_get(edge_step(edge, _pad_batch(chunk, batch_size), calibration.lambda_hat,
+                                 calibration.q_hat, layer=layer, grid=geo.grid))
+    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in e.items()})
+  e = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+  if not parts:
+    raise ValueError("no images given")
+  off, keep, fallback = methods.decide(methods.PROPOSED, edge_view(e), [tau])
+  off, keep = off[0], keep[0]
+  # Edge side: one payload per offloaded image; server side: decode and classify.
+  payloads = {i: transmit.encode_image_payload(images[i], keep[i], geo)
+              for i in np.flatnonzero(off)}
   server_pred = np.full(len(images), -1, np.int32)
-  off = np.flatnonzero(~accept)
-  if off.size:
-    logits = Server(server, server_batch, buckets).logits(images[off], keep[off])
-    server_pred[off] = logits.argmax(-1)
-    final[off] = server_pred[off]  # Eq. 27
-  kept = keep.sum(-1)
-  n_patches = grid * grid
-  bytes_sent = np.where(accept, 0, np.asarray(transmit.payload_bytes(
-      kept, N=n_patches, patch=int(server.module.patch_size)))).astype(np.int64)
-  return {"pred": final, "accepted": accept, "edge_pred": np.asarray(e["pred"]),
-          "server_pred": server_pred, "keep": keep, "kept": kept, "bytes": bytes_sent,
-          "p_max": np.asarray(e["p_max"]), "aps_mask": np.asarray(e["aps_mask"]),
-          "patch_scores": np.asarray(e["patch_scores"]), "cam": np.asarray(e["cam"])}
+  if payloads:
+    logits = Server(server, server_batch, buckets).logits_from_payloads(list(payloads.values()))
+    server_pred[list(payloads)] = logits.argmax(-1)
+  nbytes = np.zeros(len(images), np.int64)
+  nbytes[list(payloads)] = [len(p) for p in payloads.values()]
+  return {"pred": methods.combine(off, server_pred, fallback), "accepted": ~off,
+          "offloaded": off, "edge_pred": fallback, "server_pred": server_pred, "keep": keep,
+          "kept": keep.sum(-1), "bytes": nbytes, "p_max": e["p_max"], "probs": e["probs"],
+          "aps_mask": e["aps_mask"], "patch_scores": e["patch_scores"], "cam": e["cam"]}

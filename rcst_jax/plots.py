@@ -15,11 +15,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rcst_jax import tables
+from rcst_jax import methods, tables
 
-COLORS = {"random": "tab:gray", "topk": "tab:blue", "attention_sum": "tab:green",
-          "proposed": "tab:red", "server_only": "black", "edge_only": "tab:purple"}
-MARKERS = {"random": "s", "topk": "^", "attention_sum": "D", "proposed": "o"}
+COLORS = {m.name: m.color for m in methods.METHODS}
+MARKERS = {m.name: m.marker for m in methods.METHODS if m.marker}
 DPI = 150
 
 

@@ -15,25 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-REFERENCES = ("server_only", "edge_only")
-# Paper's row order; methods not listed follow in order of first appearance.
-METHOD_ORDER = ("random", "topk", "attention_sum", "proposed")
-DISPLAY_NAMES = {
-    "random": "Random",
-    "topk": "Top-K",
-    "attention_sum": "Attention Sum",
-    "proposed": "Proposed",
-    "server_only": "Server-only",
-    "edge_only": "Edge-only",
-}
+from rcst_jax import methods
+from rcst_jax.geometry import Geometry
+
+REFERENCES = tuple(m.name for m in methods.METHODS if m.reference)
+# The method table's order; methods not listed follow in order of first appearance.
+METHOD_ORDER = tuple(m.name for m in methods.METHODS if not m.reference)
+DISPLAY_NAMES = {m.name: m.display for m in methods.METHODS}
 # Table 2 and Figure 2 use the short name.
-SHORT_NAMES = {**DISPLAY_NAMES, "attention_sum": "Att-Sum"}
+SHORT_NAMES = {m.name: m.short for m in methods.METHODS}
 RESULT_KEYS = (
     "method", "param_name", "param", "accuracy", "cost", "cost_bytes",
     "offload_rate", "mean_patches", "edge_risk", "alpha_crc",
     "aps_set_size", "aps_coverage", "n",
 )
-FULL_IMAGE_BYTES = 224 * 224 * 3  # 150,528 B: 8-bit RGB at 224 x 224
+FULL_IMAGE_BYTES = Geometry().raw_bytes  # 150,528 B: 8-bit RGB at 224 x 224
 RATES_MBPS = (1, 8, 20)
 # Accuracies are count ratios; this absorbs float error in `server - gap`
 # (0.818 - 0.01 == 0.80799999...).
@@ -275,3 +271,16 @@ def read_results(path) -> list[dict]:
     with path.open(newline="") as f:
       return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
   return json.loads(path.read_text())
+
+
+def dtype_comparison(points_a, points_b, name_a: str, name_b: str) -> str:
+  """Markdown: accuracy and cost of every operating point under two compute dtypes."""
+  lines = [f"| method | param | acc {name_a} (%) | acc {name_b} (%) | diff (pp) | "
+           f"cost {name_a} | cost {name_b} |", "|---|---|---|---|---|---|---|"]
+  for a, b in zip(points_a, points_b):
+    assert (a["method"], a["param"]) == (b["method"], b["param"])
+    param = "" if a["param"] is None else f"{a['param_name']}={a['param']:g}"
+    lines.append(f"| {a['method']} | {param} | {100 * a['accuracy']:.2f} | "
+                 f"{100 * b['accuracy']:.2f} | {100 * (b['accuracy'] - a['accuracy']):+.2f} | "
+                 f"{a['cost']:.3f} | {b['cost']:.3f} |")
+  return "\n".join(lines)

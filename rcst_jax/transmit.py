@@ -34,30 +34,32 @@ Payload of one offloaded image (all integers big-endian):
   patches     K * p * p * c uint8, patch-major in index order, each row-major
               (p, p, c).
 The header is 11 bytes, so payload_bytes(K) = 11 + min(ceil(N/8), K * width)
-+ K p^2 c. K = 0 is legal: a header-only request for CLS-only server
++ K p^2 c. `encode_image_payload` / `decode_payload` are what `rcst run` sends
+and receives; the sweep uses payload_bytes, which a test checks against
+encoded lengths for every K. K = 0 is legal: a header-only request for CLS-only server
 inference (11 bytes).
 """
 
 from __future__ import annotations
 
-import functools
 import zlib
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rcst_jax.conformal import sequential_cumsum
+from rcst_jax.geometry import Geometry
 
 __all__ = [
-    "RAW_IMAGE_BYTES", "HEADER_BYTES", "EMPTY_POLICIES", "PayloadError",
-    "select_threshold", "min_entropy_accept", "select_random_k", "select_topk",
-    "select_attention_threshold", "select_attention_sum", "apply_empty_policy",
+    "HEADER_BYTES", "EMPTY_POLICIES", "PayloadError",
+    "select_threshold", "min_entropy_accept", "random_ranks", "select_random_k", "select_topk",
+    "select_attention_sum", "apply_empty_policy",
     "index_bytes", "payload_bytes", "encode_payload",
     "decode_payload", "patch_ratio", "byte_ratio",
 ]
 
-RAW_IMAGE_BYTES = 224 * 224 * 3  # 150528: a full uint8 image, Im et al.'s "147 KB"
 HEADER_BYTES = 11  # 7 fixed fields + CRC-32
 _MAGIC_VERSION = 0xA1
 _FLAG_BITMASK, _FLAG_WIDE = 0x01, 0x02
@@ -91,23 +93,29 @@ def min_entropy_accept(probs: jax.Array, eta) -> jax.Array:
   return -jnp.log2(jnp.max(probs, axis=-1)) < eta
 
 
-@functools.partial(jax.jit, static_argnames=("B", "N"))
-def select_random_k(key: jax.Array, B: int, N: int, k) -> jax.Array:
-  """k patches per image, uniformly without replacement (seeded by key)."""
-  # perm[j] < k marks k positions of a uniform random permutation.
-  perm = jax.vmap(lambda kk: jax.random.permutation(kk, N))(jax.random.split(key, B))
-  return perm < k
+def random_ranks(keys: Sequence[str], seed: int, num_patches: int) -> np.ndarray:
+  """Per image, the rank of each patch in a random permutation [n, N].
+
+  Seeded by (seed, the image's key), so an image keeps its permutation
+  whatever the chunking, sharding or bad items elsewhere; and nested across
+  k: the k patches of select_random_k(k) are among those of k + 1.
+  """
+  key = jax.random.PRNGKey(int(seed))
+  ids = jnp.asarray([zlib.crc32(k.encode()) for k in keys], jnp.uint32)
+  perm = jax.vmap(lambda i: jax.random.permutation(jax.random.fold_in(key, i), num_patches))(ids)
+  return np.asarray(jnp.argsort(perm, axis=-1)).astype(np.int32)
+
+
+@jax.jit
+def select_random_k(ranks: jax.Array, k) -> jax.Array:
+  """k patches per image, uniformly without replacement: rank < k (see random_ranks)."""
+  return ranks < k
 
 
 @jax.jit
 def select_topk(scores: jax.Array, k) -> jax.Array:
   """The k highest scores per row (ties: lower patch index first)."""
   return _desc_rank(scores) < k
-
-
-def select_attention_threshold(attn: jax.Array, delta) -> jax.Array:
-  """Keep attn >= delta (may keep zero patches; see apply_empty_policy)."""
-  return attn >= delta
 
 
 @jax.jit
@@ -148,34 +156,35 @@ def apply_empty_policy(offloaded: jax.Array, keep: jax.Array, scores: jax.Array,
 # Byte accounting.
 
 
-def index_bytes(k, N: int = 196):
+def index_bytes(k, num_patches: int):
   """Bytes for K patch indices: the smaller of a ceil(N/8) bitmask and a byte list."""
-  width = 1 if N <= 256 else 2
-  return jnp.minimum((N + 7) // 8, jnp.asarray(k) * width)
+  width = 1 if num_patches <= 256 else 2
+  return np.minimum((num_patches + 7) // 8, np.asarray(k, np.int64) * width)
 
 
-def payload_bytes(k, N: int = 196, patch: int = 16, channels: int = 3):
+def payload_bytes(k, geometry: Geometry = Geometry()):
   """Exact payload length: header + min(bitmask, list) + k * patch^2 * channels."""
-  k = jnp.asarray(k)
-  return HEADER_BYTES + index_bytes(k, N) + k * (patch * patch * channels)
+  k = np.asarray(k, np.int64)
+  return HEADER_BYTES + index_bytes(k, geometry.num_patches) + k * (
+      geometry.patch * geometry.patch * geometry.channels)
 
 
-def patch_ratio(offloaded, kept, N: int = 196):
-  """Im et al.'s cost: offload rate * mean kept over offloaded / N, as one sum."""
-  offloaded = jnp.asarray(offloaded)
-  return jnp.sum(jnp.where(offloaded, kept, 0)) / (offloaded.shape[0] * N)
+def patch_ratio(offloaded, kept, num_patches: int) -> float:
+  """Im et al.'s (and the paper's Table 1) cost: sum of kept patches over
+  offloaded images / (all images * N); accepted images cost 0."""
+  offloaded = np.asarray(offloaded, bool)
+  return float(np.where(offloaded, np.asarray(kept, np.int64), 0).sum()
+               / (offloaded.shape[0] * num_patches))
 
 
-def byte_ratio(offloaded, kept, N: int = 196, patch: int = 16, channels: int = 3,
-               raw_bytes: int = RAW_IMAGE_BYTES):
-  """Paper's cost: payload bytes over offloaded images / (B * raw image bytes).
+def byte_ratio(offloaded, nbytes, geometry: Geometry = Geometry()) -> float:
+  """Exact cost: payload bytes of offloaded images / (all images * raw image bytes).
 
-  Accepted images cost 0; an offloaded image with 0 patches costs its header.
+  An offloaded image with 0 patches still costs its 11-byte header.
   """
-  offloaded = jnp.asarray(offloaded)
-  sent = jnp.where(offloaded, payload_bytes(kept, N, patch, channels), 0)
-  # float64 on host would be nicer, but int32 sums overflow past ~14k full images.
-  return jnp.sum(sent.astype(jnp.float32)) / (offloaded.shape[0] * raw_bytes)
+  offloaded = np.asarray(offloaded, bool)
+  return float(np.where(offloaded, np.asarray(nbytes, np.int64), 0).sum()
+               / (offloaded.shape[0] * geometry.raw_bytes))
 
 
 # ---------------------------------------------------------------------------
@@ -287,3 +296,14 @@ def decode_payload(data: bytes):
       raise PayloadError(f"bitmask selects {idx.size} patches but the header says K={k}")
   patches = np.frombuffer(data, np.uint8, count=body, offset=HEADER_BYTES + idx_len)
   return patches.reshape(k, p, p, c).copy(), idx, grid
+
+
+def encode_image_payload(image, keep, geometry: Geometry = Geometry()) -> bytes:
+  """The edge side: the kept patches of one uint8 image [H, W, c] as a payload."""
+  from rcst_jax.patches import patchify
+  image = np.asarray(image)
+  if image.shape != (geometry.image_size, geometry.image_size, geometry.channels):
+    raise PayloadError(f"image shape {image.shape} does not match the geometry "
+                       f"{geometry.image_size}x{geometry.image_size}x{geometry.channels}")
+  idx = np.flatnonzero(np.asarray(keep, bool))
+  return encode_payload(patchify(image[None], geometry.patch)[0][idx], idx, geometry.grid)

@@ -1,0 +1,317 @@
+"""The sweep engine: Algorithm 1 once, then Algorithm 2 for every operating point.
+
+Flow (one way): calibration set -> edge softmax -> Algorithm 1 (lambda_hat,
+q_hat). Test set, chunk by chunk: the edge step (CRC acceptance, APS Grad-CAM
+patch scores) and the baseline edge (softmax + CLS attention) once per image;
+`methods.decide` gives every method's decisions over its whole grid in one
+vmapped call; the server runs once per distinct (image, kept-patch set) over
+all points; `methods.combine` (Eq. 27) gives the final predictions. These are
+the functions `rcst run` uses, so the sweep cannot disagree with it.
+
+Each finished chunk is written atomically under ``cache/<fingerprint>/``; a
+restarted run skips finished chunks and recomputes a corrupt one. The
+fingerprint hashes the whole resolved config except `NOT_RESULTS`, each
+model's weights and preprocessing metadata, the data's identity and
+`CACHE_VERSION`, so a stale cache is never reused.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rcst_jax import conformal, methods, pipeline, transmit
+from rcst_jax.checkpoints import Model
+from rcst_jax.data import batches, normalize
+from rcst_jax.data.sources import Sources, transform_record
+from rcst_jax.fileio import atomic_savez, atomic_write_text, plain
+from rcst_jax.geometry import Geometry
+from rcst_jax.models.loading import Models
+
+CACHE_VERSION = 3
+# Config keys that cannot change any cached number: where outputs go, how
+# much is printed or drawn, how models are found (they are identified by
+# content below), how many devices share the work. Everything else is hashed.
+NOT_RESULTS = ("output_dir", "progress", "gallery_size", "per_image", "models_dir", "edge",
+               "server", "baseline_edge", "devices", "multihost", "compare_dtype")
+_MODEL_META = ("timm_name", "num_classes", "input_size", "crop_pct", "interpolation", "mean",
+               "std", "arch_overrides")
+_CHUNK_KEYS = ("labels", "keys", "offloaded", "kept", "server_pred", "pred", "edge_pred",
+               "edge_p_max", "edge_accept", "edge_aps_size", "edge_aps_cover", "base_pred",
+               "base_p_max", "base_accept")
+
+
+# ---------------------------------------------------------------- identity
+
+
+def variables_digest(variables) -> str:
+  h = hashlib.blake2b(digest_size=12)
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(variables),
+                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  return h.hexdigest()
+
+
+def fingerprint(config, models: Models, sources: Sources) -> str:
+  cfg = {k: v for k, v in plain(config).items() if k not in NOT_RESULTS}
+  ident = {"version": CACHE_VERSION, "config": cfg, "data": sources.identity(),
+           "models": {name: {"digest": variables_digest(m.variables),
+                             "meta": {k: m.metadata.get(k) for k in _MODEL_META}}
+                      for name, m in models.named().items()}}
+  return hashlib.sha1(json.dumps(plain(ident), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- devices
+
+
+def make_mesh(devices: str | int = "all") -> Mesh:
+  """A 1-D mesh over the batch axis of this host's devices."""
+  local = jax.local_devices()
+  n = len(local) if devices == "all" else int(devices)
+  return Mesh(np.asarray(local[:n]), ("batch",))
+
+
+def _probs_fn(model: Model, with_attn: bool):
+  mean, std = tuple(model.metadata["mean"]), tuple(model.metadata["std"])
+  module = model.module
+
+  @jax.jit
+  def fn(variables, images):
+    logits, out = module.apply(variables, normalize(images, mean, std))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
+    return (probs, out["cls_attn"].astype(jnp.float32)) if with_attn else (probs, None)
+  return fn
+
+
+def dedup_rows(offloaded: np.ndarray, keep: np.ndarray):
+  """Distinct (image, kept set) pairs over all points.
+
+  offloaded [P, n], keep [P, n, N] -> (image of each row [R], keep [R, N],
+  row id [P, n], -1 where not offloaded).
+  """
+  p, n, _ = keep.shape
+  image = np.broadcast_to(np.arange(n, dtype=np.uint32)[None], (p, n))[offloaded]
+  bits = np.packbits(keep[offloaded], axis=-1)
+  key = np.concatenate([image.astype(">u4").view(np.uint8).reshape(-1, 4), bits], axis=1)
+  key = np.ascontiguousarray(key).view(np.dtype((np.void, key.shape[1]))).ravel()
+  _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+  ids = np.full((p, n), -1, np.int64)
+  ids[offloaded] = inverse.ravel()
+  return image[first].astype(np.int64), keep[offloaded][first], ids
+
+
+# ---------------------------------------------------------------- engine
+
+
+class Interrupted(RuntimeError):
+  """Raised by the test hook that simulates a disconnect mid-run."""
+
+
+@dataclasses.dataclass
+class Evaluation:
+  config: object
+  models: Models
+  sources: Sources
+  out_dir: str
+  transform: object = None   # data.Preprocess the run used (recorded in the calibration)
+  progress: bool = True
+
+  def __post_init__(self):
+    self.mesh = make_mesh(self.config.get("devices", "all"))
+    ndev = self.mesh.devices.size
+    for key in ("batch_size", "server_batch"):
+      if int(self.config[key]) % ndev:
+        raise ValueError(f"{key} {self.config[key]} must be a multiple of the {ndev} devices")
+    self.geometry = Geometry.of_server(self.models.server)
+    self.points = methods.operating_points(self.config)
+    self.fp = fingerprint(self.config, self.models, self.sources)
+    self.cache_dir = os.path.join(self.out_dir, "cache", self.fp)
+    os.makedirs(self.cache_dir, exist_ok=True)
+    self.skipped = collections.Counter()
+    self.timings = collections.defaultdict(float)
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    put = lambda m: dataclasses.replace(m, variables=jax.device_put(m.variables, rep))
+    self._edge, self._server, self._base = (
+        put(self.models.edge), put(self.models.server), put(self.models.baseline_edge))
+    self._edge_probs = _probs_fn(self._edge, False)
+    self._base_probs = _probs_fn(self._base, True)
+
+  def _batches(self, source, indices, desc):
+    return batches(source, indices, int(self.config.batch_size),
+                   skipped=self.skipped, progress=self.progress, desc=desc)
+
+  # -- calibration (Algorithm 1)
+
+  def calibrate(self) -> conformal.Calibration:
+    path = os.path.join(self.cache_dir, "calibration.json")
+    if os.path.exists(path):
+      try:
+        return conformal.Calibration.from_json(path)
+      except (conformal.CalibrationError, OSError, UnicodeDecodeError) as e:
+        warnings.warn(f"cached calibration {path} is unreadable ({e}); recomputing")
+    probs, labels = [], []
+    for b in self._batches(self.sources.cal_source, self.sources.cal_indices, "calibration"):
+      p, _ = self._edge_probs(self._edge.variables, jax.device_put(b.images, self.batch_sharding))
+      probs.append(np.asarray(p)[b.valid])
+      labels.append(b.labels[b.valid])
+    if not probs or not sum(len(p) for p in probs):
+      raise ValueError("no usable calibration image (all were skipped as bad items)")
+    meta = lambda m: m.metadata.get("timm_name")
+    cal = conformal.calibrate(
+        np.concatenate(probs), np.concatenate(labels), self.config.alpha_crc,
+        self.config.alpha_aps, edge_model=meta(self.models.edge),
+        server_model=meta(self.models.server), dataset=self.sources.name,
+        split=f"calibration:{len(self.sources.cal_indices)}",
+        gradcam_layer=self.config.gradcam_layer,
+        transform=transform_record(self.transform) if self.transform else None,
+        geometry=self.geometry.to_dict())
+    if jax.process_index() == 0:  # one writer for shared files
+      cal.to_json(path)
+    return cal
+
+  # -- chunks of the test set
+
+  def _chunk_path(self, c: int) -> str:
+    return os.path.join(self.cache_dir, f"chunk_{c:05d}.npz")
+
+  def chunks(self) -> list[np.ndarray]:
+    idx = np.asarray(self.sources.test_indices)
+    size = int(self.config.chunk_size)
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+  def load_chunk(self, c: int) -> dict | None:
+    """A finished chunk's arrays, or None (missing, or corrupt: then removed)."""
+    path = self._chunk_path(c)
+    if not os.path.exists(path):
+      return None
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        d = {k: z[k] for k in _CHUNK_KEYS}
+      n, p = len(d["labels"]), len(self.points)
+      if d["pred"].shape != (p, n) or d["kept"].shape != (p, n):
+        raise ValueError(f"shapes {d['pred'].shape} for {p} points x {n} images")
+      return d
+    except Exception as e:  # zip CRC, truncation, missing keys: all mean recompute
+      warnings.warn(f"cached chunk {path} is corrupt ({type(e).__name__}: {e}); recomputing")
+      os.unlink(path)
+      return None
+
+  def _edge_pass(self, indices, cal, desc):
+    edge, base = collections.defaultdict(list), collections.defaultdict(list)
+    images, labels, keys = [], [], []
+    grid, layer = self.geometry.grid, self.config.gradcam_layer
+    for b in self._batches(self.sources.test_source, indices, desc):
+      v = b.valid
+      x = jax.device_put(b.images, self.batch_sharding)
+      e = jax.device_get(pipeline.edge_step(self._edge, x, cal.lambda_hat, cal.q_hat,
+                                            layer=layer, grid=grid))
+      bp, attn = jax.device_get(self._base_probs(self._base.variables, x))
+      lab = b.labels[v]
+      for k in ("pred", "p_max", "accept", "aps_size", "patch_scores"):
+        edge[k].append(e[k][v])
+      edge["aps_cover"].append(e["aps_mask"][v][np.arange(v.sum()), lab])
+      base["pred"].append(bp[v].argmax(-1).astype(np.int32))
+      base["p_max"].append(bp[v].max(-1))
+      base["accept"].append(np.asarray(transmit.min_entropy_accept(bp[v], self.config.eta)))
+      base["scores"].append(attn[v])
+      images.append(b.images[v])
+      labels.append(lab)
+      keys.extend(k for k, ok in zip(b.keys, v) if ok)
+    cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}
+    if not labels:
+      return None
+    return cat(edge), cat(base), np.concatenate(images), np.concatenate(labels), keys
+
+  def run_chunk(self, c: int, indices: np.ndarray, cal: conformal.Calibration) -> None:
+    t0 = time.perf_counter()
+    got = self._edge_pass(indices, cal, f"chunk {c} edge")
+    self.timings["edge_s"] += time.perf_counter() - t0
+    if got is None:  # every item of the chunk was bad
+      atomic_savez(self._chunk_path(c), **{k: np.zeros((0,) if k in ("labels", "keys") else
+                                                       (len(self.points), 0)) for k in _CHUNK_KEYS})
+      return
+    edge, base, images, labels, keys = got
+    views = {methods.EDGE: pipeline.edge_view(edge),
+             methods.BASELINE: {**base, "rank": transmit.random_ranks(
+                 keys, self.config.seed, self.geometry.num_patches)}}
+    t1 = time.perf_counter()
+    off, keep, fallback = [], [], []
+    for m in methods.METHODS:
+      o, k, f = methods.decide(m, views[m.edge], methods.grid(m, self.config),
+                               self.config.empty_policy)
+      off.append(o)
+      keep.append(k)
+      fallback.append(np.broadcast_to(f, o.shape))
+    off, keep, fallback = map(np.concatenate, (off, keep, fallback))
+    rows_image, rows_keep, ids = dedup_rows(off, keep)
+    server_pred = np.full(off.shape, -1, np.int32)
+    if len(rows_image):
+      srv = pipeline.Server(self._server, int(self.config.server_batch),
+                            tuple(self.config.buckets), self.batch_sharding)
+      row_pred = srv.logits_from_images(images, rows_keep, rows=rows_image).argmax(-1)
+      server_pred[off] = row_pred[ids[off]]
+    self.timings["server_s"] += time.perf_counter() - t1
+    atomic_savez(self._chunk_path(c), labels=labels, keys=np.asarray(keys, str),
+                 offloaded=off, kept=keep.sum(-1).astype(np.int16), server_pred=server_pred,
+                 pred=methods.combine(off, server_pred, fallback),
+                 **{f"edge_{k}": v for k, v in edge.items() if k != "patch_scores"},
+                 **{f"base_{k}": v for k, v in base.items() if k != "scores"})
+
+  def arrays(self) -> dict:
+    """Every finished chunk concatenated (images along the last axis)."""
+    data = [self.load_chunk(c) for c in range(len(self.chunks()))]
+    if any(d is None for d in data):
+      raise RuntimeError("some chunks are missing; run() first")
+    data = [d for d in data if len(d["labels"])]
+    if not data:
+      raise ValueError("no usable test image (all were skipped as bad items)")
+    return {k: np.concatenate([d[k] for d in data], axis=-1) for k in _CHUNK_KEYS}
+
+  # -- the whole run
+
+  def run(self, stop_after: int | None = None, on_chunk: Callable | None = None) -> dict:
+    # float32 matmuls on TPU default to bfloat16 passes; "highest" keeps timm parity.
+    with jax.default_matmul_precision(self.config.get("matmul_precision", "highest")):
+      return self._run(stop_after, on_chunk)
+
+  def _run(self, stop_after, on_chunk) -> dict:
+    from tqdm.auto import tqdm
+    from rcst_jax import metrics
+    t0 = time.perf_counter()
+    cal = self.calibrate()
+    chunks = self.chunks()
+    done = 0
+    bar = tqdm(total=len(chunks), desc="test chunks", disable=not self.progress)
+    pid, nproc = jax.process_index(), jax.process_count()
+    for c, idx in enumerate(chunks):
+      if c % nproc == pid and self.load_chunk(c) is None:
+        if stop_after is not None and done >= stop_after:
+          raise Interrupted(f"stopped after {done} chunks (test hook)")
+        self.run_chunk(c, idx, cal)
+        done += 1
+        if on_chunk:
+          on_chunk(c)
+      bar.update(1)
+    bar.close()
+    if nproc > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("rcst_chunks_done")
+    arrays = self.arrays()
+    points = metrics.aggregate(arrays, self.points, self.geometry, cal.alpha_crc)
+    self.timings["total_s"] += time.perf_counter() - t0
+    return {"calibration": cal, "points": points, "arrays": arrays, "fingerprint": self.fp,
+            "skipped": dict(self.skipped), "timings": dict(self.timings),
+            "chunks_computed": done}

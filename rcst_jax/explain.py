@@ -1,0 +1,65 @@
+"""What the edge decided for an image and why: shared by `rcst explain` and the gallery.
+
+Both read the edge step's outputs and the decision of `methods.decide`, so a
+picture shows exactly what Algorithm 2 did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from rcst_jax import methods, pipeline, saliency, transmit
+from rcst_jax.geometry import Geometry
+
+
+@dataclasses.dataclass
+class Explanation:
+  cam: np.ndarray            # [H, W] APS-weighted Grad-CAM, upsampled, min-max normalised
+  keep: np.ndarray           # [N] patches sent (offloaded) or that would be sent (accepted)
+  aps: list                  # [(class, prob)] APS set, most probable first
+  accepted: bool
+  p_max: float
+  pred: int
+  nbytes: int                # payload bytes actually due (0 when accepted)
+
+
+def explain_batch(e: dict, tau: float, geometry: Geometry) -> list[Explanation]:
+  """One Explanation per image of an edge-step batch `e` (numpy)."""
+  off, keep, _ = methods.decide(methods.PROPOSED, pipeline.edge_view(e), [tau])
+  off, keep = off[0], keep[0]
+  # An accepted image sends nothing; show what its selection would have been.
+  would = np.asarray(methods.PROPOSED.select(jnp.asarray(e["patch_scores"]), tau))
+  size = (geometry.image_size, geometry.image_size)
+  cams = np.asarray(saliency.minmax_normalize(saliency.upsample(jnp.asarray(e["cam"]), size)))
+  out = []
+  for i in range(len(off)):
+    probs = e["probs"][i]
+    members = np.flatnonzero(e["aps_mask"][i])
+    members = members[np.argsort(-probs[members], kind="stable")]
+    k = int(keep[i].sum())
+    out.append(Explanation(cams[i], keep[i] if off[i] else would[i],
+                           [(int(c), float(probs[c])) for c in members], not bool(off[i]),
+                           float(e["p_max"][i]), int(e["pred"][i]),
+                           int(transmit.payload_bytes(k, geometry)) if off[i] else 0))
+  return out
+
+
+def namer(names: Sequence[str] | None) -> Callable[[int], str]:
+  return (lambda c: names[c]) if names else str
+
+
+def decision_text(x: Explanation, lambda_hat: float, tau: float, geometry: Geometry) -> str:
+  if x.accepted:
+    return f"accepted on edge: p_max {x.p_max:.3f} >= lambda_hat {lambda_hat:.3f}"
+  return (f"offloaded: p_max {x.p_max:.3f} < lambda_hat {lambda_hat:.3f}; "
+          f"{int(x.keep.sum())}/{geometry.num_patches} patches at tau={tau:g}, {x.nbytes} bytes")
+
+
+def gallery_title(x: Explanation, name: Callable[[int], str], label: int, top: int = 3) -> str:
+  more = "" if len(x.aps) <= top else f" +{len(x.aps) - top}"
+  return ("APS: " + ", ".join(f"{name(c)} {p:.2f}" for c, p in x.aps[:top]) + more
+          + f" | true: {name(label)}")

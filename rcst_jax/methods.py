@@ -1,0 +1,130 @@
+"""The method table and the one decision rule of Algorithm 2 behind every number.
+
+Each method is declared once: which edge it reads, its offload rule, its
+selection rule and parameter (with the config key of its grid), and how it is
+shown. `decide` turns one edge's outputs into, per image, (offloaded, kept
+patches, fallback prediction) for a whole parameter grid in one vmapped call;
+`combine` is Eq. 27. `pipeline.collaborative_inference`, the sweep engine,
+`rcst explain` and the gallery all go through these two functions, so adding
+a method is one entry here plus its selection function in `transmit`.
+
+An edge "view" is a dict of per-image arrays: ``pred`` [n] (the edge's top-1,
+the answer when nothing is offloaded), ``accept`` [n] bool (the edge's own
+offload rule: CRC for the proposed edge, Im et al.'s min-entropy for the
+baseline edge), and the score arrays the selection rules read (``scores``
+[n, N]; ``rank`` [n, N] for random-k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcst_jax import transmit
+
+EDGE, BASELINE = "edge", "baseline"  # the proposed CNN edge, Im et al.'s DeiT-Tiny edge
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  display: str                      # Table 1 / Figure 1
+  short: str                        # Table 2 / Figure 2
+  color: str
+  marker: Optional[str]
+  edge: str                         # which edge's view it reads
+  param: Optional[str] = None       # parameter name ("tau", "k", ...)
+  grid_key: Optional[str] = None    # config key of its grid
+  select: Optional[Callable] = None  # (scores [n, N], param) -> keep [n, N]; jnp
+  score_key: str = "scores"
+  offload: str = "edge_rule"        # "edge_rule": ~accept; "all"; "none"
+  may_be_empty: bool = False        # selection can keep 0 patches: empty_policy applies
+  reference: bool = False           # server-only / edge-only: rows, never candidates
+
+
+SERVER_ONLY = Method("server_only", "Server-only", "Server-only", "black", None, EDGE,
+                     offload="all", reference=True)
+EDGE_ONLY = Method("edge_only", "Edge-only", "Edge-only", "tab:purple", None, EDGE,
+                   offload="none", reference=True)
+PROPOSED = Method("proposed", "Proposed", "Proposed", "tab:red", "o", EDGE, "tau", "tau_grid",
+                  transmit.select_threshold)
+RANDOM = Method("random", "Random", "Random", "tab:gray", "s", BASELINE, "k", "k_grid",
+                transmit.select_random_k, score_key="rank")
+TOPK = Method("topk", "Top-K", "Top-K", "tab:blue", "^", BASELINE, "k", "k_grid",
+              transmit.select_topk)
+ATTENTION_SUM = Method("attention_sum", "Attention Sum", "Att-Sum", "tab:green", "D", BASELINE,
+                       "delta_sum", "delta_sum_grid", transmit.select_attention_sum,
+                       may_be_empty=True)
+
+# Table order: the paper's rows, then the references.
+METHODS = (RANDOM, TOPK, ATTENTION_SUM, PROPOSED, SERVER_ONLY, EDGE_ONLY)
+BY_NAME = {m.name: m for m in METHODS}
+
+
+def get(name: str) -> Method:
+  try:
+    return BY_NAME[name]
+  except KeyError:
+    raise ValueError(f"unknown method {name!r}; known: {sorted(BY_NAME)}") from None
+
+
+def grid(method: Method, config) -> tuple[float, ...]:
+  """The method's parameter values from the config (one None for references)."""
+  if method.grid_key is None:
+    return (None,)
+  return tuple(float(v) for v in config[method.grid_key])
+
+
+def operating_points(config) -> list[tuple[Method, Optional[float]]]:
+  """(method, param) for every point of a sweep, in table order."""
+  return [(m, p) for m in METHODS for p in grid(m, config)]
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@functools.partial(jax.jit, static_argnames=("method", "empty_policy"))
+def _decide(view, params, *, method: Method, empty_policy: str):
+  n, num = view["scores"].shape
+  p = params.shape[0]
+  if method.offload == "all":
+    off = jnp.ones((p, n), bool)
+  elif method.offload == "none":
+    off = jnp.zeros((p, n), bool)
+  else:
+    off = jnp.broadcast_to(~view["accept"], (p, n))
+  if method.select is None:
+    keep = jnp.ones((p, n, num), bool)
+  else:
+    keep = jax.vmap(method.select, in_axes=(None, 0))(view[method.score_key], params)
+  if method.may_be_empty:
+    off, keep = jax.vmap(transmit.apply_empty_policy, in_axes=(0, 0, None, None))(
+        off, keep, view["scores"], empty_policy)
+  return off, keep & off[..., None]
+
+
+def decide(method: Method, view: dict, params, empty_policy: str = "cls_only"):
+  """Algorithm 2's decision for every image and every parameter in `params`.
+
+  Returns numpy (offloaded [P, n] bool, keep [P, n, N] bool, fallback [n]):
+  offloaded images are answered by the server from their kept patches, the
+  others by `fallback`, the edge's own prediction (Eq. 16).
+  """
+  if empty_policy not in transmit.EMPTY_POLICIES:
+    raise ValueError(f"unknown empty-selection policy {empty_policy!r}; "
+                     f"choose from {transmit.EMPTY_POLICIES}")
+  params = jnp.asarray([0.0 if v is None else v for v in np.atleast_1d(params)], jnp.float32)
+  off, keep = _decide({k: jnp.asarray(v) for k, v in view.items()}, params,
+                      method=method, empty_policy=empty_policy)
+  return np.asarray(off), np.asarray(keep), np.asarray(view["pred"])
+
+
+def combine(offloaded, server_pred, fallback) -> np.ndarray:
+  """Eq. 27: the server's answer where the image was offloaded, else the edge's."""
+  return np.where(np.asarray(offloaded, bool), np.asarray(server_pred),
+                  np.asarray(fallback)).astype(np.int32)

@@ -1,0 +1,67 @@
+"""Metrics of a sweep from the engine's per-image arrays, one definition each.
+
+Input: the engine's arrays (images along the last axis): labels [n],
+offloaded / kept / server_pred / pred [P, n] for the P operating points, and
+the edges' own outputs (edge_* for the proposed CNN, base_* for the baseline
+DeiT). Costs come from `transmit` (patch_ratio, payload_bytes, byte_ratio),
+risk and APS statistics from `conformal`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rcst_jax import conformal, methods, transmit
+from rcst_jax.geometry import Geometry
+
+PER_IMAGE_COLUMNS = ("key", "label", "method", "param", "offloaded", "kept", "bytes",
+                     "edge_pred", "p_max", "server_pred", "pred")
+
+
+def _edge_arrays(arrays: dict, method: methods.Method):
+  prefix = "edge" if method.edge == methods.EDGE else "base"
+  return arrays[f"{prefix}_pred"], arrays[f"{prefix}_p_max"]
+
+
+def point_bytes(offloaded, kept, geometry: Geometry) -> np.ndarray:
+  """Payload bytes per image (0 when answered on the edge)."""
+  return np.where(offloaded, transmit.payload_bytes(kept, geometry), 0).astype(np.int64)
+
+
+def aggregate(arrays: dict, points, geometry: Geometry, alpha_crc: float | None = None) -> list[dict]:
+  """One dict per operating point: accuracy, patch and byte cost, offload rate,
+  edge risk (accepted on the edge and wrong, Eq. 12), APS statistics."""
+  labels = arrays["labels"]
+  n = len(labels)
+  out = []
+  for j, (method, param) in enumerate(points):
+    off, kept = arrays["offloaded"][j].astype(bool), arrays["kept"][j].astype(np.int64)
+    edge_pred, _ = _edge_arrays(arrays, method)
+    calibrated = method is methods.PROPOSED  # the CRC-calibrated edge
+    out.append({
+        "method": method.name, "param_name": method.param, "param": param,
+        "accuracy": float(np.mean(arrays["pred"][j] == labels)),
+        "cost": transmit.patch_ratio(off, kept, geometry.num_patches),
+        "cost_bytes": transmit.byte_ratio(off, point_bytes(off, kept, geometry), geometry),
+        "offload_rate": float(off.mean()),
+        "mean_patches": float(kept[off].mean()) if off.any() else 0.0,
+        "edge_risk": conformal.acceptance_risk(~off, edge_pred != labels),
+        "alpha_crc": alpha_crc if calibrated else None,
+        "aps_set_size": conformal.mean_set_size(arrays["edge_aps_size"]) if calibrated else None,
+        "aps_coverage": conformal.aps_coverage(arrays["edge_aps_cover"]) if calibrated else None,
+        "n": n,
+    })
+  return out
+
+
+def per_image_rows(arrays: dict, points, geometry: Geometry):
+  """Long format: one row per (test image, operating point), PER_IMAGE_COLUMNS."""
+  labels, keys = arrays["labels"], arrays["keys"]
+  for j, (method, param) in enumerate(points):
+    off, kept = arrays["offloaded"][j].astype(bool), arrays["kept"][j].astype(np.int64)
+    nbytes = point_bytes(off, kept, geometry)
+    edge_pred, p_max = _edge_arrays(arrays, method)
+    for i in range(len(labels)):
+      yield (str(keys[i]), int(labels[i]), method.name, "" if param is None else f"{param:g}",
+             int(off[i]), int(kept[i]), int(nbytes[i]), int(edge_pred[i]), f"{p_max[i]:.6g}",
+             int(arrays["server_pred"][j][i]), int(arrays["pred"][j][i]))
