@@ -78,7 +78,7 @@ def _exact_int(fn, n: int, alpha, B=1) -> int:
   a = np.asarray(alpha)
   if a.ndim or not np.isfinite(a):
     raise ValueError(f"alpha must be one finite number, got {a.tolist()}")
-  return int(np.clip(fn((n + 1) * _decimal(a), _decimal(np.asarray(B))), -2**31, 2**31 - 1))
+  return int(np.clip(fn((n + 1) * _decimal(a[()]), _decimal(np.asarray(B)[()])), -2**31, 2**31 - 1))
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_run_prints_per_image_decisions(calibration, tmp_path, capsys):
   capsys.readouterr()
   assert cli.main(["run", "--edge", f"{WEIGHTS}/demo_edge", "--server",
                    f"{WEIGHTS}/demo_server", "--calibration", str(calibration), "--tau", "0.5",
-                   *paths, str(bad)]) == 0
+                   *paths, str(bad)]) == 1  # one item failed, the others answered
   lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
   by_image = {r["image"]: r for r in lines}
   assert "error" in by_image[str(bad)]

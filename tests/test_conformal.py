@@ -59,13 +59,6 @@ def test_q_hat_inf_iff_rank_past_n():
   assert float(cf.aps_q_hat(s, 0.01)) == s[-1]
 
 
-def test_q_hat_vmapped_over_alpha(rng):
-  s = rng.random(300).astype(np.float32)
-  alphas = jnp.asarray([0.01, 0.05, 0.1, 0.2, 0.001])
-  got = jax.vmap(cf.aps_q_hat, in_axes=(None, 0))(s, alphas)
-  np.testing.assert_array_equal(got, [cf.aps_q_hat(s, a) for a in alphas])
-
-
 def test_aps_scores_match_loop(rng):
   probs, y = _synthetic(rng, 200, C=6)
   probs[:20] = _softmax(np.round(rng.normal(size=(20, 6)), 0))  # tied probabilities
@@ -123,19 +116,6 @@ def test_label_in_set_iff_previous_mass_at_most_q(rng):
   assert covered.mean() > (scores <= q).mean()
 
 
-def test_randomized_aps_needs_key_and_pads_to_top1(rng):
-  probs, y = _synthetic(rng, 100)
-  with pytest.raises(ValueError, match="PRNG key"):
-    cf.aps_set(probs, 0.5, randomized=True)
-  key = jax.random.PRNGKey(0)
-  _, k = cf.aps_set(probs, 0.0, randomized=True, key=key)
-  assert np.all(np.asarray(k) == 1)
-  _, k0 = cf.aps_set(probs, 0.0, randomized=True, key=key, allow_empty=True)
-  assert np.any(np.asarray(k0) == 0)
-  s = cf.aps_scores(probs, y, randomized=True, key=key)
-  assert np.all(np.asarray(s) <= np.asarray(cf.aps_scores(probs, y)))
-
-
 # ---------------------------------------------------------------------------
 # CRC threshold.
 
@@ -155,16 +135,6 @@ def test_integer_budgets_exact_at_boundaries(alpha):
     for n in _NS:
       assert int(cf.crc_max_errors(n, dtype(alpha))) == _exact_m(n, alpha), (n, alpha)
       assert int(cf.aps_rank(n, dtype(alpha))) == _exact_k(n, alpha), (n, alpha)
-
-
-def test_integer_budgets_traced_float32():
-  """Under jit/vmap alpha is a float32 tracer: exact for 2-digit alphas up to n = 1e4."""
-  alphas = np.round(np.arange(1, 100) / 100, 2)
-  for n in _NS:
-    m = jax.jit(jax.vmap(lambda a: cf.crc_max_errors(n, a)))(jnp.asarray(alphas, jnp.float32))
-    k = jax.jit(jax.vmap(lambda a: cf.aps_rank(n, a)))(jnp.asarray(alphas, jnp.float32))
-    np.testing.assert_array_equal(m, [_exact_m(n, a) for a in alphas], err_msg=f"n={n}")
-    np.testing.assert_array_equal(k, [_exact_k(n, a) for a in alphas], err_msg=f"n={n}")
 
 
 def _ref_get_lhat(calib_loss_table, lambdas, alpha, B=1):
@@ -260,18 +230,6 @@ def test_lambda_hat_boundaries():
   assert float(lam) == np.inf and not bool(valid)
 
 
-def test_lambda_hat_vmapped_equals_loop(rng):
-  p, y = _synthetic(rng, 1000)
-  p_max, wrong = p.max(1), p.argmax(1) != y
-  alphas = jnp.asarray([0.0005, 0.01, 0.05, 0.1, 0.2, 0.35], jnp.float32)
-  lam_v, ok_v = jax.jit(jax.vmap(cf.crc_lambda_hat, in_axes=(None, None, 0)))(p_max, wrong, alphas)
-  for i, a in enumerate(alphas):
-    lam, ok = cf.crc_lambda_hat(p_max, wrong, a)
-    assert float(lam_v[i]) == float(lam) and bool(ok_v[i]) == bool(ok)
-  assert not bool(ok_v[0]) and bool(ok_v[1:].all())
-  assert np.all(np.diff(np.asarray(lam_v[1:])) <= 0)  # looser budget, lower threshold
-
-
 # ---------------------------------------------------------------------------
 # Statistical validity over 1000 random calibration/test splits (CRC paper protocol).
 
@@ -283,34 +241,29 @@ def test_validity_over_random_splits():
   probs, y = jnp.asarray(probs), jnp.asarray(y)
   p_max, wrong = probs.max(1), probs.argmax(1) != y
   scores = cf.aps_scores(probs, y)
-  scores_r = cf.aps_scores(probs, y, randomized=True, key=jax.random.PRNGKey(7))
 
   def one(key):
-    kp, ks = jax.random.split(key)
-    perm = jax.random.permutation(kp, n_cal + n_test)
+    perm = jax.random.permutation(key, n_cal + n_test)
     cal, test = perm[:n_cal], perm[n_cal:]
     lam, _ = cf.crc_lambda_hat(p_max[cal], wrong[cal], alpha_crc)
-    risk = cf.acceptance_risk(p_max[test], wrong[test], lam)
+    risk = jnp.mean((p_max[test] >= lam) & wrong[test])  # Eq. 6, held out
     q = cf.aps_q_hat(scores[cal], alpha_aps)
     mask, _ = cf.aps_set(probs[test], q)
-    q_r = cf.aps_q_hat(scores_r[cal], alpha_aps)
-    mask_r, _ = cf.aps_set(probs[test], q_r, randomized=True, key=ks, allow_empty=True)
-    return jnp.stack([risk, jnp.mean(scores[test] <= q), cf.aps_coverage(mask, y[test]),
-                      cf.aps_coverage(mask_r, y[test]), cf.mean_set_size(mask),
-                      jnp.mean(p_max[test] >= lam)])
+    covered = jnp.take_along_axis(mask, y[test][:, None], axis=-1)
+    return jnp.stack([risk, jnp.mean(scores[test] <= q), jnp.mean(covered),
+                      jnp.mean(mask.sum(-1)), jnp.mean(p_max[test] >= lam)])
 
   keys = jax.random.split(jax.random.PRNGKey(0), splits)
   out = np.asarray(jax.jit(lambda k: jax.lax.map(one, k, batch_size=50))(keys), np.float64)
   mean, se = out.mean(0), out.std(0, ddof=1) / np.sqrt(splits)
-  risk, event, cov, cov_r, size, accept = mean
+  risk, event, cov, size, accept = mean
   print(f"\nCRC risk {risk:.4f} (se {se[0]:.4f}, alpha {alpha_crc}), accept rate {accept:.3f}; "
         f"APS score<=q {event:.4f} (se {se[1]:.4f}), set coverage {cov:.4f}, "
-        f"randomised coverage {cov_r:.4f} (se {se[3]:.4f}), mean set size {size:.2f}")
+        f"mean set size {size:.2f}")
   assert risk <= alpha_crc + 3 * se[0]
   assert risk >= alpha_crc - 2 / (n_cal + 1) - 3 * se[0]  # CRC is tight for continuous scores
   lo, hi = 1 - alpha_aps, 1 - alpha_aps + 1 / (n_cal + 1)
   assert lo - 3 * se[1] <= event <= hi + 3 * se[1]
-  assert lo - 3 * se[3] <= cov_r <= hi + 3 * se[3]
   assert cov >= event  # the paper's set adds the crossing class: conservative
 
 
@@ -350,10 +303,10 @@ def test_validation_rejects(rng, mutate, msg):
     cf.validate_calibration_inputs(p, y, 0.1)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5, float("nan"), [0.1, 1.0]])
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5, float("nan"), [0.1, 0.2], "0.1"])
 def test_validation_rejects_alpha(rng, alpha):
   p, y = _good(rng)
-  with pytest.raises(ValueError, match=r"\(0, 1\)"):
+  with pytest.raises(ValueError, match=r"\(0, 1\)|one number|must be a number"):
     cf.validate_calibration_inputs(p, y, alpha)
   with pytest.raises(ValueError, match="alpha_crc"):
     cf.calibrate(p, y, alpha, 0.1)
@@ -366,7 +319,9 @@ def test_validation_rejects_alpha(rng, alpha):
 def test_calibrate_and_json_round_trip(rng, tmp_path):
   p, y = _synthetic(rng, 400)
   cal = cf.calibrate(p, y, 0.05, 0.1, edge_model="efficientnet_b0", server_model="deit_base",
-                     dataset="synthetic", split="cal")
+                     dataset="synthetic", split="cal", gradcam_layer="features",
+                     transform={"resize_size": 256, "crop_size": 224, "interpolation": "bicubic"},
+                     geometry={"image_size": 224, "patch": 16, "channels": 3})
   lam, ok = cf.crc_lambda_hat(p.max(1), p.argmax(1) != y, 0.05)
   assert cal.lambda_hat == float(lam) and cal.lambda_valid == bool(ok)
   assert cal.q_hat == float(cf.aps_q_hat(cf.aps_scores(p, y), 0.1))
@@ -375,18 +330,14 @@ def test_calibrate_and_json_round_trip(rng, tmp_path):
   cal.to_json(path)
   assert cf.Calibration.from_json(path) == cal
 
-  # Sweeps: vmapped alphas, an invalid one (inf) and an infinite q_hat survive JSON.
+  # An unsatisfiable CRC rule (inf) survives JSON as the string "inf".
   with pytest.warns(cf.CalibrationWarning, match="accept nothing"):
-    sweep = cf.calibrate(p, y, [0.05, 0.001, 0.2], [0.1, 0.001], operating_index=1)
-  assert sweep.lambda_hat == math.inf and not sweep.lambda_valid
-  assert sweep.q_hat == math.inf and sweep.lambda_valids == (True, False, True)
-  sweep.to_json(path)
+    never = cf.calibrate(p, y, 0.001, 0.001)
+  assert never.lambda_hat == math.inf and not never.lambda_valid and never.q_hat == math.inf
+  never.to_json(path)
   text = path.read_text()
   assert '"inf"' in text and "Infinity" not in text
-  back = cf.Calibration.from_json(path)
-  assert back == sweep
-  op = back.select(alpha_crc=0.05, alpha_aps=0.1)
-  assert op.lambda_hat == cal.lambda_hat and op.q_hat == cal.q_hat and op.lambda_valid
+  assert cf.Calibration.from_json(path) == never
 
 
 def test_calibrate_strict_raises(rng):
@@ -401,7 +352,7 @@ def test_calibrate_strict_raises(rng):
 @pytest.mark.parametrize("edit, msg", [
     (lambda d: "{not json", "not valid JSON"),
     (lambda d: json.dumps([1, 2]), "JSON object"),
-    (lambda d: json.dumps({**d, "version": 2}), "v1"),
+    (lambda d: json.dumps({**d, "version": 1}), "v2"),
     (lambda d: json.dumps({k: v for k, v in d.items() if k != "q_hat"}), "missing"),
     (lambda d: json.dumps({**d, "lamda_hat": 0.5}), "unknown"),
     (lambda d: json.dumps({**d, "lambda_hat": "0.5"}), "number or the string 'inf'"),
@@ -412,7 +363,10 @@ def test_calibrate_strict_raises(rng):
     (lambda d: json.dumps({**d, "n": 12.0}), "positive integer"),
     (lambda d: json.dumps({**d, "q_hat": -1}), "q_hat"),
     (lambda d: json.dumps({**d, "lambda_valid": "yes"}), "bool"),
-    (lambda d: json.dumps({**d, "alphas_crc": [0.1]}), "together"),
+    (lambda d: json.dumps({**d, "alphas_crc": [0.1]}), "unknown"),
+    (lambda d: json.dumps({**d, "geometry": {"image_size": 224}}), "geometry"),
+    (lambda d: json.dumps({**d, "transform": {"resize_size": 0, "crop_size": 224,
+                                               "interpolation": "bicubic"}}), "resize_size"),
     (lambda d: json.dumps({**d, "dataset": 3}), "string"),
 ])
 def test_from_json_rejects_malformed(tmp_path, edit, msg):

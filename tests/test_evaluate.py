@@ -1,5 +1,6 @@
 """Evaluation engine: ImageNet path on tfds mock data, sharding, resume, bad items."""
 
+import dataclasses
 import json
 import os
 
@@ -8,14 +9,16 @@ import numpy as np
 import pytest
 
 import small_models
-from rcst_jax import evaluate
+from rcst_jax import engine, evaluate
+from rcst_jax.data.sources import Sources
+from rcst_jax.models.loading import Models
 from rcst_jax.cli import parse_config
 from rcst_jax.data import BadImageError, Example
 from rcst_jax.data.synthetic import SyntheticShapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_GRIDS = ["--config.tau_grid=(0.3,0.7)", "--config.k_grid=(10,60)",
-               "--config.delta_sum_grid=(0.4,0.9)", "--config.batch_size=8",
+SMALL_GRIDS = ["--config.tau_grid=(0.3,0.7)", "--config.k_grid=(10,196)",
+               "--config.delta_sum_grid=(0.4,1.01)", "--config.batch_size=8",
                "--config.server_batch=8", "--config.progress=False", "--config.gallery_size=2"]
 
 
@@ -26,17 +29,17 @@ def _config(tmp_path, *overrides):
 
 @pytest.fixture(scope="module")
 def models12():
-  return evaluate.Models(small_models.edge(), small_models.server(), small_models.baseline())
+  return Models(small_models.edge(), small_models.server(), small_models.baseline())
 
 
 def _synthetic_sources(n_cal=40, n_test=24):
-  return evaluate.Sources(SyntheticShapes("calibration", n_cal), SyntheticShapes("test", n_test),
+  return Sources(SyntheticShapes("calibration", n_cal), SyntheticShapes("test", n_test),
                           name="synthetic")
 
 
 def test_imagenet_path_on_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
-  models = evaluate.Models(small_models.edge(num_classes=1000), small_models.server(num_classes=1000),
+  models = Models(small_models.edge(num_classes=1000), small_models.server(num_classes=1000),
                            small_models.baseline(num_classes=1000))
   config = _config(tmp_path, "--config.data.n_cal=24", "--config.data.pil_decode=False",
                    "--config.chunk_size=8", "--config.compare_dtype=bfloat16")
@@ -50,6 +53,10 @@ def test_imagenet_path_on_mock_data(tmp_path):
   methods = {p["method"] for p in points}
   assert methods == {"server_only", "edge_only", "proposed", "random", "topk", "attention_sum"}
   assert len(points) == 2 + 2 + 2 * 2 + 2
+  # Each baseline's grid ends at full transmission, as the paper's "Best Acc." cells.
+  for m in ("random", "topk", "attention_sum"):
+    full = [p for p in points if p["method"] == m and p["param"] in (196, 1.01)]
+    assert len(full) == 1 and full[0]["mean_patches"] == 196
   for p in points:
     assert p["n"] == 16 and 0 <= p["accuracy"] <= 1 and 0 <= p["cost"] <= 1
   server = next(p for p in points if p["method"] == "server_only")
@@ -66,7 +73,7 @@ def test_imagenet_path_on_mock_data(tmp_path):
 
 
 def _points(tmp_path, models, sources, *overrides, **run_kw):
-  ev = evaluate.Evaluation(_config(tmp_path, *overrides), models, sources, str(tmp_path),
+  ev = engine.Evaluation(_config(tmp_path, *overrides), models, sources, str(tmp_path),
                            progress=False)
   return ev, ev.run(**run_kw)
 
@@ -83,7 +90,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, models12):
   sources = _synthetic_sources()
   opts = ("--config.chunk_size=8",)
   _, clean = _points(tmp_path / "clean", models12, sources, *opts)
-  with pytest.raises(evaluate.Interrupted):
+  with pytest.raises(engine.Interrupted):
     _points(tmp_path / "resumed", models12, sources, *opts, stop_after=1)
   ev, resumed = _points(tmp_path / "resumed", models12, sources, *opts)
   assert resumed["chunks_computed"] == 2 and clean["chunks_computed"] == 3
@@ -120,7 +127,7 @@ class _Flaky:
 
 def test_bad_items_are_counted_and_skipped(tmp_path, models12):
   sources = _synthetic_sources()
-  sources = evaluate.Sources(_Flaky(sources.cal_source), _Flaky(sources.test_source),
+  sources = Sources(_Flaky(sources.cal_source), _Flaky(sources.test_source),
                              name="flaky")
   _, res = _points(tmp_path, models12, sources)
   bad_cal = [i for i in range(40) if i % 7 == 3 or i % 11 == 5]
@@ -130,3 +137,37 @@ def test_bad_items_are_counted_and_skipped(tmp_path, models12):
       sum(i % 7 == 3 for i in range(24))
   assert res["calibration"].n == 40 - len(bad_cal)
   assert all(p["n"] == 24 - len(bad_test) for p in res["points"])
+
+
+def test_fingerprint_covers_config_data_and_models(tmp_path, models12):
+  sources = _synthetic_sources(8, 8)
+  fp = lambda *o, models=models12, sources=sources: engine.fingerprint(
+      _config(tmp_path, *o), models, sources)
+  base = fp()
+  changed = ["--config.data.split_seed=3", "--config.data.folder_root=/x", "--config.data.label_map=/y",
+             "--config.data.n_cal=7", "--config.data.data_dir=/z", "--config.data.pil_decode=False",
+             "--config.tau_grid=(0.3,0.8)", "--config.k_grid=(11,196)", "--config.alpha_crc=0.1",
+             "--config.alpha_aps=0.1", "--config.eta=0.5", "--config.chunk_size=7"]
+  for o in changed:
+    assert fp(o) != base, o
+  for o in ["--config.progress=True", "--config.gallery_size=0", "--config.output_dir=/elsewhere",
+            "--config.per_image=True", "--config.models_dir=/m"]:
+    assert fp(o) == base, o
+  # Other data (a calibration cached for it is never reused), other weights or metadata.
+  assert fp(sources=Sources(sources.cal_source, sources.test_source, [0, 1, 2], None,
+                            name="synthetic")) != base
+  other = dataclasses.replace(models12.edge, metadata={**models12.edge.metadata, "std": [1, 1, 1]})
+  assert fp(models=Models(other, models12.server, models12.baseline_edge)) != base
+
+
+def test_corrupt_chunk_and_calibration_are_recomputed(tmp_path, models12):
+  sources = _synthetic_sources()
+  opts = ("--config.chunk_size=8",)
+  ev, clean = _points(tmp_path, models12, sources, *opts)
+  with open(ev._chunk_path(1), "r+b") as f:
+    f.truncate(100)
+  with open(os.path.join(ev.cache_dir, "calibration.json"), "w") as f:
+    f.write("{trunc")
+  with pytest.warns(UserWarning, match="corrupt|unreadable"):
+    _, again = _points(tmp_path, models12, sources, *opts)
+  assert again["chunks_computed"] == 1 and again["points"] == clean["points"]

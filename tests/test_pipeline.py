@@ -36,14 +36,18 @@ def test_server_buckets_equal_unpadded_runs(models):
   keep = np.zeros((5, 196), bool)
   for i, k in enumerate([1, 7, 30, 120, 196]):
     keep[i, rng.choice(196, k, replace=False)] = True
-  got = pipeline.Server(server, batch_size=4).logits(images, keep)
+  got = pipeline.Server(server, batch_size=4).logits_from_images(images, keep)
   for i in range(5):
     np.testing.assert_allclose(got[i], _unpadded_server(server, images[i], keep[i]),
                                rtol=1e-5, atol=1e-5)
   # `rows` lets several keep masks share one image.
-  again = pipeline.Server(server, batch_size=4).logits(images[[3]], keep[[3, 3]],
-                                                       rows=np.array([0, 0]))
+  again = pipeline.Server(server, batch_size=4).logits_from_images(images[[3]], keep[[3, 3]],
+                                                                   rows=np.array([0, 0]))
   np.testing.assert_allclose(again[0], got[3], rtol=1e-5, atol=1e-5)
+  # The server side of `rcst run`: the same logits from encoded payloads.
+  payloads = [transmit.encode_image_payload(images[i], keep[i]) for i in range(5)]
+  np.testing.assert_allclose(pipeline.Server(server, batch_size=4).logits_from_payloads(payloads),
+                             got, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lam", [np.inf, 0.0, "median"])

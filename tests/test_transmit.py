@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rcst_jax import transmit as tr
+from rcst_jax.geometry import Geometry
 
 N = 196
 
@@ -81,11 +82,6 @@ def test_attention_sum_excludes_crossing_patch():
   assert np.asarray(tr.select_attention_sum(a, 0.49)).tolist() == [[False, False, False]]
 
 
-def test_attention_threshold(rng):
-  a = _attention(rng, 16)
-  np.testing.assert_array_equal(tr.select_attention_threshold(a, 0.01), a >= 0.01)
-
-
 def test_topk_and_random_k(rng):
   s = rng.random((32, N)).astype(np.float32)
   for k in [0, 1, 50, N]:
@@ -93,18 +89,22 @@ def test_topk_and_random_k(rng):
     assert (keep.sum(-1) == k).all()
     if 0 < k < N:
       assert (np.where(keep, s, np.inf).min(-1) > np.where(keep, -np.inf, s).max(-1)).all()
-    r = np.asarray(tr.select_random_k(jax.random.PRNGKey(k), 32, N, k))
+    r = np.asarray(tr.select_random_k(tr.random_ranks([f"img{i}" for i in range(32)], k, N), k))
     assert (r.sum(-1) == k).all()
   ties = np.zeros((1, N), np.float32)
   assert np.flatnonzero(np.asarray(tr.select_topk(ties, 3))[0]).tolist() == [0, 1, 2]
-  key = jax.random.PRNGKey(3)
-  a, b = tr.select_random_k(key, 32, N, 20), tr.select_random_k(key, 32, N, 20)
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, tr.select_random_k(jax.random.PRNGKey(4), 32, N, 20))
-  assert not np.array_equal(np.asarray(a)[0], np.asarray(a)[1])  # rows differ
+  keys = [f"img{i}" for i in range(32)]
+  ranks = tr.random_ranks(keys, 3, N)
+  assert (np.sort(ranks, -1) == np.arange(N)).all()  # a permutation per image
+  a = np.asarray(tr.select_random_k(ranks, 20))
+  # Same key, same patches, whatever the batch it is in; nested across k.
+  np.testing.assert_array_equal(a[5], np.asarray(tr.select_random_k(
+      tr.random_ranks(keys[5:6], 3, N), 20))[0])
+  assert (np.asarray(tr.select_random_k(ranks, 21)) >= a).all()
+  assert not np.array_equal(a, np.asarray(tr.select_random_k(tr.random_ranks(keys, 4, N), 20)))
+  assert not np.array_equal(a[0], a[1])  # rows differ
   # Uniform: each patch kept with probability k/N.
-  keys = np.asarray(jax.random.split(jax.random.PRNGKey(5), 125))  # host keys: no slicing dispatch
-  rows = np.concatenate([np.asarray(tr.select_random_k(kk, 32, N, 49)) for kk in keys])
+  rows = np.asarray(tr.select_random_k(tr.random_ranks([str(i) for i in range(4000)], 5, N), 49))
   freq = rows.mean(0)
   assert np.abs(freq - 0.25).max() < 6 * np.sqrt(0.25 * 0.75 / len(rows))
 
@@ -164,22 +164,46 @@ def test_index_encoding_crossover(rng, grid, patch, c, crossover):
     data = tr.encode_payload(patches, idx, grid=grid)
     assert (data[1] & 1) == (k > crossover)
     assert (data[1] & 2) == (2 if n > 256 else 0)
-    assert len(data) == int(tr.payload_bytes(k, n, patch, c))
+    assert len(data) == int(tr.payload_bytes(k, Geometry(grid * patch, patch, c)))
     p2, i2, g2 = tr.decode_payload(data)
     assert g2 == grid and np.array_equal(p2, patches) and np.array_equal(i2, idx)
 
 
 def test_payload_bytes_full_image_and_ratios():
-  assert tr.RAW_IMAGE_BYTES == 150528
+  assert Geometry().raw_bytes == 150528
   assert int(tr.payload_bytes(196)) == 11 + 25 + 150528
   assert int(tr.payload_bytes(0)) == 11
-  off = jnp.asarray([True, False, True, True])
-  kept = jnp.asarray([10, 196, 0, 196])
-  assert float(tr.patch_ratio(off, kept)) == pytest.approx((10 + 0 + 196) / (4 * 196))
+  off = np.asarray([True, False, True, True])
+  kept = np.asarray([10, 196, 0, 196])
+  assert tr.patch_ratio(off, kept, 196) == pytest.approx((10 + 0 + 196) / (4 * 196))
   # Same as Im et al.: offload rate * mean kept over offloaded / N.
-  assert float(tr.patch_ratio(off, kept)) == pytest.approx(3 / 4 * (206 / 3) / 196)
-  want = (int(tr.payload_bytes(10)) + 11 + int(tr.payload_bytes(196))) / (4 * 150528)
-  assert float(tr.byte_ratio(off, kept)) == pytest.approx(want, rel=1e-6)
+  assert tr.patch_ratio(off, kept, 196) == pytest.approx(3 / 4 * (206 / 3) / 196)
+  nbytes = np.asarray([11 + 10 + 7680, 999, 11, 11 + 25 + 150528])  # index 1 is not offloaded
+  want = (11 + 10 + 7680 + 11 + 11 + 25 + 150528) / (4 * 150528)
+  assert tr.byte_ratio(off, nbytes) == want
+
+
+@pytest.mark.parametrize("geometry", [Geometry(), Geometry(17 * 8, 8, 3)],
+                         ids=["14x14 byte list", "17x17 two-byte list"])
+def test_formula_bytes_equal_encoded_lengths_for_every_k(rng, geometry):
+  """The sweep's byte formula vs what `rcst run` actually encodes, K = 0..N
+  (list and bitmask index modes)."""
+  n = geometry.num_patches
+  image = rng.integers(0, 256, (geometry.image_size,) * 2 + (3,), dtype=np.uint8)
+  modes = set()
+  for k in range(n + 1):
+    keep = np.zeros(n, bool)
+    keep[rng.choice(n, k, replace=False)] = True
+    data = tr.encode_image_payload(image, keep, geometry)
+    modes.add(data[1] & 1)
+    assert len(data) == int(tr.payload_bytes(k, geometry)), k
+    patches, idx, _ = tr.decode_payload(data)
+    np.testing.assert_array_equal(idx, np.flatnonzero(keep))
+    if k:
+      p = geometry.patch
+      r, c = divmod(int(idx[-1]), geometry.grid)
+      np.testing.assert_array_equal(patches[-1], image[r * p:(r + 1) * p, c * p:(c + 1) * p])
+  assert modes == {0, 1}
 
 
 def _reseal(d):
@@ -307,7 +331,8 @@ def _payload_and_edit(draw):
 @given(_payload_and_edit())
 def test_corrupted_payloads(case):
   patches, idx, grid, kind, data, edited = case
-  assert len(data) == int(tr.payload_bytes(len(idx), grid * grid, patches.shape[1], patches.shape[3]))
+  assert len(data) == int(tr.payload_bytes(len(idx), Geometry(grid * patches.shape[1],
+                                                              patches.shape[1], patches.shape[3])))
   got = _check_decode(edited)
   if edited == data:
     assert got is not None
