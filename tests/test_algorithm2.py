@@ -1,0 +1,208 @@
+"""One Algorithm 2 behind every number: the sweep engine against `rcst run` and
+against a transcription of each method's rule, on the shipped demo models and
+a folder of image files (>= 200 test images), one evaluation run shared by all.
+"""
+
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from rcst_jax import cli, evaluate, metrics, methods, pipeline, transmit
+from rcst_jax.checkpoints import load_model
+from rcst_jax.data import ImageFolder, batches
+from rcst_jax.data.sources import run_transform
+from rcst_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
+from rcst_jax.geometry import Geometry
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(REPO, "weights")
+N_IMAGES, N_CAL = 260, 60
+TAUS = (0.3, 0.6)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """Synthetic scenes from an unused seed as PNG files in class folders, then
+  `rcst evaluate` on them with data.name=folder and per_image=True."""
+  root = tmp_path_factory.mktemp("folder")
+  src = SyntheticShapes("test", N_IMAGES, seed=77)
+  for i in range(N_IMAGES):
+    ex = src[i]
+    d = root / "images" / CLASS_NAMES[ex.label]
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ex.image).save(d / f"scene{i:04d}.png")
+  label_map = root / "labels.json"
+  label_map.write_text(json.dumps({name: i for i, name in enumerate(CLASS_NAMES)}))
+  out = root / "out"
+  config = cli.parse_config(os.path.join(REPO, "configs", "demo.py"), [
+      "--config.data.name=folder", f"--config.data.folder_root={root / 'images'}",
+      f"--config.data.label_map={label_map}", f"--config.data.n_cal={N_CAL}",
+      f"--config.output_dir={out}", "--config.per_image=True", "--config.progress=False",
+      "--config.gallery_size=0", f"--config.tau_grid={TAUS}", "--config.chunk_size=128"])
+  result = evaluate.evaluate_config(config)
+  with open(result["paths"]["per_image"]) as f:
+    rows = list(csv.DictReader(f))
+  return {"config": config, "root": root / "images", "result": result["result"],
+          "paths": result["paths"], "rows": rows}
+
+
+def _rows(rows, method, param):
+  return {r["key"]: r for r in rows if r["method"] == method and r["param"] == param}
+
+
+def test_engine_equals_rcst_run_on_the_same_files(run, capsys):
+  """Done-when of the issue: accuracy, cost and offload rate at a tau equal
+  what `rcst run --tau` gives on that run's test images with its calibration."""
+  test_keys = sorted({r["key"] for r in run["rows"]})
+  assert len(test_keys) == N_IMAGES - N_CAL
+  points = {(p["method"], p["param"]): p for p in run["result"]["points"]}
+  for tau in TAUS:
+    capsys.readouterr()
+    code = cli.main(["run", "--edge", f"{WEIGHTS}/demo_edge", "--server", f"{WEIGHTS}/demo_server",
+                     "--calibration", run["paths"]["calibration"], "--tau", str(tau),
+                     "--batch-size", "32", *[str(run["root"] / k) for k in test_keys]])
+    assert code == 0
+    got = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    want = _rows(run["rows"], "proposed", f"{tau:g}")
+    labels = []
+    for key, r in zip(test_keys, got):
+      w = want[key]
+      assert r["image"] == str(run["root"] / key)
+      assert (r["prediction"], int(not r["accepted_on_edge"]), r["patches_sent"],
+              r["bytes_sent"]) == (int(w["pred"]), int(w["offloaded"]), int(w["kept"]),
+                                   int(w["bytes"])), key
+      labels.append(int(w["label"]))
+    point = points[("proposed", tau)]
+    acc = np.mean([r["prediction"] == y for r, y in zip(got, labels)])
+    assert acc == point["accuracy"]
+    assert np.mean([not r["accepted_on_edge"] for r in got]) == point["offload_rate"]
+    assert sum(r["patches_sent"] for r in got) / (len(got) * 196) == pytest.approx(
+        point["cost"], rel=1e-12)
+    assert sum(r["bytes_sent"] for r in got) / (len(got) * 150528) == pytest.approx(
+        point["cost_bytes"], rel=1e-12)
+
+
+def _server_argmax(server, images, keep):
+  """Unbucketed, undeduplicated: all 196 positions, dropped ones masked out."""
+  idx = np.broadcast_to(np.arange(196), keep.shape)
+  sent = np.asarray(pipeline.patches.gather_patches(images, idx))
+  apply = jax.jit(lambda v, *a: server.module.apply(v, *a, method="tokens")[0])
+  return np.asarray(apply(server.variables, sent, idx, keep)).argmax(-1)
+
+
+def test_engine_equals_each_methods_rule(run):
+  """Every method and grid value: offload flag, kept count and final prediction
+  per image equal a transcription of the method's rule on one edge pass."""
+  config, cal = run["config"], run["result"]["calibration"]
+  edge, server = load_model(f"{WEIGHTS}/demo_edge"), load_model(f"{WEIGHTS}/demo_server")
+  base = load_model(f"{WEIGHTS}/demo_baseline_edge")
+  folder = ImageFolder(run["root"], {n: i for i, n in enumerate(CLASS_NAMES)},
+                       preprocess=run_transform(edge.metadata))
+  keys = sorted({r["key"] for r in run["rows"]})
+  index = {k: i for i, (k, _) in enumerate(folder.items)}
+  e, b_probs, attn, images = [], [], [], []
+  for batch in batches(folder, [index[k] for k in keys], 64, progress=False):
+    v = batch.valid
+    out = jax.device_get(pipeline.edge_step(edge, batch.images, cal.lambda_hat, cal.q_hat))
+    e.append({k: np.asarray(x)[v] for k, x in out.items()})
+    logits, o = base(batch.images)
+    b_probs.append(np.asarray(jax.nn.softmax(logits))[v])
+    attn.append(np.asarray(o["cls_attn"])[v])
+    images.append(batch.images[v])
+  e = {k: np.concatenate([x[k] for x in e]) for k in e[0]}
+  b_probs, attn, images = map(np.concatenate, (b_probs, attn, images))
+  b_pred = b_probs.argmax(-1)
+  b_off = ~(-np.log2(b_probs.max(-1)) < config.eta)  # Im et al.: offload unless entropy < eta
+  ranks = transmit.random_ranks(keys, config.seed, 196)
+  e_off = ~(e["p_max"] >= np.float32(cal.lambda_hat))  # Eq. 15, from the edge's own p_max
+  rules = {
+      "proposed": lambda t: (e_off, np.asarray(transmit.select_threshold(e["patch_scores"], t)),
+                             e["pred"]),
+      "random": lambda k: (b_off, ranks < k, b_pred),
+      "topk": lambda k: (b_off, np.asarray(transmit.select_topk(attn, int(k))), b_pred),
+      "attention_sum": lambda d: (b_off, np.asarray(transmit.select_attention_sum(attn, d)),
+                                  b_pred),
+      "server_only": lambda _: (np.ones(len(keys), bool), np.ones((len(keys), 196), bool),
+                                e["pred"]),
+      "edge_only": lambda _: (np.zeros(len(keys), bool), np.zeros((len(keys), 196), bool),
+                              e["pred"]),
+  }
+  rng = np.random.default_rng(0)
+  sample_img, sample_keep, sample_got = [], [], []
+  for method, param in methods.operating_points(config):
+    rows = _rows(run["rows"], method.name, "" if param is None else f"{param:g}")
+    off, keep, fallback = rules[method.name](param)
+    keep = keep & off[:, None]
+    for i, key in enumerate(keys):
+      r = rows[key]
+      assert (int(r["offloaded"]), int(r["kept"])) == (int(off[i]), int(keep[i].sum())), (
+          method.name, param, key)
+      server_pred = int(r["server_pred"])
+      assert int(r["pred"]) == (server_pred if off[i] else int(fallback[i]))  # Eq. 27
+      assert (server_pred >= 0) == bool(off[i])
+    for i in rng.choice(np.flatnonzero(off), min(3, off.sum()), replace=False):
+      sample_img.append(images[i])
+      sample_keep.append(keep[i])
+      sample_got.append(int(rows[keys[i]]["server_pred"]))
+  # The server's answers on a sample of offloaded images over all points.
+  assert len(sample_got) > 60
+  want = _server_argmax(server, np.stack(sample_img), np.stack(sample_keep))
+  np.testing.assert_array_equal(sample_got, want)
+
+
+def test_collaborative_inference_equals_engine(run):
+  cal = run["result"]["calibration"]
+  edge, server = load_model(f"{WEIGHTS}/demo_edge"), load_model(f"{WEIGHTS}/demo_server")
+  keys = sorted({r["key"] for r in run["rows"]})[:64]
+  prep = run_transform(edge.metadata)
+  images = np.stack([prep(str(run["root"] / k)) for k in keys])
+  for tau in TAUS:
+    out = pipeline.collaborative_inference(images, edge, server, cal, tau, batch_size=24)
+    want = _rows(run["rows"], "proposed", f"{tau:g}")
+    for i, key in enumerate(keys):
+      assert (int(out["pred"][i]), int(out["offloaded"][i]), int(out["kept"][i]),
+              int(out["bytes"][i])) == (int(want[key]["pred"]), int(want[key]["offloaded"]),
+                                        int(want[key]["kept"]), int(want[key]["bytes"]))
+
+
+def test_full_transmission_points_and_table1(run):
+  points = run["result"]["points"]
+  for name, param in (("random", 196), ("topk", 196), ("attention_sum", 1.01)):
+    p = next(p for p in points if p["method"] == name and p["param"] == param)
+    assert p["mean_patches"] == 196
+  table = open(run["paths"]["table1.md"]).read()
+  assert "| Proposed |" in table and "| Server-only | 1.00 |" in table
+
+
+def test_aggregate_on_hand_made_arrays():
+  """Accuracy, patch and byte cost, offload rate, edge risk, APS statistics by hand."""
+  pts = [(methods.PROPOSED, 0.5), (methods.TOPK, 2.0), (methods.SERVER_ONLY, None)]
+  arrays = {
+      "labels": np.array([0, 1, 2, 3]),
+      "offloaded": np.array([[0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], bool),
+      "kept": np.array([[0, 3, 30, 0], [2, 2, 0, 0], [196, 196, 196, 196]]),
+      "pred": np.array([[0, 1, 0, 0], [0, 1, 2, 0], [0, 1, 2, 3]]),
+      "edge_pred": np.array([0, 5, 5, 0]), "edge_p_max": np.array([.9, .2, .3, .8]),
+      "edge_aps_size": np.array([1, 4, 3, 2]), "edge_aps_cover": np.array([1, 1, 0, 1], bool),
+      "base_pred": np.array([0, 1, 2, 9]), "base_p_max": np.array([.5, .5, .9, .9]),
+  }
+  got = metrics.aggregate(arrays, pts, Geometry(), alpha_crc=0.05)
+  prop, topk, server = got
+  assert prop["accuracy"] == 2 / 4 and topk["accuracy"] == 3 / 4 and server["accuracy"] == 1
+  assert prop["cost"] == 33 / (4 * 196) and topk["cost"] == 4 / 784 and server["cost"] == 1
+  # bytes: K=3 -> 11 + 3 + 3*768 = 2318; K=30 -> 11 + 25 + 30*768 = 23076
+  assert prop["cost_bytes"] == (2318 + 23076) / (4 * 150528)
+  assert server["cost_bytes"] == 4 * (11 + 25 + 150528) / (4 * 150528)
+  assert prop["offload_rate"] == 0.5 and topk["offload_rate"] == 0.5
+  assert prop["mean_patches"] == 33 / 2
+  # Edge risk: accepted (not offloaded) and the edge's own prediction wrong.
+  assert prop["edge_risk"] == 1 / 4          # image 3: accepted, edge says 0, label 3
+  assert topk["edge_risk"] == 1 / 4          # image 3: accepted, baseline says 9
+  assert server["edge_risk"] == 0
+  assert prop["aps_set_size"] == 2.5 and prop["aps_coverage"] == 0.75
+  assert prop["alpha_crc"] == 0.05 and topk["alpha_crc"] is None and topk["aps_coverage"] is None
