@@ -18,7 +18,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rcst_jax import evaluate, patches, pipeline, transmit  # noqa: E402
+from rcst_jax import engine, methods, patches, pipeline  # noqa: E402
+from rcst_jax.data.sources import load_sources, run_transform  # noqa: E402
+from rcst_jax.models.loading import load_models  # noqa: E402
 from rcst_jax.cli import parse_config  # noqa: E402
 
 
@@ -31,9 +33,10 @@ def main():
     config = parse_config(os.path.join(REPO, "configs", "demo.py"), [
         f"--config.models_dir={args.models}", f"--config.output_dir={out}",
         f"--config.data.n_test={args.n}", "--config.progress=False"])
-    models = evaluate.load_models(config)
-    sources = evaluate.load_sources(config)
-    ev = evaluate.Evaluation(config, models, sources, out, progress=False)
+    models = load_models(config)
+    transform = run_transform(models.edge.metadata)
+    sources = load_sources(config, transform)
+    ev = engine.Evaluation(config, models, sources, out, transform, progress=False)
     t0 = time.perf_counter()
     res = ev.run()
     total = time.perf_counter() - t0
@@ -51,16 +54,16 @@ def main():
     off = ~e["accept"]
     server = pipeline.Server(models.server, int(config.server_batch), tuple(config.buckets))
     full = np.ones((off.sum(), 196), bool)
-    server.logits(images[off], full)  # compile the full bucket once
+    server.logits_from_images(images[off], full)  # compile the full bucket once
     print(f"\n{'tau':>5} {'offloaded':>9} {'kept/img':>9} {'tokens':>8} {'server s':>9} "
           f"{'us/token':>9} {'padding':>8}")
     for tau in (0.0,) + tuple(config.tau_grid[1:]):
-      keep = np.asarray(transmit.select_threshold(e["patch_scores"][off], tau))
+      keep = np.asarray(methods.PROPOSED.select(e["patch_scores"][off], tau))
       kept = keep.sum(-1)
       padded = sum(patches.bucket_for(k, config.buckets) for k in kept)
-      server.logits(images[off], keep)  # compile this tau's buckets
+      server.logits_from_images(images[off], keep)  # compile this tau's buckets
       t0 = time.perf_counter()
-      server.logits(images[off], keep)
+      server.logits_from_images(images[off], keep)
       dt = time.perf_counter() - t0
       tokens = int(kept.sum()) + len(kept)  # + CLS per image
       waste = 1 - (kept.sum() + len(kept)) / (padded + len(kept))
