@@ -12,20 +12,26 @@ import time
 
 def _cmd_convert(args, extra):
   from rcst_jax.convert import convert
+  from rcst_jax.fileio import dumps
   out = convert(args.timm, args.out, weights=args.weights,
                 num_classes=args.num_classes, overwrite=args.overwrite)
-  print(json.dumps({"converted": args.timm, "out": out}))
+  print(dumps({"converted": args.timm, "out": out}))
 
 
 def _cmd_predict(args, extra):
   from rcst_jax.checkpoints import load_model
+  from rcst_jax.fileio import dumps
   from rcst_jax.predict import predict_files
   model = load_model(args.model)
   failures = 0
   for record in predict_files(model, args.images, batch_size=args.batch_size):
-    failures += "error" in record
-    print(json.dumps(record), flush=True)
-  return 1 if failures == len(args.images) else 0
+    if "error" in record:
+      failures += 1
+      print(f"rcst predict: error: {record['error']}", file=sys.stderr, flush=True)
+    print(dumps(record), flush=True)
+  if failures:
+    print(f"rcst predict: {failures} of {len(args.images)} images failed", file=sys.stderr)
+  return 1 if failures else 0
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,16 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Exit codes: 0 ok, 1 some items failed (each reported), 2 refused or failed
+  with a reason (one line on stderr, no traceback), 130 interrupted. Any other
+  exception is a bug and keeps its traceback."""
+  from rcst_jax import errors
   args, extra = build_parser().parse_known_args(argv)
   if extra and not getattr(args, "takes_overrides", False):
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-  from rcst_jax.checkpoints import CheckpointError
-  from rcst_jax.conformal import CalibrationError
-  from rcst_jax.state_dict import ConversionError
   try:
     return args.func(args, extra) or 0
-  except (ConversionError, CheckpointError, CalibrationError) as e:
-    print(f"rcst {args.command}: error: {e}", file=sys.stderr)
+  except KeyboardInterrupt:
+    print(f"\nrcst {args.command}: interrupted; rerun to resume", file=sys.stderr)
+    return 130
+  except Exception as e:
+    if not errors.is_expected(e):
+      raise
+    print(f"rcst {args.command}: error: {errors.describe(e)}", file=sys.stderr)
     return 2
 
 

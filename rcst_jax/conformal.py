@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.errors import RcstError
+
 __all__ = [
     "sequential_cumsum", "crc_max_errors", "crc_threshold", "crc_lambda_hat", "aps_scores",
     "aps_rank", "aps_order_stat", "aps_q_hat",
@@ -321,7 +323,7 @@ def validate_calibration_inputs(probs, labels, alpha=None, *, tol: float = 1e-3)
 # Calibration artifact.
 
 
-class CalibrationError(ValueError):
+class CalibrationError(RcstError):
   """Invalid calibration artifact or a CRC rule that cannot be satisfied (strict mode)."""
 
 
@@ -329,7 +331,7 @@ class CalibrationWarning(UserWarning):
   """CRC could not be satisfied: the stored lambda_hat is inf (the edge accepts nothing)."""
 
 
-_META = ("edge_model", "server_model", "dataset", "split")
+_META = ("edge_model", "server_model", "dataset", "split", "edge_digest", "server_digest")
 _SWEEP = ("alphas_crc", "lambda_hats", "lambda_valids", "alphas_aps", "q_hats")
 _FORMAT, _VERSION = "rcst_calibration", 1
 
@@ -374,6 +376,10 @@ class Calibration:
   dataset: Optional[str] = None
   split: Optional[str] = None
   B: float = 1.0
+  # variables_digest of the models calibrated with (checkpoints.variables_digest), so a
+  # calibration is not silently applied to other weights than it was computed for.
+  edge_digest: Optional[str] = None
+  server_digest: Optional[str] = None
   alphas_crc: Optional[tuple] = None
   lambda_hats: Optional[tuple] = None
   lambda_valids: Optional[tuple] = None
@@ -383,6 +389,7 @@ class Calibration:
   def __post_init__(self):
     if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
       raise CalibrationError(f"n must be a positive integer, got {self.n!r}")
+    _check_B(self.B)
     if not isinstance(self.lambda_valid, (bool, np.bool_)):
       raise CalibrationError(f"lambda_valid must be a bool, got {self.lambda_valid!r}")
     for name in ("alpha_crc", "alpha_aps"):
@@ -486,6 +493,15 @@ class Calibration:
       raise CalibrationError(f"{path}: malformed calibration file: {e}") from e
 
 
+def _check_B(B) -> float:
+  """B bounds the 0-1 loss in the CRC rule: finite and >= 1 (B < 1 would understate it)."""
+  if isinstance(B, bool) or not isinstance(B, (int, float, np.integer, np.floating)):
+    raise CalibrationError(f"B (the loss bound) must be a number >= 1, got {B!r}")
+  if not math.isfinite(B) or B < 1:
+    raise CalibrationError(f"B (the loss bound) must be finite and >= 1, got {B!r}")
+  return float(B)
+
+
 def _find(values, alpha, name) -> int:
   if values is None:
     raise CalibrationError(f"no {name} sweep stored in this calibration")
@@ -502,7 +518,8 @@ _q_sweep = jax.jit(jax.vmap(aps_order_stat, in_axes=(None, 0)))
 def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bool = False,
               operating_index: int = 0, edge_model: Optional[str] = None,
               server_model: Optional[str] = None, dataset: Optional[str] = None,
-              split: Optional[str] = None) -> Calibration:
+              split: Optional[str] = None, edge_digest: Optional[str] = None,
+              server_digest: Optional[str] = None) -> Calibration:
   """Algorithm 1 on edge softmax outputs: validates, then runs CRC and APS.
 
   alpha_crc / alpha_aps may be scalars or 1-D arrays (one vmapped call); with
@@ -510,6 +527,7 @@ def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bo
   `operating_index`. If the CRC rule cannot be met (n < B/alpha - 1) the
   threshold is inf and a CalibrationWarning is issued; strict=True raises.
   """
+  B = _check_B(B)
   p, y = validate_calibration_inputs(probs, labels)
   a_crc = _check_alpha(alpha_crc, "alpha_crc")
   a_aps = _check_alpha(alpha_aps, "alpha_aps")
@@ -542,4 +560,5 @@ def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bo
       lambda_hat=float(lams[i_crc]), q_hat=float(qs[i_aps]),
       alpha_crc=float(np.atleast_1d(a_crc)[i_crc]), alpha_aps=float(np.atleast_1d(a_aps)[i_aps]),
       n=n, lambda_valid=bool(valids[i_crc]), edge_model=edge_model, server_model=server_model,
-      dataset=dataset, split=split, B=float(B), **sweep)
+      dataset=dataset, split=split, B=B, edge_digest=edge_digest, server_digest=server_digest,
+      **sweep)
