@@ -378,7 +378,10 @@ def load_model(directory: str, **module_overrides) -> Model:
   must match the one recorded at save time.
   """
   meta = read_metadata(directory)
-  module = module_from_metadata(meta, **module_overrides)
+  try:
+    module = module_from_metadata(meta, **module_overrides)
+  except MetadataError as e:
+    raise MetadataError(f"{os.path.join(directory, METADATA_FILE)}: {e}") from e
   size = tuple(meta["input_size"])[-2:]
   template = jax.eval_shape(
       lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, *size, 3), np.float32)))
