@@ -10,23 +10,40 @@ failed save never leaves a partial model behind.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
+import secrets
 import shutil
 import tempfile
-from typing import Any
+import warnings
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 
+from rcst_jax import fileio
+from rcst_jax.errors import OutputRefusedError, RcstError
+
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
+FORMAT = "rcst_jax.model"  # marks a directory save_model wrote (and may replace)
 REQUIRED_METADATA = ("timm_name", "num_classes", "input_size", "crop_pct",
                      "interpolation", "mean", "std")
+LABEL_SETS = (None, "imagenet1k")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RcstError):
   """A model directory is missing, malformed, or does not fit its model."""
+
+
+class MetadataError(CheckpointError):
+  """A metadata.json value is outside its domain (named in the message)."""
+
+
+class IntegrityWarning(UserWarning):
+  """A model directory without a digest: its variables cannot be verified."""
 
 
 def _checkpointer():
@@ -68,27 +85,224 @@ def _as_dict(tree):
   return tree
 
 
-def save_model(directory: str, variables, metadata: dict, overwrite: bool = False) -> str:
-  """Saves variables + metadata atomically into ``directory``."""
-  missing = [k for k in REQUIRED_METADATA if k not in metadata]
+# ---------------------------------------------------------------- integrity
+
+
+def _leaves(tree, prefix=""):
+  if isinstance(tree, Mapping) or hasattr(tree, "unfreeze"):
+    for k in tree:
+      yield from _leaves(tree[k], f"{prefix}{k}/")
+  else:
+    yield prefix.rstrip("/"), tree
+
+
+def variables_digest(variables) -> str:
+  """'blake2b:<hex>' over the sorted leaf paths, dtypes, shapes and little-endian bytes."""
+  h = hashlib.blake2b(digest_size=32)
+  for path, leaf in sorted(_leaves(variables), key=lambda kv: kv[0]):
+    a = np.asarray(leaf)
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    h.update(f"{path}\0{a.dtype.str}\0{a.shape}\0".encode())
+    h.update(a.tobytes())
+  return "blake2b:" + h.hexdigest()
+
+
+def verify_digest(directory: str, variables, metadata: dict) -> None:
+  """Fails if the variables differ from the digest save_model recorded; warns if none."""
+  expected = metadata.get("variables_digest")
+  if expected is None:
+    warnings.warn(f"{directory}: metadata.json has no variables_digest, so the integrity of"
+                  " its variables cannot be checked (re-save the model to add one)",
+                  IntegrityWarning, stacklevel=3)
+    return
+  actual = variables_digest(variables)
+  if actual != expected:
+    raise CheckpointError(
+        f"{directory}: variables do not match the variables_digest in {METADATA_FILE}"
+        f" (expected {expected}, got {actual}); the checkpoint is corrupted or was modified")
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _number(meta, key, where):
+  v = meta[key]
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    raise MetadataError(f"{where}: {key} must be a finite number, got {v!r}")
+  return float(v)
+
+
+def _triple(meta, key, where):
+  v = meta[key]
+  if not isinstance(v, (list, tuple)) or len(v) != 3 or any(
+      isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v):
+    raise MetadataError(f"{where}: {key} must be 3 finite numbers (one per RGB channel),"
+                        f" got {v!r}")
+  return v
+
+
+def validate_metadata(meta: Any, where: str = "metadata") -> dict:
+  """Checks every value a model's behaviour depends on; raises MetadataError naming it.
+
+  No value is defaulted here: a model that loads is one whose preprocessing and
+  labels are exactly what its metadata says.
+  """
+  if not isinstance(meta, dict):
+    raise MetadataError(f"{where}: metadata must be a JSON object, got {type(meta).__name__}")
+  missing = [k for k in REQUIRED_METADATA if k not in meta]
   if missing:
-    raise CheckpointError(f"metadata lacks {', '.join(missing)}")
+    raise MetadataError(f"{where}: metadata lacks {', '.join(missing)}")
+  if meta.get("format", FORMAT) != FORMAT:
+    raise MetadataError(f"{where}: format is {meta['format']!r}, expected {FORMAT!r}")
+  from rcst_jax.models import model_names
+  name = meta["timm_name"]
+  if not isinstance(name, str) or name.split(".")[0] not in model_names():
+    raise MetadataError(f"{where}: unknown timm_name {name!r}; supported: {', '.join(model_names())}")
+  n = meta["num_classes"]
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise MetadataError(f"{where}: num_classes must be a positive integer, got {n!r}")
+  size = meta["input_size"]
+  if (not isinstance(size, (list, tuple)) or len(size) != 3 or size[0] != 3
+      or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in size)
+      or size[1] != size[2]):
+    raise MetadataError(f"{where}: input_size must be [3, S, S] with a positive integer S"
+                        f" (square centre crop), got {size!r}")
+  crop_pct = _number(meta, "crop_pct", where)
+  if not 0 < crop_pct <= 1:
+    raise MetadataError(f"{where}: crop_pct must lie in (0, 1], got {meta['crop_pct']!r}")
+  from rcst_jax.data.preprocess import INTERPOLATIONS
+  if meta["interpolation"] not in INTERPOLATIONS:
+    raise MetadataError(f"{where}: unknown interpolation {meta['interpolation']!r};"
+                        f" one of {', '.join(INTERPOLATIONS)}")
+  _triple(meta, "mean", where)
+  std = _triple(meta, "std", where)
+  if any(x <= 0 for x in std):
+    raise MetadataError(f"{where}: std must be > 0 in every channel, got {std!r}")
+  names = meta.get("class_names")
+  if names is not None:
+    if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
+      raise MetadataError(f"{where}: class_names must be a list of strings")
+    if len(names) != n:
+      raise MetadataError(f"{where}: class_names has {len(names)} entries but num_classes"
+                          f" is {n}")
+  label_set = meta.get("label_set")
+  if label_set not in LABEL_SETS:
+    raise MetadataError(f"{where}: unknown label_set {label_set!r}; one of {LABEL_SETS}")
+  if label_set == "imagenet1k" and n != 1000:
+    raise MetadataError(f"{where}: label_set 'imagenet1k' needs num_classes 1000, got {n}")
+  overrides = meta.get("arch_overrides", {})
+  if not isinstance(overrides, dict):
+    raise MetadataError(f"{where}: arch_overrides must be an object, got {overrides!r}")
+  digest = meta.get("variables_digest")
+  if digest is not None and not (isinstance(digest, str) and digest.startswith("blake2b:")):
+    raise MetadataError(f"{where}: variables_digest must be 'blake2b:<hex>', got {digest!r}")
+  return meta
+
+
+# ---------------------------------------------------------------- output directories
+
+
+def _inside(path: str, root: str) -> bool:
+  """path is root or lies below it (both real paths)."""
+  return os.path.commonpath([path, root]) == root
+
+
+def is_model_dir(directory: str) -> bool:
+  """A directory save_model wrote: only metadata.json (with our format marker) and variables/."""
+  try:
+    entries = set(os.listdir(directory))
+    with open(os.path.join(directory, METADATA_FILE)) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (isinstance(meta, dict) and meta.get("format") == FORMAT
+          and entries <= {METADATA_FILE, VARIABLES_DIR})
+
+
+def check_output_dir(directory: str, overwrite: bool = False, protect=()) -> str:
+  """Refuses an output directory we may not (re)place; returns its absolute path.
+
+  Runs before any work. Never replaced: the current directory or a parent of
+  it, a directory holding any path in ``protect`` (e.g. the input weights), a
+  symbolic link, a file, and, even with ``overwrite``, a non-empty directory
+  that is not a model directory written by save_model.
+  """
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and os.listdir(directory) and not overwrite:
-    raise CheckpointError(f"{directory} exists and is not empty (use overwrite)")
+  real = os.path.realpath(directory)
+  if os.path.islink(directory):
+    raise OutputRefusedError(f"refusing to write the model to {directory}: it is a symbolic link")
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise OutputRefusedError(f"refusing to write the model to {directory}: it exists and is"
+                             " not a directory")
+  if _inside(os.path.realpath(os.getcwd()), real):
+    raise OutputRefusedError(f"refusing to write the model to {directory}: it is the current"
+                             " directory or one of its parents")
+  for p in protect:
+    if p is not None and _inside(os.path.realpath(p), real):
+      raise OutputRefusedError(f"refusing to write the model to {directory}: it contains the"
+                               f" input {p}")
+  if os.path.isdir(directory) and os.listdir(directory):
+    if not overwrite:
+      raise OutputRefusedError(f"{directory} exists and is not empty (use --overwrite to"
+                               " replace a model directory)")
+    if not is_model_dir(directory):
+      raise OutputRefusedError(
+          f"refusing to overwrite {directory}: not a model directory written by rcst (needs"
+          f" only {METADATA_FILE} with \"format\": \"{FORMAT}\" and {VARIABLES_DIR}/)")
+  return directory
+
+
+def _umask() -> int:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def save_model(directory: str, variables, metadata: dict, overwrite: bool = False,
+               protect=()) -> str:
+  """Saves variables + metadata (with format marker and digest) atomically.
+
+  The model is written under a temporary name and renamed into place; a
+  replaced model directory is moved aside first and deleted only once the new
+  one is in place. See check_output_dir for what is never replaced.
+  """
+  metadata = {**_jsonable(metadata), "format": FORMAT}
+  variables = jax.tree_util.tree_map(np.asarray, variables)
+  metadata["variables_digest"] = variables_digest(variables)
+  validate_metadata(metadata)
+  directory = check_output_dir(directory, overwrite, protect)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+  old = None
   try:
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 is for the temporary name only
     save_variables(os.path.join(tmp, VARIABLES_DIR), variables)
-    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-      json.dump(_jsonable(metadata), f, indent=2, sort_keys=True)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.rename(tmp, directory)
+    fileio.atomic_write_text(os.path.join(tmp, METADATA_FILE),
+                             fileio.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    if os.path.isdir(directory) and os.listdir(directory):
+      check_output_dir(directory, overwrite, protect)  # again: it may have changed meanwhile
+      old = os.path.join(parent, f".old-{os.path.basename(directory)}-{secrets.token_hex(4)}")
+      os.rename(directory, old)
+    try:
+      os.rename(tmp, directory)
+    except BaseException:
+      if old is not None:
+        os.rename(old, directory)
+        old = None
+      raise
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
   return directory
 
 
@@ -103,20 +317,18 @@ def _jsonable(x):
 
 
 def read_metadata(directory: str) -> dict:
+  """metadata.json of a model directory, validated (MetadataError names the bad value)."""
   path = os.path.join(directory, METADATA_FILE)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: no such model directory")
   if not os.path.isfile(path):
     raise CheckpointError(f"{directory}: not a model directory (no {METADATA_FILE})")
   try:
     with open(path) as f:
       meta = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: malformed metadata ({e})") from e
-  if not isinstance(meta, dict):
-    raise CheckpointError(f"{path}: metadata must be a JSON object")
-  missing = [k for k in REQUIRED_METADATA if k not in meta]
-  if missing:
-    raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
-  return meta
+  return validate_metadata(meta, path)
 
 
 @dataclasses.dataclass
@@ -152,17 +364,29 @@ def module_from_metadata(meta: dict, **overrides):
   kwargs = dict(meta.get("arch_overrides", {}))
   kwargs["num_classes"] = int(meta["num_classes"])
   kwargs.update(overrides)
-  return create_model(meta["timm_name"], **kwargs)
+  try:
+    return create_model(meta["timm_name"], **kwargs)
+  except (TypeError, ValueError) as e:  # unknown override keys or values
+    raise MetadataError(f"{meta['timm_name']}: bad arch_overrides {meta.get('arch_overrides')}"
+                        f" ({e})") from e
 
 
 def load_model(directory: str, **module_overrides) -> Model:
-  """Loads a converted or trained model directory (see ``save_model``)."""
+  """Loads a converted or trained model directory (see ``save_model``).
+
+  Metadata is validated, the variables must fit the module, and their digest
+  must match the one recorded at save time.
+  """
   meta = read_metadata(directory)
-  module = module_from_metadata(meta, **module_overrides)
+  try:
+    module = module_from_metadata(meta, **module_overrides)
+  except MetadataError as e:
+    raise MetadataError(f"{os.path.join(directory, METADATA_FILE)}: {e}") from e
   size = tuple(meta["input_size"])[-2:]
   template = jax.eval_shape(
       lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, *size, 3), np.float32)))
   # Grad-CAM taps live in 'perturbations': zeros made at use, never stored.
   template = {k: v for k, v in _as_dict(template).items() if k != "perturbations"}
   variables = restore_variables(os.path.join(directory, VARIABLES_DIR), template)
+  verify_digest(os.path.abspath(directory), variables, meta)
   return Model(module, variables, meta)

@@ -12,20 +12,26 @@ import time
 
 def _cmd_convert(args, extra):
   from rcst_jax.convert import convert
+  from rcst_jax.fileio import dumps
   out = convert(args.timm, args.out, weights=args.weights,
                 num_classes=args.num_classes, overwrite=args.overwrite)
-  print(json.dumps({"converted": args.timm, "out": out}))
+  print(dumps({"converted": args.timm, "out": out}))
 
 
 def _cmd_predict(args, extra):
   from rcst_jax.checkpoints import load_model
+  from rcst_jax.fileio import dumps
   from rcst_jax.predict import predict_files
   model = load_model(args.model)
   failures = 0
   for record in predict_files(model, args.images, batch_size=args.batch_size):
-    failures += "error" in record
-    print(json.dumps(record), flush=True)
-  return 1 if failures == len(args.images) else 0
+    if "error" in record:
+      failures += 1
+      print(f"rcst predict: error: {record['error']}", file=sys.stderr, flush=True)
+    print(dumps(record), flush=True)
+  if failures:
+    print(f"rcst predict: {failures} of {len(args.images)} images failed", file=sys.stderr)
+  return 1 if failures else 0
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,16 +114,27 @@ def _cmd_calibrate(args, extra):
 
 
 def _load_run_models(args, with_server: bool):
-  from rcst_jax.checkpoints import load_model
+  import warnings
+  from rcst_jax.checkpoints import load_model, variables_digest
   from rcst_jax.conformal import Calibration
+  from rcst_jax.errors import RcstError
   from rcst_jax.geometry import Geometry
   cal = Calibration.from_json(args.calibration)
   edge = load_model(args.edge)
   server = load_model(args.server) if with_server else None
   geometry = Geometry.from_dict(cal.geometry) if cal.geometry else Geometry()
   if server is not None and Geometry.of_server(server) != geometry:
-    raise SystemExit(f"rcst {args.command}: error: the server's patch geometry "
-                     f"{Geometry.of_server(server)} differs from the calibration's {geometry}")
+    raise RcstError(f"the server's patch geometry {Geometry.of_server(server)} differs from "
+                    f"the calibration's {geometry} ({args.calibration})")
+  for name, model, want in (("edge", edge, cal.edge_digest), ("server", server, cal.server_digest)):
+    if model is None or want is None or variables_digest(model.variables) == want:
+      continue
+    msg = (f"{args.calibration} was calibrated for other {name} weights than "
+           f"{getattr(args, name)}")
+    if not args.allow_other_weights:
+      raise RcstError(msg + "; rerun `rcst calibrate` with these models, or pass "
+                      "--allow-other-weights (the CRC guarantee then no longer applies)")
+    warnings.warn(msg + ": the CRC guarantee does not apply to these weights")
   return edge, server, cal, geometry
 
 
@@ -174,7 +191,8 @@ def _cmd_explain(args, extra):
   edge, _, cal, geometry = _load_run_models(args, with_server=False)
   out = args.out
   if os.path.isdir(out) or not out.lower().endswith(".png"):
-    raise SystemExit(f"rcst explain: error: --out must name a .png file, got {out!r}")
+    from rcst_jax.errors import RcstError
+    raise RcstError(f"--out must name a .png file, got {out!r}")
   good, images, _ = _read_images([args.image], transform_from_record(cal.transform,
                                                                       edge.metadata))
   if not images:
@@ -229,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--calibration", required=True)
   p.add_argument("--tau", type=float, required=True)
   p.add_argument("--batch-size", type=int, default=16, help="images per edge/server call")
+  p.add_argument("--allow-other-weights", action="store_true",
+                 help="use a calibration made for other weights (no guarantee)")
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_run)
 
@@ -236,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--edge", required=True)
   p.add_argument("--calibration", required=True)
   p.add_argument("--tau", type=float, default=0.5)
+  p.add_argument("--allow-other-weights", action="store_true",
+                 help="use a calibration made for other weights (no guarantee)")
   p.add_argument("--out", required=True, help="output PNG")
   p.add_argument("image")
   p.set_defaults(func=_cmd_explain)
@@ -243,16 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Exit codes: 0 ok, 1 some items failed (each reported), 2 refused or failed
+  with a reason (one line on stderr, no traceback), 130 interrupted. Any other
+  exception is a bug and keeps its traceback."""
+  from rcst_jax import errors
   args, extra = build_parser().parse_known_args(argv)
   if extra and not getattr(args, "takes_overrides", False):
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-  from rcst_jax.checkpoints import CheckpointError
-  from rcst_jax.conformal import CalibrationError
-  from rcst_jax.state_dict import ConversionError
   try:
     return args.func(args, extra) or 0
-  except (ConversionError, CheckpointError, CalibrationError) as e:
-    print(f"rcst {args.command}: error: {e}", file=sys.stderr)
+  except KeyboardInterrupt:
+    print(f"\nrcst {args.command}: interrupted; rerun to resume", file=sys.stderr)
+    return 130
+  except Exception as e:
+    if not errors.is_expected(e):
+      raise
+    print(f"rcst {args.command}: error: {errors.describe(e)}", file=sys.stderr)
     return 2
 
 

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.errors import RcstError
+
 __all__ = [
     "sequential_cumsum", "crc_max_errors", "crc_threshold", "crc_lambda_hat", "aps_scores",
     "aps_rank", "aps_order_stat", "aps_q_hat",
@@ -270,7 +272,7 @@ def validate_calibration_inputs(probs, labels, alpha=None, *, tol: float = 1e-3)
 # Calibration artifact.
 
 
-class CalibrationError(ValueError):
+class CalibrationError(RcstError):
   """Invalid calibration artifact or a CRC rule that cannot be satisfied (strict mode)."""
 
 
@@ -278,7 +280,8 @@ class CalibrationWarning(UserWarning):
   """CRC could not be satisfied: the stored lambda_hat is inf (the edge accepts nothing)."""
 
 
-_META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer")
+_META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer", "edge_digest",
+         "server_digest")
 _FORMAT, _VERSION = "rcst_calibration", 2
 
 
@@ -341,10 +344,15 @@ class Calibration:
   gradcam_layer: Optional[str] = None
   transform: Optional[dict] = None
   geometry: Optional[dict] = None
+  # variables_digest of the models calibrated with, so a calibration is not
+  # silently applied to other weights than it was computed for.
+  edge_digest: Optional[str] = None
+  server_digest: Optional[str] = None
 
   def __post_init__(self):
     if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
       raise CalibrationError(f"n must be a positive integer, got {self.n!r}")
+    _check_B(self.B)
     if not isinstance(self.lambda_valid, (bool, np.bool_)):
       raise CalibrationError(f"lambda_valid must be a bool, got {self.lambda_valid!r}")
     for name in ("alpha_crc", "alpha_aps"):
@@ -412,6 +420,15 @@ class Calibration:
       raise CalibrationError(f"{path}: malformed calibration file: {e}") from e
 
 
+def _check_B(B) -> float:
+  """B bounds the 0-1 loss in the CRC rule: finite and >= 1 (B < 1 would understate it)."""
+  if isinstance(B, bool) or not isinstance(B, (int, float, np.integer, np.floating)):
+    raise CalibrationError(f"B (the loss bound) must be a number >= 1, got {B!r}")
+  if not math.isfinite(B) or B < 1:
+    raise CalibrationError(f"B (the loss bound) must be finite and >= 1, got {B!r}")
+  return float(B)
+
+
 def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bool = False,
               **record) -> Calibration:
   """Algorithm 1 on edge softmax outputs: validates, then runs CRC and APS.
@@ -420,6 +437,7 @@ def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bo
   CalibrationWarning is issued; strict=True raises. `record`: the metadata
   fields of `Calibration` (models, data, transform, layer, geometry).
   """
+  B = _check_B(B)
   p, y = validate_calibration_inputs(probs, labels)
   a_crc = float(check_alpha(alpha_crc, "alpha_crc"))
   a_aps = float(check_alpha(alpha_aps, "alpha_aps"))
@@ -436,4 +454,4 @@ def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bo
       raise CalibrationError(msg)
     warnings.warn(msg, CalibrationWarning, stacklevel=2)
   return Calibration(lambda_hat=float(lam), q_hat=float(q), alpha_crc=a_crc, alpha_aps=a_aps,
-                     n=n, lambda_valid=bool(valid), B=float(B), **record)
+                     n=n, lambda_valid=bool(valid), B=B, **record)

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rcst_jax import conformal, methods, pipeline, transmit
-from rcst_jax.checkpoints import Model
+from rcst_jax.checkpoints import Model, variables_digest
 from rcst_jax.data import batches, normalize
 from rcst_jax.data.sources import Sources, transform_record
 from rcst_jax.fileio import atomic_savez, atomic_write_text, plain
@@ -53,15 +53,6 @@ _CHUNK_KEYS = ("labels", "keys", "offloaded", "kept", "server_pred", "pred", "ed
 
 
 # ---------------------------------------------------------------- identity
-
-
-def variables_digest(variables) -> str:
-  h = hashlib.blake2b(digest_size=12)
-  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(variables),
-                           key=lambda kv: jax.tree_util.keystr(kv[0])):
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-  return h.hexdigest()
 
 
 def fingerprint(config, models: Models, sources: Sources) -> str:
@@ -176,6 +167,8 @@ class Evaluation:
         server_model=meta(self.models.server), dataset=self.sources.name,
         split=f"calibration:{len(self.sources.cal_indices)}",
         gradcam_layer=self.config.gradcam_layer,
+        edge_digest=variables_digest(self.models.edge.variables),
+        server_digest=variables_digest(self.models.server.variables),
         transform=transform_record(self.transform) if self.transform else None,
         geometry=self.geometry.to_dict())
     if jax.process_index() == 0:  # one writer for shared files

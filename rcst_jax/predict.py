@@ -7,6 +7,7 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 
+from rcst_jax import errors
 from rcst_jax.checkpoints import Model
 from rcst_jax.data import preprocess
 
@@ -23,7 +24,11 @@ def class_names_for(model: Model) -> list[str] | None:
 
 def predict_files(model: Model, paths: Iterable[str], k: int = 5,
                   batch_size: int = 16) -> Iterator[dict]:
-  """Yields one record per path: top-k predictions, or an error message."""
+  """Yields one record per path, in input order: top-k predictions, or an error message.
+
+  A file that cannot be read, decoded or is refused (size, bit depth) costs
+  only its own answer: it gets ``{"image": path, "error": why}``.
+  """
   names = class_names_for(model)
   prep = preprocess.Preprocess.from_timm_cfg(model.metadata)  # timm's eval transform
   apply = jax.jit(lambda v, x: jax.nn.softmax(model.module.apply(v, model.normalize(x))[0]))
@@ -46,8 +51,9 @@ def predict_files(model: Model, paths: Iterable[str], k: int = 5,
   for path in paths:
     try:
       pending.append((path, prep(path)))
-    except (preprocess.BadImageError, OSError) as e:
-      pending.append((path, str(e)))
+    except (errors.RcstError, OSError, MemoryError) as e:
+      pending.append((path, errors.describe(e) if not isinstance(e, MemoryError)
+                      else f"{path}: out of memory while reading the image"))
     if sum(isinstance(x, np.ndarray) for _, x in pending) == batch_size:
       yield from flush()
   yield from flush()

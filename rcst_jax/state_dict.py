@@ -11,8 +11,10 @@ from typing import Mapping
 
 import numpy as np
 
+from rcst_jax.errors import RcstError
 
-class ConversionError(ValueError):
+
+class ConversionError(RcstError):
   """A checkpoint does not fit the model it is converted into."""
 
 
@@ -84,7 +86,7 @@ class StateDictReader:
           f"shape mismatch for {key!r}: checkpoint has {tuple(value.shape)},"
           f" model expects {tuple(shape)}")
     self._used.add(key)
-    return value.astype(np.float32) if value.dtype.kind == "f" else value
+    return _checked(key, value)
 
   def finish(self) -> None:
     unused = sorted(set(self._sd) - self._used)
@@ -92,6 +94,25 @@ class StateDictReader:
       shown = ", ".join(repr(k) for k in unused[:10])
       more = f" (and {len(unused) - 10} more)" if len(unused) > 10 else ""
       raise ConversionError(f"unexpected keys in checkpoint: {shown}{more}")
+
+
+def _checked(key: str, value: np.ndarray) -> np.ndarray:
+  """float32 copy of a weight, refused if it is not a finite float (a quantised or
+  corrupted checkpoint would otherwise convert into a model that silently lies)."""
+  if value.dtype.kind != "f":
+    raise ConversionError(
+        f"{key!r}: expected a floating-point tensor, got dtype {value.dtype}"
+        " (quantised or integer checkpoints are not supported)")
+  out = value.astype(np.float32)
+  finite = np.isfinite(out)
+  if not finite.all():
+    n = int(out.size - finite.sum())
+    why = "NaN or inf" if not np.isfinite(value).all() else "too large for float32"
+    raise ConversionError(f"{key!r}: {n} of {out.size} values are not finite ({why})")
+  if key.endswith("running_var") and (out < 0).any():
+    raise ConversionError(f"{key!r}: BatchNorm running variance is negative"
+                          f" (min {float(out.min())})")
+  return out
 
 
 def check_against_template(variables, template, prefix: str = "") -> None:

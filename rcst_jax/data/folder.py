@@ -13,6 +13,7 @@ import os
 from typing import Mapping
 
 from rcst_jax.data import labels as labels_lib
+from rcst_jax.errors import ConfigError
 from rcst_jax.data.preprocess import Example, Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -28,13 +29,37 @@ def read_label_map(path: str | os.PathLike) -> dict[str, int]:
   path = os.fspath(path)
   with open(path) as f:
     if path.endswith(".json"):
-      return {str(k): int(v) for k, v in json.load(f).items()}
+      try:
+        obj = json.load(f)
+        if not isinstance(obj, dict):
+          raise ValueError(f"expected an object, got {type(obj).__name__}")
+        return _checked_map({str(k): _index(v) for k, v in obj.items()}, path)
+      except ValueError as e:
+        raise ConfigError(f"{path}: not a label map ({e})") from e
     rows = [line.split() for line in f if line.strip()]
   if all(len(r) == 1 for r in rows):
-    return {r[0]: i for i, r in enumerate(rows)}
+    return _checked_map({r[0]: i for i, r in enumerate(rows)}, path, len(rows))
   if all(len(r) == 2 for r in rows):
-    return {r[0]: int(r[1]) for r in rows}
-  raise ValueError(f"{path}: expected '<name>' or '<name> <index>' on every line")
+    try:
+      return _checked_map({r[0]: _index(r[1]) for r in rows}, path, len(rows))
+    except ValueError as e:
+      raise ConfigError(f"{path}: not a label map ({e})") from e
+  raise ConfigError(f"{path}: expected '<name>' or '<name> <index>' on every line")
+
+
+def _index(v) -> int:
+  if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+    raise ValueError(f"class index {v!r} is not an integer")
+  i = int(v)
+  if i < 0:
+    raise ValueError(f"class index {i} is negative")
+  return i
+
+
+def _checked_map(m: dict[str, int], path: str, rows: int | None = None) -> dict[str, int]:
+  if rows is not None and len(m) != rows:
+    raise ConfigError(f"{path}: a folder name appears on more than one line")
+  return m
 
 
 def _resolve_label_map(root: str, label_map) -> dict[str, int]:
@@ -82,6 +107,8 @@ class ImageFolder:
                num_classes: int | None = None, preprocess: Preprocess = Preprocess(),
                extensions: tuple[str, ...] = IMAGE_EXTENSIONS):
     self.root = os.fspath(root)
+    if not os.path.isdir(self.root):
+      raise ConfigError(f"image folder {self.root}: not found or not a directory")
     self.label_map = _resolve_label_map(self.root, label_map)
     self.num_classes = num_classes or max(self.label_map.values(), default=-1) + 1
     self.preprocess = preprocess
