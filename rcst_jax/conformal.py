@@ -28,18 +28,14 @@ shortest decimal (0.05 means 1/20 even as float32).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import warnings
 from fractions import Fraction
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax.errors import RcstError
 
 __all__ = [
     "sequential_cumsum", "crc_max_errors", "crc_threshold", "crc_lambda_hat", "aps_scores",
@@ -268,165 +264,8 @@ def validate_calibration_inputs(probs, labels, alpha=None, *, tol: float = 1e-3)
   return p, y
 
 
-# ---------------------------------------------------------------------------
-# Calibration artifact.
-
-
-class CalibrationError(RcstError):
-  """Invalid calibration artifact or a CRC rule that cannot be satisfied (strict mode)."""
-
-
-class CalibrationWarning(UserWarning):
-  """CRC could not be satisfied: the stored lambda_hat is inf (the edge accepts nothing)."""
-
-
-_META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer", "edge_digest",
-         "server_digest")
-_FORMAT, _VERSION = "rcst_calibration", 2
-
-
-def _enc(x: float):
-  return "inf" if math.isinf(x) and x > 0 else x
-
-
-def _dec(x, name: str) -> float:
-  if x == "inf":
-    return math.inf
-  if isinstance(x, bool) or not isinstance(x, (int, float)):
-    raise CalibrationError(f"{name} must be a number or the string 'inf', got {x!r}")
-  return float(x)
-
-
-def _check_threshold(lam: float, valid: bool, name: str):
-  if valid and not 0.0 <= lam <= 1.0:
-    raise CalibrationError(f"{name}={lam} must lie in [0, 1] when valid")
-  if not valid and not math.isinf(lam):
-    raise CalibrationError(f"{name}={lam} must be inf when the CRC rule is not satisfiable")
-
-
-_TRANSFORM_KEYS = {"resize_size": int, "crop_size": int, "interpolation": str}
-_GEOMETRY_KEYS = {"image_size": int, "patch": int, "channels": int}
-
-
-def _check_record(d, keys: dict, name: str):
-  if d is None:
-    return
-  if not isinstance(d, dict) or set(d) != set(keys):
-    raise CalibrationError(f"{name} must be an object with keys {sorted(keys)}, got {d!r}")
-  for k, t in keys.items():
-    if isinstance(d[k], bool) or not isinstance(d[k], t) or (t is int and d[k] < 1):
-      raise CalibrationError(f"{name}.{k} must be a {'positive int' if t is int else 'string'}, "
-                             f"got {d[k]!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-  """Output of Algorithm 1, plus what the run that made it used.
-
-  lambda_hat: edge accepts when p_max >= lambda_hat, with p_max in float32
-  as calibrated (inf: accepts nothing, lambda_valid False). q_hat: APS
-  quantile (inf: every class is a candidate). `transform` (resize, crop,
-  interpolation), `gradcam_layer` and `geometry` (image size, patch,
-  channels) are recorded so `rcst run` and `rcst explain` apply exactly the
-  evaluation's steps.
-  """
-  lambda_hat: float
-  q_hat: float
-  alpha_crc: float
-  alpha_aps: float
-  n: int
-  lambda_valid: bool
-  edge_model: Optional[str] = None
-  server_model: Optional[str] = None
-  dataset: Optional[str] = None
-  split: Optional[str] = None
-  B: float = 1.0
-  gradcam_layer: Optional[str] = None
-  transform: Optional[dict] = None
-  geometry: Optional[dict] = None
-  # variables_digest of the models calibrated with, so a calibration is not
-  # silently applied to other weights than it was computed for.
-  edge_digest: Optional[str] = None
-  server_digest: Optional[str] = None
-
-  def __post_init__(self):
-    if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
-      raise CalibrationError(f"n must be a positive integer, got {self.n!r}")
-    _check_B(self.B)
-    if not isinstance(self.lambda_valid, (bool, np.bool_)):
-      raise CalibrationError(f"lambda_valid must be a bool, got {self.lambda_valid!r}")
-    for name in ("alpha_crc", "alpha_aps"):
-      a = getattr(self, name)
-      if not isinstance(a, (int, float, np.floating)) or not 0 < a < 1:
-        raise CalibrationError(f"{name} must lie in (0, 1), got {a!r}")
-    _check_threshold(self.lambda_hat, bool(self.lambda_valid), "lambda_hat")
-    if math.isnan(self.q_hat) or self.q_hat < 0:
-      raise CalibrationError(f"q_hat must be >= 0 or inf, got {self.q_hat}")
-    for name in _META:
-      v = getattr(self, name)
-      if v is not None and not isinstance(v, str):
-        raise CalibrationError(f"{name} must be a string or null, got {v!r}")
-    _check_record(self.transform, _TRANSFORM_KEYS, "transform")
-    _check_record(self.geometry, _GEOMETRY_KEYS, "geometry")
-
-  def to_dict(self) -> dict:
-    d = {"format": _FORMAT, "version": _VERSION}
-    for f in dataclasses.fields(self):
-      v = getattr(self, f.name)
-      if f.name in ("lambda_hat", "q_hat"):
-        v = _enc(float(v))
-      d[f.name] = v
-    return d
-
-  def to_json(self, path) -> None:
-    from rcst_jax.fileio import atomic_write_text
-    atomic_write_text(str(path), json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-
-  @classmethod
-  def from_dict(cls, d: Any) -> "Calibration":
-    if not isinstance(d, dict):
-      raise CalibrationError(f"expected a JSON object, got {type(d).__name__}")
-    if d.get("format") != _FORMAT or d.get("version") != _VERSION:
-      raise CalibrationError(
-          f"not an {_FORMAT} v{_VERSION} file (format={d.get('format')!r}, "
-          f"version={d.get('version')!r}); rerun `rcst calibrate`")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    body = {k: v for k, v in d.items() if k not in ("format", "version")}
-    unknown = sorted(set(body) - set(fields))
-    if unknown:
-      raise CalibrationError(f"unknown field(s) {unknown}")
-    required = [k for k, f in fields.items() if f.default is dataclasses.MISSING]
-    missing = [k for k in required if k not in body]
-    if missing:
-      raise CalibrationError(f"missing field(s) {missing}")
-    kw = dict(body)
-    kw["lambda_hat"] = _dec(kw["lambda_hat"], "lambda_hat")
-    kw["q_hat"] = _dec(kw["q_hat"], "q_hat")
-    for k in ("alpha_crc", "alpha_aps", "B"):
-      if k in kw:
-        kw[k] = _dec(kw[k], k)
-    return cls(**kw)
-
-  @classmethod
-  def from_json(cls, path) -> "Calibration":
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CalibrationError(f"{path}: not valid JSON ({e})") from e
-    try:
-      return cls.from_dict(d)
-    except CalibrationError as e:
-      raise CalibrationError(f"{path}: malformed calibration file: {e}") from e
-
-
-def _check_B(B) -> float:
-  """B bounds the 0-1 loss in the CRC rule: finite and >= 1 (B < 1 would understate it)."""
-  if isinstance(B, bool) or not isinstance(B, (int, float, np.integer, np.floating)):
-    raise CalibrationError(f"B (the loss bound) must be a number >= 1, got {B!r}")
-  if not math.isfinite(B) or B < 1:
-    raise CalibrationError(f"B (the loss bound) must be finite and >= 1, got {B!r}")
-  return float(B)
+from rcst_jax.calibration import (  # noqa: E402  (the artifact lives in its own module)
+    Calibration, CalibrationError, CalibrationWarning, _check_B)
 
 
 def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bool = False,

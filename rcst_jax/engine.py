@@ -35,7 +35,7 @@ from rcst_jax import conformal, methods, pipeline, transmit
 from rcst_jax.checkpoints import Model, variables_digest
 from rcst_jax.data import batches, normalize
 from rcst_jax.data.sources import Sources, transform_record
-from rcst_jax.fileio import atomic_savez, atomic_write_text, plain
+from rcst_jax.fileio import atomic_savez, plain
 from rcst_jax.geometry import Geometry
 from rcst_jax.models.loading import Models
 

@@ -39,7 +39,7 @@ from flax.training import train_state
 
 from rcst_jax import checkpoints
 from rcst_jax import patches as P
-from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 from rcst_jax.models import create_model, default_cfg, family_of
 
 PATCH = 16
@@ -94,11 +94,6 @@ def cached_render(cache_dir: str, split: str, num: int, seed: int, workers: int)
 
 
 # ---------------------------------------------------------------- jitted pieces
-
-
-def normalize(images, mean, std):
-  x = jnp.asarray(images, jnp.float32) / 255.0
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def augment(rng, images, coverage):
