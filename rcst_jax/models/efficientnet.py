@@ -553,7 +553,8 @@ def fold_batchnorm(module: EfficientNet, variables) -> tuple[EfficientNet, dict]
   folded = module.clone(fold_bn=True)
   variables = jax.tree.map(lambda a: np.asarray(a, np.float32), {"params": out})
   check_against_template(variables, param_template(folded))
-  return folded, variables
+  # On the device once: numpy leaves would be copied in on every call.
+  return folded, jax.device_put(variables)
 
 
 def param_template(module: EfficientNet, image_size: int = 64):
