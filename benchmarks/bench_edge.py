@@ -4,7 +4,7 @@ rcst_jax's ``pipeline.edge_step`` next to timm + autograd to the same tap
 (bn2 + SiLU output), default and best-tuned, interleaved in one run. Random
 fp32 weights; medians of interleaved rounds (see common.py).
 
-  .venv/bin/python benchmarks/bench_edge.py [--repeats 7] [--no-tuned]
+  .venv/bin/python benchmarks/bench_edge.py [--repeats 7] [--inner N] [--no-tuned]
 
 torch forms (torch_worker.py): default = forward hook on bn2 and
 autograd.grad to it with the whole forward recorded (what a plain script
@@ -32,12 +32,15 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+  p.add_argument("--inner", type=int, default=0,
+                 help="timed calls per round (default 12 at batch 1, 2 above)")
   p.add_argument("--no-tuned", action="store_true")
   args = p.parse_args()
   workers, note = common.start_workers(not args.no_tuned)
   info = workers[common.TIMM].info
   print(f"backend={jax.default_backend()} cpus={os.cpu_count()} jax={jax.__version__} "
-        f"torch={info['torch']} threads={info['threads']} repeats={args.repeats}")
+        f"torch={info['torch']} threads={info['threads']} repeats={args.repeats} "
+        f"inner={args.inner or 'auto'}")
   print(note)
   module = create_model("efficientnet_b0")
   variables = common.random_variables(module, np.zeros((1, 224, 224, 3), np.float32))
@@ -49,7 +52,7 @@ def main():
       imgs = np.random.default_rng(b).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8)
       step = lambda im: pipeline.edge_step(edge, im, LAMBDA_HAT, Q_HAT)
       common.run_case("edge step (features tap)", b, step, (imgs,), workers, "edge",
-                      args.repeats)
+                      args.repeats, args.inner)
   finally:
     for w in workers.values():
       w.close()

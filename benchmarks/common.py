@@ -1,8 +1,10 @@
 """Interleaved timing of rcst_jax against timm (default and best-tuned).
 
 The machine is shared and noisy, so every case is timed as ``repeats``
-rounds; each round times ``inner`` calls of every contender back to back, in
-a rotating order, and the table reports the median round. torch runs in
+rounds; each round runs every contender in a rotating order: one untimed
+call (the other contenders have just evicted its weights and buffers from
+the caches, which costs 30% at batch 1), then ``inner`` timed calls. The
+table reports the median round and the best round. torch runs in
 worker processes (``torch_worker.py``): the tuned one needs LD_PRELOAD at
 process start, and the JAX process then holds no OpenMP threads.
 """
@@ -79,6 +81,7 @@ def jax_timer(fn, *args, warmup: int = 2):
     jax.block_until_ready(fn(*args))
 
   def run(inner):
+    jax.block_until_ready(fn(*args))  # untimed: refill caches after the others ran
     t0 = time.perf_counter()
     for _ in range(inner):
       jax.block_until_ready(fn(*args))
@@ -97,18 +100,19 @@ def interleaved(timers: dict, repeats: int, inner: int) -> dict:
   return samples
 
 
-def inner_for(batch: int) -> int:
-  return 4 if batch == 1 else 1
+def inner_for(batch: int, inner: int = 0) -> int:
+  """Timed calls per round: ``inner`` if given, else about 0.1 s of work."""
+  return inner or (12 if batch == 1 else 2)
 
 
-def run_case(name, batch, jax_fn, jax_args, workers, case, repeats):
+def run_case(name, batch, jax_fn, jax_args, workers, case, repeats, inner=0):
   """Times one case for JAX and every worker; prints the median round and the
   best round (the least disturbed by other load); returns the medians."""
   for w in workers.values():
     w.prepare(case, batch)
   timers = {JAX: jax_timer(jax_fn, *jax_args)}
   timers.update({k: w.timer(case, batch) for k, w in workers.items()})
-  samples = interleaved(timers, repeats, inner_for(batch))
+  samples = interleaved(timers, repeats, inner_for(batch, inner))
   for w in workers.values():
     w.drop(case, batch)
   med = {k: statistics.median(s) for k, s in samples.items()}
