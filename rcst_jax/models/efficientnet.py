@@ -553,8 +553,10 @@ def fold_batchnorm(module: EfficientNet, variables) -> tuple[EfficientNet, dict]
   folded = module.clone(fold_bn=True)
   variables = jax.tree.map(lambda a: np.asarray(a, np.float32), {"params": out})
   check_against_template(variables, param_template(folded))
-  # On the device once: numpy leaves would be copied in on every call.
-  return folded, jax.device_put(variables)
+  # On the device once (numpy leaves would be copied in on every call), with
+  # the sharding of the input variables (e.g. replicated over a mesh).
+  like = params["conv_stem"]["kernel"]
+  return folded, jax.device_put(variables, getattr(like, "sharding", None))
 
 
 def param_template(module: EfficientNet, image_size: int = 64):
