@@ -24,6 +24,13 @@ zeros}`` with respect to the zeros (shapes from ``apply(...,
 mutable=['perturbations'])`` under ``jax.eval_shape``).
 
 Without a 'perturbations' collection (plain ``apply``) the taps are no-ops.
+
+CPU inference forms, each behind an 'auto' switch that keeps the standard
+form on TPU/GPU: shifted-slice depthwise convs (``depthwise_impl``), 1x1 convs
+and the stem as matmuls (``conv_impl``), the trunk in micro-batches of 2
+images (``inference_chunk``). ``fold_batchnorm`` (once, at load; see
+``checkpoints.Model.inference``) folds every BatchNorm into its conv.
+Numbers: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
