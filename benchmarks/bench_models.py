@@ -1,84 +1,107 @@
 """Forward throughput: Flax EfficientNet-B0 and DeiT-Base (196/98/49 tokens)
-next to timm on the same CPU in the same run. Random weights (speed only).
+next to timm, default and best-tuned, interleaved in one run. Random fp32
+weights (speed only); medians of interleaved rounds (see common.py).
 
-  .venv/bin/python benchmarks/bench_models.py [--runs 5]
+  .venv/bin/python benchmarks/bench_models.py [--repeats 7] [--inner N] [--no-tuned]
 """
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HEADER, row, time_fn, time_torch  # noqa: E402
+import common  # noqa: E402
 
 from rcst_jax.models import create_model  # noqa: E402
+from rcst_jax.models import efficientnet  # noqa: E402
 
 
-def effnet(batches, runs):
-  import timm
-  tm = timm.create_model("efficientnet_b0").eval()
-  for impl in ("shifted", "grouped"):
-    module = create_model("efficientnet_b0", depthwise_impl=impl)
-    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
-    variables = {k: v for k, v in variables.items() if k != "perturbations"}
-    fwd = jax.jit(lambda v, x: module.apply(v, x)[0])
-    for b in batches:
-      x = jnp.asarray(np.random.default_rng(0).normal(size=(b, 224, 224, 3)), jnp.float32)
-      xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
-      with torch.no_grad():
-        t = time_torch(tm, xt, runs=runs) if impl == "shifted" else None
-      print(row(f"efficientnet_b0 forward ({impl} depthwise)", b, time_fn(fwd, variables, x,
-                                                                         runs=runs), t), flush=True)
+def effnet(workers, batches, repeats, inner):
+  module = create_model("efficientnet_b0")
+  x1 = jnp.zeros((1, 224, 224, 3), jnp.float32)
+  variables = common.random_variables(module, x1)
+  # Inference form, as Model.inference() makes it once at load: BatchNorm
+  # folded into the convs; CPU forms ('auto' switches) for the rest.
+  fast, folded = efficientnet.fold_batchnorm(module, variables)
+  fwd = jax.jit(lambda v, x: fast.apply(v, x)[0])
+  for b in batches:
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(b, 224, 224, 3)), jnp.float32)
+    common.run_case("efficientnet_b0 forward", b, fwd, (folded, x), workers, "effnet_fwd",
+                    repeats, inner)
 
 
-def deit(batch, tokens_list, runs):
-  import timm
-  tm = timm.create_model("deit_base_patch16_224").eval()
+def deit_gflop(tokens: int, d: int = 768, depth: int = 12, classes: int = 1000) -> float:
+  """Forward GFLOP of DeiT-Base on ``tokens`` patch tokens (+ CLS), 2 FLOP per MAC."""
+  n = tokens + 1
+  per_block = 12 * n * d * d + 2 * n * n * d  # qkv, proj, mlp; q.k and attn.v
+  return 2 * (tokens * 16 * 16 * 3 * d + depth * per_block + d * classes) / 1e9
+
+
+def matmul_peak(n: int = 2048, runs: int = 7) -> float:
+  """fp32 GFLOP/s of jnp.dot on n x n matrices (median of runs)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(jnp.dot)
+  jax.block_until_ready(f(a, a))
+  ts = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    ts.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def deit(workers, batch, tokens_list, repeats, inner):
   module = create_model("deit_base_patch16_224")
-  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
-  full = jax.jit(lambda v, x: module.apply(v, x)[0])
-  sub = jax.jit(lambda v, p, i, m: module.apply(v, p, i, m, method="tokens")[0])
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, 224, 224, 3)), jnp.float32)
-  xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
-
-  def timm_tokens(xt, idx):
-    # timm on the same gathered tokens: patch_embed, +pos, gather, CLS, blocks.
-    t = tm.patch_embed(xt) + tm.pos_embed[:, 1:]
-    t = torch.gather(t, 1, idx[..., None].expand(-1, -1, t.shape[-1]))
-    cls = (tm.cls_token + tm.pos_embed[:, :1]).expand(t.shape[0], -1, -1)
-    t = tm.norm(tm.blocks(torch.cat([cls, t], 1)))
-    return tm.head(t[:, 0])
-
+  variables = common.random_variables(module, x[:1])
+  full = jax.jit(lambda v, x: module.apply(v, x)[0])
+  sub = jax.jit(lambda v, p, i, m: module.apply(v, p, i, m, method="tokens")[0])
+  peak = matmul_peak()
+  print(f"fp32 matmul peak (jnp.dot 2048^2, JAX): {peak:.0f} GFLOP/s")
+  gflops = lambda k, med: "  " + "  ".join(
+      f"{n} {deit_gflop(k) * batch / s:.0f}" for n, s in med.items()) + " GFLOP/s"
   for k in tokens_list:
+    if k == 196:
+      med = common.run_case("deit_base full image", batch, full, (variables, x), workers,
+                            "deit_full", repeats, inner)
+      print(" " * 4 + gflops(196, med).strip() + f" (peak {peak:.0f})")
     idx = np.sort(np.stack([rng.choice(196, k, replace=False) for _ in range(batch)]), 1)
     patches = rng.integers(0, 256, (batch, k, 16, 16, 3), dtype=np.uint8)
     mask = np.ones((batch, k), bool)
-    with torch.no_grad():
-      if k == 196:
-        t = time_torch(tm, xt, runs=runs)
-        print(row("deit_base forward, full image", batch, time_fn(full, variables, x, runs=runs),
-                  t), flush=True)
-      t = time_torch(timm_tokens, xt, torch.from_numpy(idx), runs=runs)
-    j = time_fn(sub, variables, patches, idx, mask, runs=runs)
-    print(row(f"deit_base tokens path, {k} tokens", batch, j, t), flush=True)
+    med = common.run_case(f"deit_base {k} tokens", batch, sub, (variables, patches, idx, mask),
+                          workers, f"deit_tokens_{k}", repeats, inner)
+    print(" " * 4 + gflops(k, med).strip() + f" (peak {peak:.0f})")
 
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--runs", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--inner", type=int, default=0,
+                 help="timed calls per round (default 12 at batch 1, 2 above)")
+  p.add_argument("--no-tuned", action="store_true")
+  p.add_argument("--skip-deit", action="store_true")
   args = p.parse_args()
-  torch.set_num_threads(os.cpu_count() or 1)
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()} "
-        f"torch={torch.__version__} threads={torch.get_num_threads()} jax={jax.__version__}")
-  print(HEADER)
-  effnet((1, 16), args.runs)
-  deit(16, (196, 98, 49), args.runs)
+  workers, note = common.start_workers(not args.no_tuned)
+  info = workers[common.TIMM].info
+  print(f"backend={jax.default_backend()} cpus={os.cpu_count()} jax={jax.__version__} "
+        f"torch={info['torch']} threads={info['threads']} repeats={args.repeats} "
+        f"inner={args.inner or 'auto'}")
+  print(note)
+  print(common.HEADER)
+  try:
+    effnet(workers, (1, 16), args.repeats, args.inner)
+    if not args.skip_deit:
+      deit(workers, 16, (196, 98, 49), args.repeats, args.inner)
+  finally:
+    for w in workers.values():
+      w.close()
 
 
 if __name__ == "__main__":

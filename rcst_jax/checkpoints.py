@@ -358,6 +358,20 @@ class Model:
   def __call__(self, images, **kwargs):
     return self.module.apply(self.variables, self.normalize(images), **kwargs)
 
+  def inference(self) -> "Model":
+    """The same model in its fastest inference form, made once and cached.
+
+    EfficientNet: BatchNorm folded into the conv weights (same outputs up to
+    float rounding); other families: this model. Not for training.
+    """
+    cached = self.__dict__.get("_inference")
+    if cached is None or cached[0] is not self.variables or cached[1] is not self.module:
+      from rcst_jax.models import inference_form
+      module, variables = inference_form(self.module, self.variables)
+      fast = self if module is self.module else Model(module, variables, self.metadata)
+      self.__dict__["_inference"] = cached = (self.variables, self.module, fast)
+    return cached[2]
+
 
 def module_from_metadata(meta: dict, **overrides):
   from rcst_jax.models import create_model

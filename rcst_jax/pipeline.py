@@ -49,6 +49,7 @@ def edge_step(edge: Model, images, lambda_hat, q_hat, *, layer: str = "features"
   aps_mask [B,C] (Eqs. 17-18), aps_size, cam [B,h,w] (Eq. 22 before Up) and
   patch_scores [B, grid*grid] (Eq. 23).
   """
+  edge = edge.inference()  # e.g. BatchNorm folded; computed once per Model
   return _edge_step(edge.variables, images, jnp.float32(lambda_hat), jnp.float32(q_hat),
                     module=edge.module, mean=tuple(edge.metadata["mean"]),
                     std=tuple(edge.metadata["std"]), layer=layer, grid=grid)

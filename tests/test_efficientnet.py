@@ -212,6 +212,44 @@ def test_depthwise_impls_agree(k, stride, padding):
     E.DepthwiseConv(k, stride, impl="fft").apply(v, x)
 
 
+# ---------------------------------------------------------------- inference forms
+
+def test_folded_b0_matches_timm():
+  # The CPU inference path: BatchNorm folded (random BN statistics), matmul
+  # convs, micro-batched trunk (batch 3: padded to 4 in chunks of 2).
+  tm = _timm(timm.create_model, model_name="efficientnet_b0", pretrained=False)
+  module = E.create("efficientnet_b0", conv_impl="dot", inference_chunk=2)
+  module, variables = E.fold_batchnorm(module, _convert(tm, module))
+  assert module.fold_bn and set(variables) == {"params"}
+  assert "bn1" not in variables["params"] and "bias" in variables["params"]["conv_stem"]
+  errs = _check_parity(tm, module, variables, (224, 224), 3)
+  print("\nfolded efficientnet_b0: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "dot"])
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("chunk", [0, 1, 2])
+def test_inference_forms_match_timm(conv_impl, fold, chunk):
+  # TF 'SAME' padding on an odd size exercises the stem's im2col pads.
+  kw = dict(channel_multiplier=0.25, depth_multiplier=0.34, num_classes=10)
+  tm = _timm(timm_effnet._gen_efficientnet, variant="tf_efficientnet_b0", **kw,
+             bn_eps=1e-3, pad_type="same")
+  module = E.create("tf_efficientnet_b0", **kw, conv_impl=conv_impl, inference_chunk=chunk)
+  variables = _convert(tm, module)
+  if fold:
+    module, variables = E.fold_batchnorm(module, variables)
+  _check_parity(tm, module, variables, (67, 53), 3)
+
+
+def test_fold_batchnorm_is_inference_only(tiny):
+  module, v, x, _ = tiny
+  folded, fv = E.fold_batchnorm(module, v)
+  with pytest.raises(ValueError, match="inference only"):
+    folded.apply(fv, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+  with pytest.raises(ValueError, match="already"):
+    E.fold_batchnorm(folded, fv)
+
+
 # ---------------------------------------------------------------- taps, training
 
 def _numpy_variables(module, size=64, seed=0):

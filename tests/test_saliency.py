@@ -33,10 +33,12 @@ def _jx(model, images):
   return model.normalize(jnp.asarray(images))
 
 
-def test_single_class_matches_pytorch_grad_cam(b0):
+@pytest.mark.parametrize("inference_form", [False, True])
+def test_single_class_matches_pytorch_grad_cam(b0, inference_form):
   from pytorch_grad_cam import GradCAM
   from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
   tm, model, images, x = b0
+  model = model.inference() if inference_form else model  # BatchNorm folded
   classes = [3, 917]
   with jax.default_matmul_precision("highest"):
     res = saliency.aps_grad_cam(model.module, model.variables, _jx(model, images),
@@ -49,9 +51,11 @@ def test_single_class_matches_pytorch_grad_cam(b0):
   assert np.max(np.abs(ours - ref)) <= 1e-4
 
 
-def test_conv_head_layer_matches_torch_autograd(b0):
+@pytest.mark.parametrize("inference_form", [False, True])
+def test_conv_head_layer_matches_torch_autograd(b0, inference_form):
   # Grad-CAM at conv_head (before BN): torch autograd to that layer, by hand.
   tm, model, images, x = b0
+  model = model.inference() if inference_form else model  # BatchNorm folded
   store = {}
   hook = tm.conv_head.register_forward_hook(lambda m, i, o: store.update(a=o))
   logits = tm(x)

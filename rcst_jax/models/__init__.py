@@ -29,6 +29,17 @@ def create_model(name: str, **overrides):
   return family_of(name).create(name.split(".")[0], **overrides)
 
 
+def inference_form(module, variables):
+  """(module, variables) rewritten for fast inference, or unchanged.
+
+  EfficientNet with BatchNorm statistics: BatchNorm folded into the convs.
+  """
+  if (isinstance(module, efficientnet.EfficientNet) and not module.fold_bn
+      and "batch_stats" in variables):
+    return efficientnet.fold_batchnorm(module, variables)
+  return module, variables
+
+
 def default_cfg(name: str) -> dict:
   """timm's pretrained cfg for the name: input_size, crop_pct, interpolation, mean, std, num_classes."""
   return dict(family_of(name).VARIANTS[name.split(".")[0]]["cfg"])

@@ -24,6 +24,13 @@ zeros}`` with respect to the zeros (shapes from ``apply(...,
 mutable=['perturbations'])`` under ``jax.eval_shape``).
 
 Without a 'perturbations' collection (plain ``apply``) the taps are no-ops.
+
+CPU inference forms, each behind an 'auto' switch that keeps the standard
+form on TPU/GPU: shifted-slice depthwise convs (``depthwise_impl``), 1x1 convs
+and the stem as matmuls (``conv_impl``), the trunk in micro-batches of 2
+images (``inference_chunk``). ``fold_batchnorm`` (once, at load; see
+``checkpoints.Model.inference``) folds every BatchNorm into its conv.
+Numbers: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -209,6 +216,61 @@ dw_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # fan_out /
 dense_init = nn.initializers.variance_scaling(1.0 / 3, "fan_out", "uniform")
 
 
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+class Conv(nn.Module):
+  """Dense kxk conv with nn.Conv's parameters ('kernel' HWIO, optional 'bias').
+
+  impl 'xla' is lax.conv_general_dilated. 'dot' writes the same sum as one
+  matmul: a 1x1 conv is [B*H*W, Cin] @ [Cin, Cout], a kxk conv (the stem)
+  gathers its k*k strided taps along channels first (im2col). XLA on CPU runs
+  the matmul form faster than its convolution (small channel counts above
+  all). 'auto' picks 'dot' on CPU only.
+  """
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
+  use_bias: bool = False
+  impl: str = "auto"
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    k, s = self.kernel_size, self.stride
+    kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    impl = self.impl
+    if impl == "auto":
+      impl = "dot" if _on_cpu() else "xla"
+    if impl == "xla":
+      y = jax.lax.conv_general_dilated(x, kernel, (s, s), tuple(self.padding),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    elif impl == "dot":
+      if k > 1 or s > 1 or any(p != (0, 0) for p in self.padding):
+        x = _im2col(x, k, s, self.padding)
+      y = jnp.dot(x, kernel.reshape(-1, self.features))
+    else:
+      raise ValueError(f"conv_impl must be auto, xla or dot, got {impl!r}")
+    return y if bias is None else y + bias
+
+
+def _im2col(x, k, s, pads):
+  """[B, H, W, C] -> [B, Ho, Wo, k*k*C], taps ordered (row, col, channel) like HWIO."""
+  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  ho = (xp.shape[1] - k) // s + 1
+  wo = (xp.shape[2] - k) // s + 1
+  taps = [jax.lax.slice(xp, (0, i, j, 0),
+                        (xp.shape[0], i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, xp.shape[3]),
+                        (1, s, s, 1))
+          for i in range(k) for j in range(k)]
+  return jnp.concatenate(taps, axis=-1)
+
+
 class DepthwiseConv(nn.Module):
   """Per-channel kxk conv; 'kernel' is (k, k, 1, C) whichever way it is computed.
 
@@ -221,16 +283,24 @@ class DepthwiseConv(nn.Module):
   padding: str = "symmetric"
   impl: str = "auto"
   dtype: Any = None
+  use_bias: bool = False  # True for BatchNorm folded into the kernel
 
   @nn.compact
   def __call__(self, x):
+    y = self._conv(x)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+      y = y + jnp.asarray(bias, y.dtype)
+    return y
+
+  def _conv(self, x):
     k, s, c = self.kernel_size, self.stride, x.shape[-1]
     kernel = self.param("kernel", dw_init, (k, k, 1, c), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     pads = [conv_padding(x.shape[d], k, s, self.padding) for d in (1, 2)]
     impl = self.impl
     if impl == "auto":
-      impl = "shifted" if jax.default_backend() == "cpu" else "grouped"
+      impl = "shifted" if _on_cpu() else "grouped"
     if impl == "grouped":
       return jax.lax.conv_general_dilated(
           x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -251,14 +321,29 @@ class DepthwiseConv(nn.Module):
     return out
 
 
-class SqueezeExcite(nn.Module):
-  se_chs: int
-  act: Callable
+class Affine(nn.Module):
+  """x * scale + bias per channel: a BatchNorm at inference, folded (fold_batchnorm)."""
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, name: nn.Conv(f, (1, 1), dtype=self.dtype, kernel_init=conv_init, name=name)
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    x, scale, bias = nn.dtypes.promote_dtype(x, scale, bias, dtype=self.dtype)
+    return x * scale + bias
+
+
+class SqueezeExcite(nn.Module):
+  se_chs: int
+  act: Callable
+  dtype: Any = None
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda f, name: Conv(f, use_bias=True, impl=self.conv_impl, dtype=self.dtype,
+                                name=name)
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = self.act(conv(self.se_chs, "conv_reduce")(s))
     return x * nn.sigmoid(conv(x.shape[-1], "conv_expand")(s))
@@ -272,6 +357,7 @@ class Block(nn.Module):
   norm: Callable  # name -> BatchNorm
   depthwise: Callable  # (k, stride, name) -> DepthwiseConv
   dtype: Any = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -287,7 +373,7 @@ class Block(nn.Module):
       x = self.act(self.norm(name="bn1")(x))
       names = ("conv_pw", "bn2")
     if sp.se_chs:
-      x = SqueezeExcite(sp.se_chs, self.act, self.dtype, name="se")(x)
+      x = SqueezeExcite(sp.se_chs, self.act, self.dtype, self.conv_impl, name="se")(x)
     x = self.norm(name=names[1])(self.conv(sp.out_chs, 1, name=names[0])(x))
     if sp.skip:
       if train and sp.drop_path > 0:  # stochastic depth: drop whole residual branches
@@ -328,36 +414,24 @@ class EfficientNet(nn.Module):
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   depthwise_impl: str = "auto"
+  conv_impl: str = "auto"  # 'xla' | 'dot' (matmul forms); 'auto': 'dot' on CPU
+  fold_bn: bool = False  # variables from fold_batchnorm (inference only)
+  # Inference micro-batch: -1 auto (2 images on CPU, the whole batch
+  # elsewhere), 0 the whole batch, n > 0 chunks of n images.
+  inference_chunk: int = -1
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    stem, stages, head = build_specs(self)
+    if self.fold_bn and train:
+      raise ValueError("fold_bn=True is inference only; train the unfolded model")
+    chunk = self._chunk(x.shape[0], train)
+    x = self._chunked_trunk(x, chunk) if chunk else self.trunk(x, train)
     act = ACTIVATIONS[self.act]
-    norm = lambda name: nn.BatchNorm(
-        use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_eps,
-        dtype=self.dtype, name=name)
-
-    def conv(features, k, s=1, name=None):
-      # Pads depend on the input size for TF 'SAME', so resolve them per call;
-      # the nn.Conv is created in whichever module calls this.
-      def apply(x):
-        pads = [conv_padding(x.shape[d], k, s, self.padding) for d in (1, 2)]
-        return nn.Conv(features, (k, k), (s, s), pads, use_bias=False, dtype=self.dtype,
-                       kernel_init=conv_init, name=name)(x)
-      return apply
-
-    dw = lambda k, s, name: DepthwiseConv(k, s, self.padding, self.depthwise_impl,
-                                          self.dtype, name=name)
     out = {}
-    x = act(norm("bn1")(conv(stem, 3, 2, "conv_stem")(x)))
-    for i, stage in enumerate(stages):
-      for j, spec in enumerate(stage):
-        block_act = ACTIVATIONS[spec.act] if spec.act else act
-        x = Block(spec, block_act, conv, norm, dw, self.dtype, name=f"blocks_{i}_{j}")(x, train)
-    x = conv(head, 1, name="conv_head")(x)
     out["conv_head"] = x = self.perturb(TAPS["conv_head"], x)
-    x = act(norm("bn2")(x))
+    bn2 = Affine(dtype=self.dtype, name="bn2") if self.fold_bn else self._norm(train)("bn2")
+    x = act(bn2(x))
     out["features"] = x = self.perturb(TAPS["features"], x)
     out["pre_logits"] = x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
@@ -367,7 +441,68 @@ class EfficientNet(nn.Module):
     out["logits"] = x
     return x, out
 
+  def _norm(self, train):
+    if self.fold_bn:  # each BatchNorm already sits in the conv before it (bias)
+      return lambda name: (lambda x: x)
+    return lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_eps,
+        dtype=self.dtype, name=name)
 
+  def trunk(self, x, train: bool = False):
+    """Stem, blocks and conv_head: everything before the Grad-CAM taps."""
+    stem, stages, head = build_specs(self)
+    act, norm = ACTIVATIONS[self.act], self._norm(train)
+
+    def conv(features, k, s=1, name=None, use_bias=self.fold_bn):
+      # Pads depend on the input size for TF 'SAME', so resolve them per call;
+      # the Conv is created in whichever module calls this.
+      def apply(x):
+        pads = tuple(conv_padding(x.shape[d], k, s, self.padding) for d in (1, 2))
+        return Conv(features, k, s, pads, use_bias, self.conv_impl, self.dtype, name=name)(x)
+      return apply
+
+    dw = lambda k, s, name: DepthwiseConv(k, s, self.padding, self.depthwise_impl,
+                                          self.dtype, self.fold_bn, name=name)
+    x = act(norm("bn1")(conv(stem, 3, 2, "conv_stem")(x)))
+    for i, stage in enumerate(stages):
+      for j, spec in enumerate(stage):
+        block_act = ACTIVATIONS[spec.act] if spec.act else act
+        x = Block(spec, block_act, conv, norm, dw, self.dtype, self.conv_impl,
+                  name=f"blocks_{i}_{j}")(x, train)
+    # The conv_head tap is the raw conv output, so bn2 is never folded into
+    # it: folded, it is a per-channel affine (fused with the activation).
+    return conv(head, 1, name="conv_head", use_bias=False)(x)
+
+  def _chunk(self, batch: int, train: bool) -> int:
+    n = self.inference_chunk
+    if n < 0:
+      n = 2 if _on_cpu() else 0
+    if train or self.is_initializing() or not 0 < n < batch:
+      return 0
+    return n
+
+  def _chunked_trunk(self, x, n):
+    """The trunk over micro-batches of n images (lax.map), batch padded to a
+    multiple of n. On CPU the whole-batch activations of B0 at 224 px reach
+    ~10 MB per image; per micro-batch they stay in cache and in reused heap
+    memory instead of a fresh, page-faulted temp buffer per call."""
+    b = x.shape[0]
+    pad = -b % n
+    xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, n, *x.shape[1:])
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(EfficientNet)
+              if f.init and f.name not in ("parent", "name")}
+    inner = _Trunk(**{**fields, "inference_chunk": 0})
+    variables = {k: v for k, v in self.variables.items() if k in ("params", "batch_stats")}
+    ys = jax.lax.map(lambda xc: inner.apply(variables, xc), xs)
+    return ys.reshape(-1, *ys.shape[2:])[:b]
+
+
+class _Trunk(EfficientNet):
+  """EfficientNet up to conv_head, parameter names unchanged (micro-batching)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return self.trunk(x, train)
 
 
 # ---------------------------------------------------------------- public API
@@ -381,6 +516,54 @@ def create(name: str, **overrides) -> EfficientNet:
   if unknown:
     raise ValueError(f"unknown EfficientNet option(s) {unknown}; valid: {sorted(fields)}")
   return EfficientNet(**{**VARIANTS[name]["arch"], **overrides})
+
+
+def fold_batchnorm(module: EfficientNet, variables) -> tuple[EfficientNet, dict]:
+  """The inference form: every BatchNorm folded into the conv before it.
+
+  conv(x) * s + (beta - mean * s), s = gamma / sqrt(var + eps), is one conv
+  with kernel * s (per output channel) and a bias. Returns ``(module with
+  fold_bn=True, {'params': ...})``; call it once at load, not per step.
+  bn2 stays a separate per-channel affine so ``out['conv_head']`` (the
+  Grad-CAM tap before it) is still the raw conv output.
+  """
+  if module.fold_bn:
+    raise ValueError("module already expects folded variables")
+  params, stats = variables["params"], variables["batch_stats"]
+  f64 = lambda a: np.asarray(a, np.float64)
+
+  def scale_shift(bn, st):
+    s = f64(bn["scale"]) / np.sqrt(f64(st["var"]) + module.bn_eps)
+    return s, f64(bn["bias"]) - f64(st["mean"]) * s
+
+  def fold(conv, bn, st):  # HWIO and depthwise (k, k, 1, C): output channels last
+    s, t = scale_shift(bn, st)
+    return {"kernel": f64(conv["kernel"]) * s, "bias": t}
+
+  out = {}
+  for name, p in params.items():
+    if name.startswith("blocks_"):
+      st = stats[name]
+      pairs = ((("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
+               if "conv_pwl" in p else (("conv_dw", "bn1"), ("conv_pw", "bn2")))
+      block = {k: v for k, v in p.items() if not k.startswith("bn") and not k.startswith("conv_")}
+      for c, b in pairs:
+        block[c] = fold(p[c], p[b], st[b])
+      out[name] = block
+    elif name == "conv_stem":
+      out[name] = fold(p, params["bn1"], stats["bn1"])
+    elif name == "bn2":
+      s, t = scale_shift(p, stats["bn2"])
+      out[name] = {"scale": s, "bias": t}
+    elif name != "bn1":
+      out[name] = p
+  folded = module.clone(fold_bn=True)
+  variables = jax.tree.map(lambda a: np.asarray(a, np.float32), {"params": out})
+  check_against_template(variables, param_template(folded))
+  # On the device once (numpy leaves would be copied in on every call), with
+  # the sharding of the input variables (e.g. replicated over a mesh).
+  like = params["conv_stem"]["kernel"]
+  return folded, jax.device_put(variables, getattr(like, "sharding", None))
 
 
 def param_template(module: EfficientNet, image_size: int = 64):
