@@ -137,7 +137,9 @@ class Evaluation:
     put = lambda m: dataclasses.replace(m, variables=jax.device_put(m.variables, rep))
     self._edge, self._server, self._base = (
         put(self.models.edge), put(self.models.server), put(self.models.baseline_edge))
-    self._edge_probs = _probs_fn(self._edge, False)
+    # Calibration scores come from the same inference form edge_step runs
+    # (BatchNorm folded on CPU), so lambda_hat and test-time p_max agree bit for bit.
+    self._edge_probs = _probs_fn(self._edge.inference(), False)
     self._base_probs = _probs_fn(self._base, True)
 
   def _batches(self, source, indices, desc):
@@ -155,7 +157,8 @@ class Evaluation:
         warnings.warn(f"cached calibration {path} is unreadable ({e}); recomputing")
     probs, labels = [], []
     for b in self._batches(self.sources.cal_source, self.sources.cal_indices, "calibration"):
-      p, _ = self._edge_probs(self._edge.variables, jax.device_put(b.images, self.batch_sharding))
+      p, _ = self._edge_probs(self._edge.inference().variables,
+                              jax.device_put(b.images, self.batch_sharding))
       probs.append(np.asarray(p)[b.valid])
       labels.append(b.labels[b.valid])
     if not probs or not sum(len(p) for p in probs):
