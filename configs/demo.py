@@ -1,5 +1,5 @@
 """The embedded demo (`rcst demo`): the full pipeline on the synthetic shapes
-set with the small models trained by `python -m rcst_jax.train` and shipped
+set with the small models trained by `rcst train` and shipped
 in weights/. Same geometry as ImageNet (224 x 224, 16-pixel patches).
 
 Smoke size: rcst demo --config.data.n_cal=200 --config.data.n_test=64

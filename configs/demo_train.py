@@ -1,7 +1,7 @@
 """Training of the three demo models on SyntheticShapes (CPU).
 
-  python -m rcst_jax.train --config configs/demo_train.py
-  python -m rcst_jax.train --config configs/demo_train.py --config.models=server
+  rcst train --config configs/demo_train.py
+  rcst train --config configs/demo_train.py --config.models=server --config.output_dir=/tmp/w
 
 Small config variants of the ported modules (no new architectures), 224x224
 inputs and 16x16 patches as on ImageNet. The edge CNN is kept small and
@@ -41,6 +41,7 @@ def get_config():
   c.seed = 0
   c.models = "edge,server,baseline_edge"   # comma list: which to (re)train
   c.progress = True
+  c.output_dir = "weights"    # the model directories go here (the checkout's weights/)
 
   c.data = ml_collections.ConfigDict()
   c.data.seed = 0             # SyntheticShapes seed; train split to train, test split to test

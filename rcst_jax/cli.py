@@ -54,6 +54,12 @@ def parse_config(path: str, overrides: list[str]):
   return fv.config
 
 
+def _cmd_train(args, extra):
+  from rcst_jax.train import train_demo
+  config = parse_config(args.config, extra)
+  train_demo(config)
+
+
 def _cmd_evaluate(args, extra):
   from rcst_jax.evaluate import evaluate_config
   config = parse_config(args.config, extra)
@@ -232,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="ml_collections config file; "
                  "then --config.x=y overrides")
   p.set_defaults(func=_cmd_evaluate, takes_overrides=True)
+
+  p = sub.add_parser("train", help="train the demo models on the synthetic data (CPU)")
+  p.add_argument("--config", required=True, help="e.g. configs/demo_train.py; then --config.x=y")
+  p.set_defaults(func=_cmd_train, takes_overrides=True)
 
   p = sub.add_parser("demo", help="the full evaluation on the embedded synthetic demo")
   p.set_defaults(func=_cmd_demo, takes_overrides=True)

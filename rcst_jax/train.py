@@ -15,7 +15,7 @@ clipping, dihedral flips (shapes and textures keep their class under them).
 A run is a pure function of (config, seed): batch order, token counts and
 dropout all come from the seed.
 
-  python -m rcst_jax.train --config configs/demo_train.py [--config.models=server]
+  rcst train --config configs/demo_train.py [--config.models=server] [--config.output_dir=DIR]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from flax.training import train_state
 from rcst_jax import checkpoints
 from rcst_jax import patches as P
 from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
+from rcst_jax.fileio import atomic_savez
 from rcst_jax.models import create_model, default_cfg, family_of
 
 PATCH = 16
@@ -87,9 +88,7 @@ def cached_render(cache_dir: str, split: str, num: int, seed: int, workers: int)
     with np.load(path) as f:
       return f["images"], f["labels"], f["coverage"]
   data = render(split, num, seed, workers)
-  os.makedirs(cache_dir, exist_ok=True)
-  np.savez(path + ".tmp.npz", images=data[0], labels=data[1], coverage=data[2])
-  os.replace(path + ".tmp.npz", path)
+  atomic_savez(path, images=data[0], labels=data[1], coverage=data[2])
   return data
 
 
@@ -271,15 +270,11 @@ def predict_images(module, variables, images, mean, std, batch: int = 100):
 
 
 def predict_tokens(module, variables, images, keep, batch: int = 100):
-  """Server predictions from the kept patches only (keep: bool [N, grid^2])."""
-  size = P.bucket_for(int(keep.sum(1).max()))
-  idx, valid = (np.asarray(a) for a in P.pad_selection(keep, size))
-
-  @jax.jit
-  def fn(x, idx, valid):
-    patches = P.gather_patches(x, idx, PATCH)
-    return module.apply(variables, patches, idx, valid, method=module.tokens)[0].argmax(-1)
-  return _batched(fn, [images, idx, valid], batch)
+  """Server predictions from the kept patches only (keep: bool [N, grid^2]),
+  through the evaluation's own token server."""
+  from rcst_jax.pipeline import Server
+  model = checkpoints.Model(module, variables, {"num_classes": module.num_classes})
+  return Server(model, batch).logits_from_images(images, keep).argmax(-1)
 
 
 def partial_token_sets(coverage, seed: int) -> dict[str, np.ndarray]:
@@ -340,15 +335,16 @@ def train_one(key: str, mc, data, test, seed: int, out_dir: str, progress: bool)
 def check_reload(path: str, test) -> float:
   """Accuracy of the saved model after load_model (must equal the trained one)."""
   model = checkpoints.load_model(path)
-  pred = _batched(jax.jit(lambda x: model(x)[0].argmax(-1)), [test[0]], 100)
-  acc = accuracy(pred, test[1])
+  acc = accuracy(predict_images(model.module, model.variables, test[0], model.metadata["mean"],
+                                model.metadata["std"]), test[1])
   print(f"reloaded {path}: full-image accuracy {acc}", flush=True)
   return acc
 
 
-def train_demo(config, out_dir: str = "weights") -> dict:
+def train_demo(config, out_dir: str | None = None) -> dict:
   """Renders the synthetic data and trains the models named in config.models."""
   d = config.data
+  out_dir = out_dir or config.output_dir
   t0 = time.perf_counter()
   train = cached_render(d.cache_dir, "train", d.train_size, d.seed, d.workers)
   test = cached_render(d.cache_dir, "test", d.test_size, d.seed, d.workers)
@@ -363,18 +359,6 @@ def train_demo(config, out_dir: str = "weights") -> dict:
   return results
 
 
-def main(argv=None) -> int:
-  from absl import flags
-  from ml_collections import config_flags
-  fv = flags.FlagValues()  # private: importing this module defines no global flags
-  config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv)
-  flags.DEFINE_string("out_dir", "weights", "where the model directories go", flag_values=fv)
-  fv(sys.argv if argv is None else argv)
-  if fv.config is None:
-    raise SystemExit("--config is required, e.g. --config configs/demo_train.py")
-  train_demo(fv.config, fv.out_dir)
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":  # the old entry point; `rcst train` is the documented one
+  from rcst_jax import cli
+  sys.exit(cli.main(["train", *sys.argv[1:]]))

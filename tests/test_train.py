@@ -1,5 +1,6 @@
 """The demo trainer on tiny models and 32x32 images: learning, state, seeds, saving."""
 
+import os
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -111,3 +112,16 @@ def test_saved_metadata_and_accuracy_round_trip(batch, tmp_path):
   keep[:, 0] = True  # at least one token per image
   np.testing.assert_array_equal(T.predict_tokens(model.module, model.variables, images, keep, 8),
                                 T.predict_tokens(module, variables, images, keep, 8))
+
+
+def test_rcst_train_subcommand_writes_a_loadable_model(tmp_path):
+  """`rcst train` (one config system with the rest of the CLI) writes to output_dir."""
+  from rcst_jax import cli
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert cli.main(["train", "--config", os.path.join(repo, "configs", "demo_train.py"),
+                   "--config.models=baseline_edge", "--config.data.train_size=16",
+                   "--config.data.test_size=8", "--config.baseline_edge.steps=1",
+                   "--config.baseline_edge.batch_size=8", "--config.baseline_edge.warmup_steps=0",
+                   f"--config.output_dir={tmp_path}", "--config.progress=False"]) == 0
+  model = checkpoints.load_model(str(tmp_path / "demo_baseline_edge"))
+  assert model.num_classes == 12 and model.metadata["train"]["train_size"] == 16
