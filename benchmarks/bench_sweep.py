@@ -30,7 +30,7 @@ def main():
   p.add_argument("--models", default=os.path.join(REPO, "weights"))
   args = p.parse_args()
   with tempfile.TemporaryDirectory() as out:
-    config = parse_config(os.path.join(REPO, "configs", "demo.py"), [
+    config = parse_config("demo", [
         f"--config.models_dir={args.models}", f"--config.output_dir={out}",
         f"--config.data.n_test={args.n}", "--config.progress=False"])
     models = load_models(config)

@@ -2,17 +2,29 @@
 set with the small models trained by `rcst train` and shipped
 in weights/. Same geometry as ImageNet (224 x 224, 16-pixel patches).
 
-Smoke size: rcst demo --config.data.n_cal=200 --config.data.n_test=64
+Variants (``rcst demo --config demo:<arg>`` or ``rcst evaluate --config demo:<arg>``):
+  (none)    1,000 calibration and 2,000 test images (the README's numbers)
+  quick=N   N generated images, a fifth of them calibrating
+  smoke     200 calibration, 48 test images, tiny grids: for tests and CI
+
+Models are read from the installed package (``rcst_jax.weights``), outputs go
+to ./outputs/demo under the current directory.
 """
+
+from importlib import resources
 
 import ml_collections
 
-from configs import imagenet
+from rcst_jax.configs import imagenet
+
+VARIANTS = {"": "1,000 calibration / 2,000 test images", "quick=N": "N images, N/5 calibrating",
+            "smoke": "200 / 48 images, tiny grids (tests, CI)"}
 
 
-def get_config():
+def get_config(arg=None):
+  name, value = imagenet.parse_arg(arg)
   c = imagenet.get_config()
-  c.models_dir = "weights"
+  c.models_dir = str(resources.files("rcst_jax.weights"))
   c.edge = "demo_edge"
   c.server = "demo_server"
   c.baseline_edge = "demo_baseline_edge"
@@ -27,4 +39,14 @@ def get_config():
   c.server_batch = 64
   c.chunk_size = 500
   c.output_dir = "outputs/demo"
+  if name == "quick":
+    c.data.n_cal, c.data.n_test = max(1, value // 5), value - max(1, value // 5)
+  elif name == "smoke":
+    imagenet.smoke(c)
+    c.tau_grid = (0.2, 0.6)
+    c.k_grid = (20, 196)
+    c.delta_sum_grid = (0.6, 1.01)
+    c.data.n_cal, c.data.n_test = 200, 48
+    c.batch_size = c.server_batch = 16
+    c.chunk_size = 48
   return c

@@ -12,6 +12,8 @@ see weights/README.md for the run that produced the checkpoints.
 
 import ml_collections
 
+VARIANTS = {"": "the recipe that produced weights/"}
+
 
 def _model(name, out, arch, **train):
   m = ml_collections.ConfigDict()
@@ -36,7 +38,9 @@ def _tokens(buckets, bucket_probs, min_keep=0.05, object_prob=0.5):
                                         min_keep=min_keep, object_prob=object_prob))
 
 
-def get_config():
+def get_config(arg=None):
+  if arg:
+    raise ValueError(f"demo_train has no variant {arg!r}")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.models = "edge,server,baseline_edge"   # comma list: which to (re)train

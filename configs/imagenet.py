@@ -2,17 +2,56 @@
 EfficientNet-B0 edge, DeiT-Base server, DeiT-Tiny baseline edge,
 alpha_crc = alpha_aps = 0.05, eta = 0.8.
 
-  rcst evaluate --config configs/imagenet.py \\
+  rcst evaluate --config imagenet \\
       --config.models_dir=/content/drive/MyDrive/rcst/models \\
       --config.output_dir=/content/drive/MyDrive/rcst/imagenet
+
+Variants (``--config imagenet:<arg>``):
+  (none)    the paper's setting
+  quick=N   the first N images of the split, a fifth of them calibrating
+  smoke     tiny grids and batches, 24 calibration images: for tests and CI
+            (run under ``tensorflow_datasets.testing.mock_data``)
 
 Model directories come from `rcst convert` (see the Colab notebook).
 """
 
 import ml_collections
 
+VARIANTS = {"": "the paper's setting", "quick=N": "first N images, N/5 calibrating",
+            "smoke": "tiny grids and batches (tests, CI; tfds mock data)"}
 
-def get_config():
+
+def parse_arg(arg):
+  """'' | 'smoke' | 'quick=N' -> (name, value)."""
+  arg = (arg or "").strip()
+  name, _, value = arg.partition("=")
+  if name not in ("", "smoke", "quick") or (name == "quick") != bool(value):
+    raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(k or '(none)' for k in VARIANTS)}")
+  return name, (int(value) if value else None)
+
+
+def smoke(c):
+  """The smallest settings that still run every method and output."""
+  c.tau_grid, c.k_grid, c.delta_sum_grid = (0.3, 0.7), (10, 196), (0.4, 1.01)
+  c.batch_size = c.server_batch = c.chunk_size = 8
+  c.gallery_size = 2
+  c.progress = False
+  return c
+
+
+def get_config(arg=None):
+  name, value = parse_arg(arg)
+  c = _base()
+  if name == "quick":
+    c.data.limit, c.data.n_cal = value, max(1, value // 5)
+  elif name == "smoke":
+    smoke(c)
+    c.data.n_cal = 24
+    c.data.pil_decode = False
+  return c
+
+
+def _base():
   c = ml_collections.ConfigDict()
   c.models_dir = "models"
   c.edge = "efficientnet_b0.ra_in1k"            # <models_dir>/<name>

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -34,24 +33,17 @@ def _cmd_predict(args, extra):
   return 1 if failures else 0
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def parse_config(spec: str, overrides: list[str]):
+  """A config by name or path (`demo:smoke`, `configs/imagenet.py`) + `--config.x=y`."""
+  from rcst_jax import config_files
+  return config_files.parse(spec, overrides)
 
 
-def parse_config(path: str, overrides: list[str]):
-  """ml_collections config file + `--config.x=y` overrides (absl semantics)."""
-  from absl import flags
-  from ml_collections import config_flags
-  if REPO not in sys.path:  # configs/ import each other (configs.imagenet)
-    sys.path.insert(0, REPO)
-  bad = [o for o in overrides if not o.startswith("--config.")]
-  if bad:
-    raise SystemExit(f"rcst: unrecognised arguments: {' '.join(bad)}")
-  argv = ["rcst", f"--config={path}", *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
-  fv(argv)
-  return fv.config
+def _cmd_configs(args, extra):
+  from rcst_jax import config_files
+  for name in config_files.names():
+    for arg, what in config_files.variants(name).items():
+      print(f"{name + (':' + arg if arg else ''):<24} {what}")
 
 
 def _cmd_train(args, extra):
@@ -70,22 +62,11 @@ def _cmd_evaluate(args, extra):
 def _cmd_demo(args, extra):
   from rcst_jax.evaluate import evaluate_config
   t0 = time.time()
-  config = parse_config(os.path.join(REPO, "configs", "demo.py"), extra)
-  with _chdir(REPO):
-    out = evaluate_config(config)
+  config = parse_config(args.config, extra)
+  out = evaluate_config(config)
   _print_run(out)
   print(f"demo finished in {time.time() - t0:.0f} s; outputs in "
-        f"{os.path.join(REPO, config.output_dir)}")
-
-
-@contextlib.contextmanager
-def _chdir(path):
-  old = os.getcwd()
-  os.chdir(path)
-  try:
-    yield
-  finally:
-    os.chdir(old)
+        f"{os.path.abspath(config.output_dir)}")
 
 
 def _print_run(out):
@@ -217,7 +198,9 @@ def _cmd_explain(args, extra):
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from rcst_jax import __version__
   parser = argparse.ArgumentParser(prog="rcst", description=__doc__)
+  parser.add_argument("--version", action="version", version=f"rcst_jax {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("convert", help="convert a timm checkpoint to Flax/orbax")
@@ -244,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=_cmd_train, takes_overrides=True)
 
   p = sub.add_parser("demo", help="the full evaluation on the embedded synthetic demo")
+  p.add_argument("--config", default="demo", help="demo, demo:smoke, demo:quick=N or a file")
   p.set_defaults(func=_cmd_demo, takes_overrides=True)
+
+  p = sub.add_parser("configs", help="list the shipped configs and their variants")
+  p.set_defaults(func=_cmd_configs)
 
   p = sub.add_parser("calibrate", help="Algorithm 1: write the calibration JSON")
   p.add_argument("--config", required=True)

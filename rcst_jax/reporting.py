@@ -70,7 +70,9 @@ def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = Fal
   paths["calibration"] = os.path.join(out, "calibration.json")
   result["calibration"].to_json(paths["calibration"])
   summary = {k: v for k, v in result.items() if k not in ("points", "calibration", "arrays")}
-  summary.update(devices=int(ev.mesh.devices.size), backend=jax.default_backend(),
+  from rcst_jax import __version__
+  summary.update(rcst_jax_version=__version__, devices=int(ev.mesh.devices.size),
+                 backend=jax.default_backend(),
                  dtype=ev.config.dtype, operating_points=ops, outputs=paths,
                  **(extra_summary or {}))
   paths["summary"] = write_json(os.path.join(out, "summary.json"), summary)

@@ -19,9 +19,8 @@ WEIGHTS = os.path.join(REPO, "weights")
 def calibration(tmp_path_factory):
   out = tmp_path_factory.mktemp("cal")
   path = out / "cal.json"
-  assert cli.main(["calibrate", "--config", os.path.join(REPO, "configs", "demo.py"),
-                   f"--config.output_dir={out}", "--config.data.n_cal=200",
-                   "--config.progress=False", "--out", str(path)]) == 0
+  assert cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={out}",
+                   "--out", str(path)]) == 0
   return path
 
 

@@ -8,10 +8,7 @@ from rcst_jax import cli
 
 def test_demo_smoke(tmp_path, capsys):
   out = tmp_path / "demo"
-  assert cli.main(["demo", f"--config.output_dir={out}", "--config.data.n_cal=200",
-                   "--config.data.n_test=48", "--config.progress=False",
-                   "--config.tau_grid=(0.2,0.6)", "--config.k_grid=(20,80)",
-                   "--config.delta_sum_grid=(0.6,0.9)", "--config.gallery_size=2"]) == 0
+  assert cli.main(["demo", "--config", "demo:smoke", f"--config.output_dir={out}"]) == 0
   printed = capsys.readouterr().out
   assert "demo finished" in printed and "| Proposed |" in printed
   for name in ("results.json", "results.csv", "table1.md", "table2.md", "figure1.png",

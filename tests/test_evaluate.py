@@ -17,14 +17,9 @@ from rcst_jax.data import BadImageError, Example
 from rcst_jax.data.synthetic import SyntheticShapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_GRIDS = ["--config.tau_grid=(0.3,0.7)", "--config.k_grid=(10,196)",
-               "--config.delta_sum_grid=(0.4,1.01)", "--config.batch_size=8",
-               "--config.server_batch=8", "--config.progress=False", "--config.gallery_size=2"]
-
-
 def _config(tmp_path, *overrides):
-  return parse_config(os.path.join(REPO, "configs", "imagenet.py"),
-                      [f"--config.output_dir={tmp_path}", *SMALL_GRIDS, *overrides])
+  return parse_config("imagenet:smoke", [f"--config.output_dir={tmp_path}",
+                                         "--config.chunk_size=2048", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +36,7 @@ def test_imagenet_path_on_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   models = Models(small_models.edge(num_classes=1000), small_models.server(num_classes=1000),
                            small_models.baseline(num_classes=1000))
-  config = _config(tmp_path, "--config.data.n_cal=24", "--config.data.pil_decode=False",
-                   "--config.chunk_size=8", "--config.compare_dtype=bfloat16")
+  config = _config(tmp_path, "--config.chunk_size=8", "--config.compare_dtype=bfloat16")
   with tfds.testing.mock_data(num_examples=40):
     out = evaluate.evaluate_config(config, models=models)
   paths = out["paths"]

@@ -1,0 +1,63 @@
+"""Config files by name or path, with big_vision-style variants.
+
+``imagenet``, ``demo:smoke``, ``demo:quick=300`` name the configs shipped in
+the package (``rcst_jax.configs``, the repository's top-level ``configs/``);
+a path (``my.py`` or ``my.py:arg``) is read as is. An existing file wins over
+a name. Overrides follow absl: ``--config.x=y``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from importlib import resources
+
+from rcst_jax.errors import ConfigError
+
+
+def names() -> list[str]:
+  import rcst_jax.configs as pkg
+  return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__))
+
+
+def resolve(spec: str) -> str:
+  """A config spec -> 'path/to/file.py[:arg]' for ml_collections."""
+  if os.path.isfile(spec):
+    return spec
+  name, sep, arg = spec.partition(":")
+  if os.path.isfile(name):
+    return spec
+  if name.endswith(".py") or os.sep in name:
+    raise ConfigError(f"config file {name!r} does not exist")
+  path = resources.files("rcst_jax.configs") / f"{name}.py"
+  if not path.is_file():
+    raise ConfigError(f"unknown config {name!r}: not a file, and not one of {names()}")
+  return f"{path}{sep}{arg}"
+
+
+def variants(name: str) -> dict[str, str]:
+  return dict(getattr(importlib.import_module(f"rcst_jax.configs.{name}"), "VARIANTS", {"": ""}))
+
+
+def parse(spec: str, overrides: list[str]):
+  """ml_collections config + `--config.x=y` overrides (absl semantics)."""
+  from absl import flags
+  from ml_collections import config_flags
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    raise ConfigError(f"unrecognised arguments: {' '.join(bad)} (overrides are --config.x=y)")
+  argv = ["rcst", f"--config={resolve(spec)}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    fv(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # Unknown key, ill-typed value, a variant get_config refuses: absl wraps
+    # the cause in a long text whose last line names it.
+    text = str(e).replace("\\n", "\n")
+    lines = [x.strip(" '\"") for x in text.splitlines()
+             if x.strip() and not x.startswith((" ", "Traceback", "During handling", "Error whilst"))]
+    raise ConfigError(f"config {spec!r}: {' '.join(lines) or text}") from None
+  return fv.config
