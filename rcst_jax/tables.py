@@ -284,3 +284,23 @@ def dtype_comparison(points_a, points_b, name_a: str, name_b: str) -> str:
                  f"{100 * b['accuracy']:.2f} | {100 * (b['accuracy'] - a['accuracy']):+.2f} | "
                  f"{a['cost']:.3f} | {b['cost']:.3f} |")
   return "\n".join(lines)
+
+
+# The paper's Table 1 (cost, top-1 %), quoted for comparison, never recomputed.
+PAPER_TABLE1 = {"server_only": (1.00, 81.80), "best": (0.33, 81.60), "within_gap": (0.26, 81.05)}
+
+
+def paper_comparison_markdown(points, paper=PAPER_TABLE1, cost_key: str = "cost") -> str:
+  """Server-only and the proposed method's two settings: the paper next to this run."""
+  ops = operating_points(points, cost_key=cost_key).get("proposed", {})
+  ours = {"server_only": reference_point(points), "best": ops.get("best"),
+          "within_gap": ops.get("within_gap")}
+  label = {"server_only": "Server-only", "best": "Proposed, best accuracy",
+           "within_gap": "Proposed, within 1 pp"}
+  rows = [_row(["Setting", "paper cost", "paper acc. (%)", "this run cost",
+                "this run acc. (%)"]), _row(["---"] * 5)]
+  for key in ("server_only", "best", "within_gap"):
+    p = ours[key]
+    mine = ["-", "-"] if p is None else [_fmt(p.get(cost_key, 1.0)), _fmt(p["accuracy"], scale=100)]
+    rows.append(_row([label[key], _fmt(paper[key][0]), _fmt(paper[key][1]), *mine]))
+  return "\n".join(rows) + "\n"

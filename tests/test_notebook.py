@@ -1,4 +1,4 @@
-"""The Colab notebook runs top to bottom (smoke mode) and matches its generator.
+"""The Colab notebook runs top to bottom (smoke mode) and is built from its source.
 
 Smoke mode (RCST_SMOKE=1): random timm weights converted through `rcst
 convert --weights`, tfds mock data, tiny grids, CPU. The kernel is pinned to
@@ -34,23 +34,25 @@ print("RESUME", json.dumps({"chunks_computed": again["result"]["chunks_computed"
 """
 
 
-def _generator():
-  spec = importlib.util.spec_from_file_location("make_notebook", os.path.join(COLAB,
-                                                                             "make_notebook.py"))
+def _builder():
+  spec = importlib.util.spec_from_file_location("build_notebook", os.path.join(COLAB,
+                                                                              "build_notebook.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-def test_notebook_matches_generator():
-  """colab/rcst_imagenet.ipynb is what colab/make_notebook.py writes (regenerate it)."""
-  built = _generator().build_notebook()
+def test_notebook_is_built_from_its_source():
+  """colab/rcst_imagenet.ipynb is what colab/build_notebook.py makes of colab/rcst_imagenet.py."""
+  builder = _builder()
+  built = builder.build_notebook()
+  assert builder.main(["--check"]) == 0, "run `.venv/bin/python colab/build_notebook.py`"
   with open(NOTEBOOK, encoding="utf-8") as f:
     committed = nbformat.read(f, as_version=4)
   nbformat.validate(committed)
   assert [(c.cell_type, c.get("id"), c.source) for c in committed.cells] == \
       [(c.cell_type, c.get("id"), c.source) for c in built.cells], \
-      "notebook out of date: run `.venv/bin/python colab/make_notebook.py`"
+      "notebook out of date: run `.venv/bin/python colab/build_notebook.py`"
   assert committed.metadata == built.metadata
   assert all(not c.get("outputs") for c in committed.cells if c.cell_type == "code")
 

@@ -149,3 +149,13 @@ def test_write_results_round_trip(tmp_path):
     assert back == expect
     assert type(back[2]["n"]) is int and type(back[2]["edge_risk"]) is float
   assert not any(isinstance(v, float) and math.isnan(v) for r in back for v in r.values())
+
+
+def test_paper_comparison_quotes_the_paper_and_this_run():
+  points = [{"method": "server_only", "param": None, "accuracy": 0.8, "cost": 1.0},
+            {"method": "proposed", "param": 0.3, "accuracy": 0.805, "cost": 0.4},
+            {"method": "proposed", "param": 0.6, "accuracy": 0.795, "cost": 0.2}]
+  rows = tables.paper_comparison_markdown(points).splitlines()
+  assert rows[2] == "| Server-only | 1.00 | 81.80 | 1.00 | 80.00 |"
+  assert rows[3] == "| Proposed, best accuracy | 0.33 | 81.60 | 0.40 | 80.50 |"
+  assert rows[4] == "| Proposed, within 1 pp | 0.26 | 81.05 | 0.20 | 79.50 |"
