@@ -86,18 +86,26 @@ def _print_run(out):
 
 
 def _cmd_calibrate(args, extra):
+  import os.path as osp
+  from rcst_jax import offline
+  from rcst_jax.checkpoints import load_model, module_from_metadata, read_metadata
   from rcst_jax.data.sources import load_sources, run_transform
-  from rcst_jax.engine import Evaluation
-  from rcst_jax.models.loading import load_models
+  from rcst_jax.geometry import Geometry
   config = parse_config(args.config, extra)
-  models = load_models(config)
-  transform = run_transform(models.edge.metadata)
-  ev = Evaluation(config, models, load_sources(config, transform), config.output_dir,
-                  transform, progress=config.progress)
-  cal = ev.calibrate()
-  out = args.out or os.path.join(config.output_dir, "calibration.json")
+  # Algorithm 1 needs the edge; of the server only its patch geometry and digest.
+  edge = load_model(osp.join(config.models_dir, config.edge))
+  server_meta = read_metadata(osp.join(config.models_dir, config.server))
+  module = module_from_metadata(server_meta)
+  transform = run_transform(edge.metadata, {"server": server_meta})
+  cal = offline.algorithm1(config, edge, load_sources(config, transform), transform,
+                           server_metadata=server_meta,
+                           geometry=Geometry(int(module.img_size), int(module.patch_size)),
+                           server_digest=server_meta.get("variables_digest"),
+                           progress=config.progress)
+  out = args.out or osp.join(config.output_dir, "calibration.json")
   cal.to_json(out)
-  print(json.dumps({"calibration": out, **cal.to_dict()}))
+  from rcst_jax.fileio import dumps
+  print(dumps({"calibration": out, **cal.to_dict()}))
 
 
 def _load_run_models(args, with_server: bool):
@@ -171,8 +179,7 @@ def _cmd_run(args, extra):
 
 
 def _cmd_explain(args, extra):
-  import jax
-  from rcst_jax import explain, pipeline, plots
+  from rcst_jax import explain, plots
   from rcst_jax.data.sources import transform_from_record
   from rcst_jax.predict import class_names_for
   edge, _, cal, geometry = _load_run_models(args, with_server=False)
@@ -185,10 +192,7 @@ def _cmd_explain(args, extra):
   if not images:
     return 1
   image = images[0]
-  e = jax.device_get(pipeline.edge_step(edge, image[None], cal.lambda_hat, cal.q_hat,
-                                        layer=cal.gradcam_layer or "features",
-                                        grid=geometry.grid))
-  x = explain.explain_batch(e, args.tau, geometry)[0]
+  x = explain.explain_image(edge, image, cal, args.tau, geometry)
   name = explain.namer(class_names_for(edge))
   decision = explain.decision_text(x, cal.lambda_hat, args.tau, geometry)
   path = plots.explain_figure(image, x.cam, x.keep, [(name(c), p) for c, p in x.aps], out,

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rcst_jax import conformal, methods, pipeline, transmit
+from rcst_jax import conformal, methods, offline, pipeline, transmit
 from rcst_jax.checkpoints import Model, variables_digest
 from rcst_jax.data import batches, normalize
-from rcst_jax.data.sources import Sources, transform_record
+from rcst_jax.data.sources import Sources
 from rcst_jax.fileio import atomic_savez, plain
 from rcst_jax.geometry import Geometry
 from rcst_jax.models.loading import Models
@@ -137,9 +137,6 @@ class Evaluation:
     put = lambda m: dataclasses.replace(m, variables=jax.device_put(m.variables, rep))
     self._edge, self._server, self._base = (
         put(self.models.edge), put(self.models.server), put(self.models.baseline_edge))
-    # Calibration scores come from the same inference form edge_step runs
-    # (BatchNorm folded on CPU), so lambda_hat and test-time p_max agree bit for bit.
-    self._edge_probs = _probs_fn(self._edge.inference(), False)
     self._base_probs = _probs_fn(self._base, True)
 
   def _batches(self, source, indices, desc):
@@ -155,25 +152,11 @@ class Evaluation:
         return conformal.Calibration.from_json(path)
       except (conformal.CalibrationError, OSError, UnicodeDecodeError) as e:
         warnings.warn(f"cached calibration {path} is unreadable ({e}); recomputing")
-    probs, labels = [], []
-    for b in self._batches(self.sources.cal_source, self.sources.cal_indices, "calibration"):
-      p, _ = self._edge_probs(self._edge.inference().variables,
-                              jax.device_put(b.images, self.batch_sharding))
-      probs.append(np.asarray(p)[b.valid])
-      labels.append(b.labels[b.valid])
-    if not probs or not sum(len(p) for p in probs):
-      raise ValueError("no usable calibration image (all were skipped as bad items)")
-    meta = lambda m: m.metadata.get("timm_name")
-    cal = conformal.calibrate(
-        np.concatenate(probs), np.concatenate(labels), self.config.alpha_crc,
-        self.config.alpha_aps, edge_model=meta(self.models.edge),
-        server_model=meta(self.models.server), dataset=self.sources.name,
-        split=f"calibration:{len(self.sources.cal_indices)}",
-        gradcam_layer=self.config.gradcam_layer,
-        edge_digest=variables_digest(self.models.edge.variables),
+    cal = offline.algorithm1(
+        self.config, self._edge, self.sources, self.transform,
+        server_metadata=self.models.server.metadata, geometry=self.geometry,
         server_digest=variables_digest(self.models.server.variables),
-        transform=transform_record(self.transform) if self.transform else None,
-        geometry=self.geometry.to_dict())
+        sharding=self.batch_sharding, skipped=self.skipped, progress=self.progress)
     if jax.process_index() == 0:  # one writer for shared files
       cal.to_json(path)
     return cal

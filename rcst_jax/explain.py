@@ -48,6 +48,16 @@ def explain_batch(e: dict, tau: float, geometry: Geometry) -> list[Explanation]:
   return out
 
 
+def explain_image(edge, image, calibration, tau: float, geometry: Geometry) -> Explanation:
+  """`rcst explain`: the edge step on one uint8 image with the calibration's layer."""
+  import jax
+  e = jax.device_get(pipeline.edge_step(edge, np.asarray(image)[None], calibration.lambda_hat,
+                                        calibration.q_hat,
+                                        layer=calibration.gradcam_layer or "features",
+                                        grid=geometry.grid))
+  return explain_batch(e, tau, geometry)[0]
+
+
 def namer(names: Sequence[str] | None) -> Callable[[int], str]:
   return (lambda c: names[c]) if names else str
 
