@@ -34,6 +34,29 @@ def _cmd_predict(args, extra):
   return 1 if failures else 0
 
 
+def _positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+  return value
+
+
+def _finite_float(text: str) -> float:
+  """argparse type: a finite number (no nan/inf)."""
+  import math
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+  return value
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,6 +64,8 @@ def parse_config(path: str, overrides: list[str]):
   """ml_collections config file + `--config.x=y` overrides (absl semantics)."""
   from absl import flags
   from ml_collections import config_flags
+  from rcst_jax.config_schema import validate
+  from rcst_jax.errors import ConfigError
   if REPO not in sys.path:  # configs/ import each other (configs.imagenet)
     sys.path.insert(0, REPO)
   bad = [o for o in overrides if not o.startswith("--config.")]
@@ -50,7 +75,17 @@ def parse_config(path: str, overrides: list[str]):
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
                                   lock_config=True, sys_argv=argv)
-  fv(argv)
+  try:
+    fv(argv)
+  except (flags.Error, AttributeError) as e:  # ill-typed or unknown override key
+    if isinstance(e, AttributeError) and not (e.args and isinstance(e.args[0], KeyError)):
+      raise
+    msg = str(e.args[0].args[0]) if isinstance(e, AttributeError) else str(e)
+    if isinstance(e, AttributeError):
+      msg = f"unknown config key {msg}"
+    raise ConfigError(f"bad override ({' '.join(overrides)}): "
+                      f"{msg.replace(chr(10), '; ')}") from None
+  validate(fv.config)
   return fv.config
 
 
@@ -224,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("predict", help="top-5 predictions for image files, JSON lines")
   p.add_argument("--model", required=True, help="model directory")
-  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--batch-size", type=_positive_int, default=16)
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_predict)
 
@@ -245,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--edge", required=True)
   p.add_argument("--server", required=True)
   p.add_argument("--calibration", required=True)
-  p.add_argument("--tau", type=float, required=True)
-  p.add_argument("--batch-size", type=int, default=16, help="images per edge/server call")
+  p.add_argument("--tau", type=_finite_float, required=True)
+  p.add_argument("--batch-size", type=_positive_int, default=16,
+                 help="images per edge/server call")
   p.add_argument("--allow-other-weights", action="store_true",
                  help="use a calibration made for other weights (no guarantee)")
   p.add_argument("images", nargs="+")
@@ -255,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("explain", help="PNG: image, APS set, Grad-CAM, patches that would be sent")
   p.add_argument("--edge", required=True)
   p.add_argument("--calibration", required=True)
-  p.add_argument("--tau", type=float, default=0.5)
+  p.add_argument("--tau", type=_finite_float, default=0.5)
   p.add_argument("--allow-other-weights", action="store_true",
                  help="use a calibration made for other weights (no guarantee)")
   p.add_argument("--out", required=True, help="output PNG")
