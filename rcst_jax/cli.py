@@ -33,10 +33,38 @@ def _cmd_predict(args, extra):
   return 1 if failures else 0
 
 
-def parse_config(spec: str, overrides: list[str]):
-  """A config by name or path (`demo:smoke`, `configs/imagenet.py`) + `--config.x=y`."""
+def _positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+  return value
+
+
+def _finite_float(text: str) -> float:
+  """argparse type: a finite number (no nan/inf)."""
+  import math
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+  return value
+
+
+def parse_config(spec: str, overrides: list[str], validate: bool = True):
+  """A config by name or path (`demo:smoke`, `configs/imagenet.py`) + `--config.x=y`,
+  checked against the evaluation schema (config_schema) before anything runs."""
   from rcst_jax import config_files
-  return config_files.parse(spec, overrides)
+  config = config_files.parse(spec, overrides)
+  if validate:
+    from rcst_jax.config_schema import validate as check
+    check(config)
+  return config
 
 
 def _cmd_configs(args, extra):
@@ -48,7 +76,7 @@ def _cmd_configs(args, extra):
 
 def _cmd_train(args, extra):
   from rcst_jax.train import train_demo
-  config = parse_config(args.config, extra)
+  config = parse_config(args.config, extra, validate=False)  # the trainer's own keys
   train_demo(config)
 
 
@@ -217,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("predict", help="top-5 predictions for image files, JSON lines")
   p.add_argument("--model", required=True, help="model directory")
-  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--batch-size", type=_positive_int, default=16)
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_predict)
 
@@ -246,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--edge", required=True)
   p.add_argument("--server", required=True)
   p.add_argument("--calibration", required=True)
-  p.add_argument("--tau", type=float, required=True)
-  p.add_argument("--batch-size", type=int, default=16, help="images per edge/server call")
+  p.add_argument("--tau", type=_finite_float, required=True)
+  p.add_argument("--batch-size", type=_positive_int, default=16,
+                 help="images per edge/server call")
   p.add_argument("--allow-other-weights", action="store_true",
                  help="use a calibration made for other weights (no guarantee)")
   p.add_argument("images", nargs="+")
@@ -256,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("explain", help="PNG: image, APS set, Grad-CAM, patches that would be sent")
   p.add_argument("--edge", required=True)
   p.add_argument("--calibration", required=True)
-  p.add_argument("--tau", type=float, default=0.5)
+  p.add_argument("--tau", type=_finite_float, default=0.5)
   p.add_argument("--allow-other-weights", action="store_true",
                  help="use a calibration made for other weights (no guarantee)")
   p.add_argument("--out", required=True, help="output PNG")

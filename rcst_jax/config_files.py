@@ -53,11 +53,14 @@ def parse(spec: str, overrides: list[str]):
                                   lock_config=True, sys_argv=argv)
   try:
     fv(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # Unknown key, ill-typed value, a variant get_config refuses: absl wraps
-    # the cause in a long text whose last line names it.
+  except AttributeError as e:  # an unknown override key (ml_collections wraps a KeyError)
+    if not (e.args and isinstance(e.args[0], KeyError)):
+      raise
+    msg = str(e.args[0].args[0]).replace(chr(10), "; ")
+    raise ConfigError(f"bad override ({' '.join(overrides)}): unknown config key {msg}") from None
+  except flags.Error as e:  # an ill-typed value, or a variant get_config refuses
     text = str(e).replace("\\n", "\n")
-    lines = [x.strip(" '\"") for x in text.splitlines()
-             if x.strip() and not x.startswith((" ", "Traceback", "During handling", "Error whilst"))]
-    raise ConfigError(f"config {spec!r}: {' '.join(lines) or text}") from None
+    lines = [x.strip() for x in text.splitlines()
+             if x.strip() and not x.startswith((" ", "Traceback", "During handling"))]
+    raise ConfigError(f"config {spec!r}: {'; '.join(lines) or text}") from None
   return fv.config

@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from rcst_jax import engine, reporting, tables
+from rcst_jax import config_schema, engine, reporting, tables
 from rcst_jax.data.sources import Sources, load_sources, run_transform
 from rcst_jax.fileio import atomic_write_text
 from rcst_jax.models.loading import Models, load_models, with_dtype
@@ -15,6 +15,7 @@ from rcst_jax.models.loading import Models, load_models, with_dtype
 def evaluate_config(config, models: Models | None = None, sources: Sources | None = None,
                     progress: bool | None = None) -> dict:
   """The whole run from a config; returns {"paths", "result"} (process 0)."""
+  config_schema.validate(config)  # before any model is loaded or pass is run
   if config.get("multihost", False):
     jax.distributed.initialize()
   models = with_dtype(models, config.dtype) if models else load_models(config)

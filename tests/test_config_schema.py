@@ -1,0 +1,122 @@
+"""Config values are checked up front, against one schema, before any model loads."""
+
+import os
+import time
+
+import pytest
+
+import rcst_jax.evaluate
+import rcst_jax.models.loading
+from rcst_jax import cli, config_schema
+from rcst_jax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+  """Loading a model (or data) during these probes is itself a failure."""
+  def refuse(*a, **k):
+    raise AssertionError("models or data loaded before the config was validated")
+  for module in (rcst_jax.models.loading, rcst_jax.evaluate):
+    monkeypatch.setattr(module, "load_models", refuse)
+  monkeypatch.setattr(rcst_jax.evaluate, "load_sources", refuse)
+
+
+@pytest.mark.parametrize("path", ["imagenet.py", "demo.py"])
+def test_shipped_configs_validate(path):
+  config = cli.parse_config(os.path.join(REPO, "configs", path), [])
+  config_schema.validate(config)
+
+
+def test_every_shipped_key_is_in_the_schema():
+  for path in ("imagenet.py", "demo.py"):
+    flat = config_schema.flatten(cli.parse_config(os.path.join(REPO, "configs", path), []))
+    assert set(flat) <= set(config_schema.SCHEMA), path
+
+
+BAD = [
+    ("alpha_crc", "0"), ("alpha_crc", "1.0"), ("alpha_aps", "-0.1"), ("alpha_aps", "nan"),
+    ("eta", "0"), ("eta", "inf"),
+    ("tau_grid", "()"), ("tau_grid", "(0.1,nan)"), ("tau_grid", "abc"),
+    ("k_grid", "(-1,10)"), ("k_grid", "(0.5,2)"),
+    ("delta_sum_grid", "(-0.1,0.5)"),
+    ("empty_policy", "bogus"), ("gradcam_layer", "nope"),
+    ("dtype", "float16"), ("matmul_precision", "fastest"), ("compare_dtype", "float16"),
+    ("batch_size", "0"), ("server_batch", "-1"), ("chunk_size", "0"),
+    ("buckets", "(8,4)"), ("buckets", "(0,8)"), ("buckets", "(8,8)"),
+    ("devices", "0"), ("devices", "some"),
+    ("data.name", "cifar"), ("data.n_cal", "0"), ("data.n_test", "0"),
+    ("per_image", "maybe"), ("gallery_size", "-1"), ("output_dir", ""),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD)
+def test_bad_value_is_refused_before_any_model_loads(key, value, no_models, capsys, tmp_path):
+  t0 = time.time()
+  code = cli.main(["evaluate", "--config", DEMO, f"--config.{key}={value}",
+                   f"--config.output_dir={tmp_path / 'out'}"] if key != "output_dir" else
+                  ["evaluate", "--config", DEMO, f"--config.{key}={value}"])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert err.startswith("rcst evaluate: error: ") and f"config.{key}" in err, err
+  assert "Traceback" not in err
+  assert time.time() - t0 < 5
+  assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.tau_gird=(0.1,)", "unknown config key 'tau_gird'"),
+    ("--config.data.nmae=synthetic", "unknown config key 'nmae'"),
+    ("--config.batch_size=abc", "--config.batch_size=abc"),
+    ("--config.alpha_crc=high", "--config.alpha_crc=high"),
+])
+def test_unknown_key_and_ill_typed_override_are_named(override, message, no_models, capsys):
+  for command in (["evaluate", "--config", DEMO], ["calibrate", "--config", DEMO], ["demo"]):
+    code = cli.main([*command, override])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"rcst {command[0]}: error: ") and message in err, err
+
+
+def test_library_callers_are_validated_too(no_models):
+  config = cli.parse_config(DEMO, [])
+  with config.unlocked():
+    config.chunk_size = 0
+  with pytest.raises(ConfigError, match="config.chunk_size = 0"):
+    rcst_jax.evaluate.evaluate_config(config)
+
+
+def test_unknown_key_in_a_config_file_is_refused():
+  config = cli.parse_config(DEMO, [])
+  with config.unlocked():
+    config.tau_gird = (0.1,)
+  with pytest.raises(ConfigError, match="unknown config key 'tau_gird'.*'tau_grid'"):
+    config_schema.validate(config)
+
+
+def test_synthetic_data_needs_n_test():
+  config = cli.parse_config(DEMO, [])
+  with config.unlocked():
+    del config.data["n_test"]
+  with pytest.raises(ConfigError, match="data.n_test"):
+    config_schema.validate(config)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--tau", "nan"], "--tau: must be a finite number"),
+    (["run", "--tau", "inf"], "--tau: must be a finite number"),
+    (["run", "--tau", "0.5", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+    (["explain", "--tau=-inf", "--out", "x.png"], "--tau: must be a finite number"),
+    (["predict", "--model", "m", "--batch-size=-1"], "--batch-size: must be an integer"),
+])
+def test_run_explain_predict_refuse_bad_numbers(argv, message, capsys):
+  if argv[0] in ("run", "explain"):
+    argv = [*argv[:1], "--edge", "e", "--calibration", "c.json",
+            *(["--server", "s"] if argv[0] == "run" else []), *argv[1:]]
+  with pytest.raises(SystemExit) as exit_:
+    cli.main([*argv, "image.png"])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err, err
