@@ -126,6 +126,7 @@ class Evaluation:
       if int(self.config[key]) % ndev:
         raise ValueError(f"{key} {self.config[key]} must be a multiple of the {ndev} devices")
     self.geometry = Geometry.of_server(self.models.server)
+    self._check_against_geometry()
     self.points = methods.operating_points(self.config)
     self.fp = fingerprint(self.config, self.models, self.sources)
     self.cache_dir = os.path.join(self.out_dir, "cache", self.fp)
@@ -138,6 +139,18 @@ class Evaluation:
     self._edge, self._server, self._base = (
         put(self.models.edge), put(self.models.server), put(self.models.baseline_edge))
     self._base_probs = _probs_fn(self._base, True)
+
+  def _check_against_geometry(self):
+    """The config checks that need the server's patch count (config_schema does the rest)."""
+    from rcst_jax.errors import ConfigError
+    n = self.geometry.num_patches
+    if max(self.config.buckets) < n:
+      raise ConfigError(f"config.buckets = {tuple(self.config.buckets)}: the largest bucket must "
+                        f"hold all {n} patches of the server's grid")
+    bad = [k for k in self.config.k_grid if k > n]
+    if bad:
+      raise ConfigError(f"config.k_grid = {tuple(self.config.k_grid)}: {bad} exceed the {n} "
+                        "patches of the server's grid")
 
   def _batches(self, source, indices, desc):
     return batches(source, indices, int(self.config.batch_size),

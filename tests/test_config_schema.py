@@ -120,3 +120,19 @@ def test_run_explain_predict_refuse_bad_numbers(argv, message, capsys):
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.buckets=(8,)", "largest bucket"), ("--config.k_grid=(10,400)", "exceed the 196")])
+def test_checks_that_need_the_server_grid(tmp_path, override, message):
+  import small_models
+  from rcst_jax import engine
+  from rcst_jax.data.sources import Sources
+  from rcst_jax.data.synthetic import SyntheticShapes
+  from rcst_jax.errors import ConfigError
+  from rcst_jax.models.loading import Models
+  config = cli.parse_config("imagenet:smoke", [f"--config.output_dir={tmp_path}", override])
+  models = Models(small_models.server(), small_models.server(), small_models.server())
+  with pytest.raises(ConfigError, match=message):
+    engine.Evaluation(config, models, Sources(SyntheticShapes("test", 2), SyntheticShapes("test", 2)),
+                      str(tmp_path))
