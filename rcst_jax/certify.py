@@ -8,23 +8,25 @@ H_theta: R(theta) > eps with a valid p-value (P(p <= u) <= u under H_theta), and
 control the family-wise error rate at delta over the whole grid (fixed-sequence
 testing along a Pareto order fitted on a separate split, or Bonferroni).
 
-What is guaranteed. If the n calibration images are i.i.d. draws from the test
-distribution (for the binomial and Hoeffding-Bentkus tests exchangeability
-with the test point suffices in the usual LTT sense; the betting test is a
-supermartingale argument and is stated for i.i.d. draws), then over the
-randomness of the calibration set (and of the split)
+What is guaranteed. Assume the n calibration images and the test image are
+i.i.d. from one distribution, and the split (or the caller's split_indices) and
+the grid do not depend on the calibration losses. Each p-value is then valid
+(P(p <= u) <= u when R(theta) > eps), fixed-sequence testing along an order
+fitted on the first split (or Bonferroni) controls the family-wise error, and
+over the draw of the calibration set (and of the split)
     P( R(theta) <= eps for every certified theta simultaneously ) >= 1 - delta,
-hence P( R(theta_hat) <= eps ) >= 1 - delta for the chosen cheapest theta_hat,
-whatever rule chooses it among the certified ones. With several risks, a
-configuration is certified only if every risk is <= its eps (intersection
-null: its p-value is the max over risks).
+hence P( R(theta_hat) <= eps ) >= 1 - delta for the cheapest certified
+theta_hat, or for any other rule that picks among the certified ones. Here R is
+the expected loss of a new test image. With several risks, a configuration is
+certified only if every risk is <= its eps (its p-value is the max over risks).
 
 What is not guaranteed. The bound is on the population risk, not on the
 empirical risk of one test set (that fluctuates around R(theta_hat)); it is
 marginal over calibration draws, not conditional on a given calibration set or
 on a class or image; nothing holds under distribution shift; costs are
-estimates, not controlled quantities; when nothing is certified the caller
-must fall back to server-only (cost 1), which is the only risk-free choice.
+estimates, not controlled quantities. When nothing is certified the caller
+falls back to server-only (cost 1): zero accuracy drop and degradation by
+definition, but no certificate at all for system error or other risks.
 
 Accuracy drop lives in {-1, 0, 1}; tests need [0, 1]: use x' = (x + 1) / 2 and
 eps' = (eps + 1) / 2 (`rescale_accuracy_drop`), since R <= eps <=> R' <= eps'.
@@ -53,6 +55,8 @@ __all__ = [
 
 def decisions(p_max, edge_pred, server_pred, lambdas):
   """Algorithm 2 on the grid: (accepted [L, n], system prediction [L, T, n])."""
+  if np.ndim(server_pred) != 2 or np.shape(server_pred)[1] != np.size(p_max):
+    raise ValueError(f"server_pred must be [T, n], got {np.shape(server_pred)}")
   accepted = np.asarray(p_max)[None, :] >= np.asarray(lambdas)[:, None]
   pred = np.where(accepted[:, None, :], np.asarray(edge_pred)[None, None, :],
                   np.asarray(server_pred)[None, :, :])
@@ -133,7 +137,7 @@ def binomial_pvalue(losses, eps: float):
 
 
 def hb_pvalue(losses, eps: float):
-  """Hoeffding-Bentkus (LTT, Prop. 3): min(exp(-n h1(mean ^ eps, eps)), e P(Binom <= ceil(n mean)))."""
+  """Hoeffding-Bentkus (LTT): min(exp(-n h1(mean ^ eps, eps)), e P(Bin(n, eps) <= ceil(n mean)))."""
   x = _check(losses, eps)
   n = x.shape[-1]
   a = np.minimum(x.mean(-1), eps)
