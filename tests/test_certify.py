@@ -1,0 +1,254 @@
+"""Learn-then-Test core: losses, p-values (exactness and validity), FWER control, Pareto testing."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from rcst_jax import certify
+
+
+def _slack(delta, draws):
+  return 3 * math.sqrt(delta * (1 - delta) / draws)
+
+
+# ---------------------------------------------------------------------------
+# Losses and cost.
+
+
+def test_losses_follow_algorithm2_by_hand():
+  labels = np.array([0, 1, 2, 3])
+  edge_pred = np.array([0, 0, 2, 0])        # right, wrong, right, wrong
+  p_max = np.array([0.9, 0.8, 0.3, 0.2])
+  server_only = np.array([0, 1, 0, 3])      # right, right, wrong, right
+  server_pred = np.array([[0, 1, 2, 3],     # tau 0: all right
+                          [0, 2, 0, 0]])    # tau 1: only image 0 right
+  kept = np.array([[10, 10, 10, 10], [5, 5, 5, 5]])
+  lambdas = np.array([0.0, 0.5, 1.1])       # accept all / images 0,1 / none
+  args = (labels, edge_pred, p_max, server_only, server_pred, lambdas)
+  err = certify.system_error(labels, edge_pred, p_max, server_pred, lambdas)
+  np.testing.assert_array_equal(err[0], [[0, 1, 0, 1]] * 2)
+  np.testing.assert_array_equal(err[1], [[0, 1, 0, 0], [0, 1, 1, 1]])
+  np.testing.assert_array_equal(err[2], [[0, 0, 0, 0], [0, 1, 1, 1]])
+  drop = certify.accuracy_drop(*args)
+  np.testing.assert_array_equal(drop[1], [[0, 1, -1, 0], [0, 1, 0, 1]])
+  deg = certify.degradation(*args)
+  np.testing.assert_array_equal(deg[1], [[0, 1, 0, 0], [0, 1, 0, 1]])
+  assert set(np.unique(drop)) <= {-1, 0, 1} and set(np.unique(deg)) <= {0, 1}
+  edge = certify.edge_risk(labels, edge_pred, p_max, lambdas, num_taus=2)
+  assert edge.shape == (3, 2, 4)
+  np.testing.assert_array_equal(edge[:, 0], [[0, 1, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(edge[:, 0], edge[:, 1])
+  cost = certify.patch_cost(p_max, kept, lambdas, num_patches=10)
+  np.testing.assert_allclose(cost, [[0, 0], [0.5, 0.25], [1.0, 0.5]])
+  assert certify.patch_cost(p_max, kept, lambdas, 10, per_image=True).shape == (3, 2, 4)
+  x, e = certify.rescale_accuracy_drop(drop, 0.02)
+  assert x.min() >= 0 and x.max() <= 1 and e == pytest.approx(0.51)
+  assert np.all((drop.mean(-1) <= 0.02) == (x.mean(-1) <= e))
+
+
+# ---------------------------------------------------------------------------
+# p-values: exactness.
+
+
+def _exact_binom_cdf(k, n, eps):
+  p = Fraction(str(eps))
+  return float(sum(math.comb(n, j) * p**j * (1 - p)**(n - j) for j in range(k + 1)))
+
+
+def test_binomial_pvalue_is_exact_binomial_tail():
+  rng = np.random.default_rng(0)
+  for n, eps in [(1, 0.3), (50, 0.1), (400, 0.05), (3000, 0.2)]:
+    x = (rng.random((6, n)) < eps * rng.uniform(0.5, 1.5, (6, 1))).astype(float)
+    p = certify.binomial_pvalue(x, eps)
+    want = [_exact_binom_cdf(int(s), n, eps) for s in x.sum(-1)]
+    np.testing.assert_allclose(p, want, rtol=1e-9, atol=1e-300)
+
+
+def test_binomial_pvalue_matches_scipy_and_rejects_nonbinary():
+  stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(1)
+  x = (rng.random((20, 5000)) < 0.04).astype(float)
+  np.testing.assert_allclose(certify.binomial_pvalue(x, 0.05),
+                             stats.binom.cdf(x.sum(-1), 5000, 0.05), rtol=1e-9, atol=1e-300)
+  with pytest.raises(ValueError):
+    certify.binomial_pvalue(np.full(10, 0.5), 0.1)
+  with pytest.raises(ValueError):
+    certify.hb_pvalue(np.full(10, -0.5), 0.1)
+  with pytest.raises(ValueError):
+    certify.system_error(np.zeros(3), np.zeros(3), np.ones(3), np.zeros(3), np.array([0.5]))
+
+
+def test_hb_pvalue_formula():
+  stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(2)
+  x = rng.beta(1, 9, (10, 300))
+  n, eps = 300, 0.1
+  mu = np.minimum(x.mean(-1), eps)
+  h1 = mu * np.log(mu / eps) + (1 - mu) * np.log((1 - mu) / (1 - eps))
+  want = np.minimum(np.exp(-n * h1), math.e * stats.binom.cdf(np.ceil(n * x.mean(-1)), n, eps))
+  np.testing.assert_allclose(certify.hb_pvalue(x, eps), np.minimum(want, 1), rtol=1e-7)
+  # Zero losses: Hoeffding gives 0.9**100, Bentkus e * 0.9**100; the min is Hoeffding.
+  assert certify.hb_pvalue(np.zeros(100), 0.1) == pytest.approx(0.9**100, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# p-values: validity under the null (mean exactly eps), >= 500 draws.
+
+
+NULLS = {
+    "bernoulli": lambda rng, s, eps: (rng.random(s) < eps).astype(float),
+    "beta": lambda rng, s, eps: rng.beta(0.5, 0.5 * (1 - eps) / eps, s),
+    "three_point": lambda rng, s, eps: _three_point(rng, s, eps),
+}
+
+
+def _three_point(rng, s, eps):
+  # Values {0, 0.5, 1} with P(1) = eps/2 and P(0.5) = eps: mean eps, not Bernoulli.
+  u = rng.random(s)
+  return np.where(u < eps / 2, 1.0, np.where(u < 1.5 * eps, 0.5, 0.0))
+
+
+@pytest.mark.parametrize("null,test", [("bernoulli", "binomial")] + [
+    (null, test) for null in NULLS for test in ("hb", "wsr")])   # binomial: binary only
+def test_pvalues_are_valid_under_the_null(null, test):
+  rng = np.random.default_rng([list(NULLS).index(null), len(test)])  # fixed, not hash()
+  draws, n, eps, delta = 2000, 200, 0.1, 0.1
+  x = NULLS[null](rng, (draws, n), eps)
+  assert abs(x.mean() - eps) < 0.01
+  p = certify.config_pvalues(x, eps, delta, test)
+  assert p.shape == (draws,) and np.all((p >= 0) & (p <= 1))
+  for level in (delta, 0.05, 0.2):
+    assert np.mean(p <= level) <= level + _slack(level, draws)
+
+
+# ---------------------------------------------------------------------------
+# Multiple testing.
+
+
+def test_fixed_sequence_stops_at_first_failure():
+  assert certify.fixed_sequence([0.01, 0.02, 0.2, 0.01], 0.05) == 2
+  assert certify.fixed_sequence([0.06, 0.0, 0.0], 0.05) == 0
+  assert certify.fixed_sequence([0.05, 0.05], 0.05) == 2      # p <= delta rejects
+  assert certify.fixed_sequence([], 0.05) == 0
+  assert certify.fixed_sequence(np.zeros(7), 0.05) == 7
+
+
+def test_bonferroni():
+  p = np.array([[0.001, 0.02], [0.0125, 0.3]])
+  np.testing.assert_array_equal(certify.bonferroni(p, 0.05), [[True, False], [True, False]])
+  assert certify.bonferroni(np.full(100, 0.0005), 0.05).all()
+  assert not certify.bonferroni(np.full(100, 0.0006), 0.05).any()
+
+
+def test_pareto_order_front_first():
+  order, front = certify.pareto_order(np.array([1, 2, 3, 4.0]), np.array([0.5, 0.1, 0.2, -0.1]))
+  np.testing.assert_array_equal(front, [True, True, False, True])
+  np.testing.assert_array_equal(order, [3, 1, 0, 2])
+
+
+def test_betting_certifies_at_least_as_often_as_hb_on_low_variance_losses():
+  # Accuracy-drop-like losses: -1 w.p. 0.03, +1 w.p. 0.01, else 0; true drop -0.02,
+  # tested against eps = 0.02, i.e. rescaled mean 0.49 against eps' = 0.51.
+  rng = np.random.default_rng(3)
+  draws, n, delta = 300, 1000, 0.1
+  u = rng.random((draws, n))
+  drop = np.where(u < 0.03, -1.0, np.where(u < 0.04, 1.0, 0.0))
+  x, e = certify.rescale_accuracy_drop(drop, 0.02)
+  rate = {t: np.mean(certify.config_pvalues(x, e, delta, t) <= delta) for t in ("hb", "wsr")}
+  print("certification rates", rate)
+  assert rate["wsr"] >= rate["hb"]
+  assert rate["wsr"] > 0.5
+
+
+# ---------------------------------------------------------------------------
+# End-to-end LTT validity on a synthetic edge/server population.
+
+
+def _population(num=20000, seed=0, num_patches=196):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, num)
+  p_max = rng.beta(4, 1.5, num)
+  edge_pred = np.where(rng.random(num) < p_max, labels, (labels + 1) % 10)
+  server_ok = rng.random(num) < 0.75 + 0.2 * p_max
+  server_only = np.where(server_ok, labels, (labels + 2) % 10)
+  fracs = np.array([0.1, 0.2, 0.35, 0.5, 0.75, 1.0])
+  hard = rng.random(num)                    # images that need many patches fail first
+  ok_at_tau = server_ok[None] & (hard[None] < fracs[:, None] ** 0.15)
+  server_pred = np.where(ok_at_tau, labels[None], (labels[None] + 3) % 10)
+  spread = rng.uniform(0.7, 1.3, num)
+  kept = np.clip(np.rint(fracs[:, None] * spread[None] * num_patches), 1, num_patches)
+  lambdas = np.linspace(0.5, 1.0, 11)
+  return dict(labels=labels, edge_pred=edge_pred, p_max=p_max, server_only_pred=server_only,
+              server_pred=server_pred, kept=kept, lambdas=lambdas, num_patches=num_patches)
+
+
+def _losses(pop, idx, kind, eps):
+  args = (pop["labels"][idx], pop["edge_pred"][idx], pop["p_max"][idx],
+          pop["server_only_pred"][idx], pop["server_pred"][:, idx], pop["lambdas"])
+  if kind == "degradation":
+    return certify.degradation(*args), eps
+  if kind == "system_error":
+    return certify.system_error(*args[:3], *args[4:]), eps
+  return certify.rescale_accuracy_drop(certify.accuracy_drop(*args), eps)
+
+
+SETTINGS = [("degradation", 0.05, 0.1, "binomial"), ("accuracy_drop", 0.03, 0.2, "wsr"),
+            ("system_error", 0.15, 0.1, "hb")]
+
+
+@pytest.mark.parametrize("kind,eps,delta,test", SETTINGS)
+def test_ltt_end_to_end_validity_and_cost(kind, eps, delta, test):
+  pop = _population()
+  num, n, draws = pop["labels"].size, 500, 200
+  full, e = _losses(pop, np.arange(num), kind, eps)
+  risk = full.mean(-1)                      # exact population risk per (lambda, tau)
+  cost_pop = certify.patch_cost(pop["p_max"], pop["kept"], pop["lambdas"], pop["num_patches"])
+  assert (risk <= e).any() and (risk > e).any()   # the grid straddles eps
+  rng = np.random.default_rng(42)
+  bad, any_bad, naive_bad, chosen_any, cost_pt, cost_bf = 0, 0, 0, 0, [], []
+  for d in range(draws):
+    idx = rng.integers(0, num, n)           # i.i.d. calibration set
+    losses, _ = _losses(pop, idx, kind, eps)
+    costs = certify.patch_cost(pop["p_max"][idx], pop["kept"][:, idx], pop["lambdas"],
+                               pop["num_patches"], per_image=True)
+    res = certify.pareto_testing(losses, costs, e, delta, test=test, seed=d)
+    assert res.certified.shape == risk.shape and res.n_test + res.n_opt == n
+    any_bad += (risk[res.certified] > e).any()   # the FWER event, stronger than "chosen bad"
+    if res.chosen is not None:
+      chosen_any += 1
+      bad += risk[res.chosen] > e
+      assert res.certified[res.chosen]
+    cost_pt.append(cost_pop[res.chosen] if res.chosen is not None else 1.0)
+    # The check has teeth: "cheapest config with empirical risk <= eps" is not valid.
+    ok = losses.mean(-1) <= e
+    naive_bad += ok.any() and risk.ravel()[np.flatnonzero(ok)[np.argmin(cost_pop[ok])]] > e
+    mask = certify.bonferroni(certify.config_pvalues(losses, e, delta, test), delta)
+    cost_bf.append(cost_pop[mask].min() if mask.any() else 1.0)
+  rate, fwer = bad / draws, any_bad / draws
+  print(f"{kind}: chose a config in {chosen_any}/{draws}, violation rate {rate:.3f} "
+        f"(any certified bad {fwer:.3f}, naive {naive_bad / draws:.3f}), "
+        f"mean cost pareto {np.mean(cost_pt):.3f} bonferroni {np.mean(cost_bf):.3f}, "
+        f"best feasible {cost_pop[risk <= e].min():.3f}")
+  assert chosen_any > draws // 2
+  assert rate <= fwer <= delta + _slack(delta, draws)
+  assert naive_bad / draws > delta + _slack(delta, draws)
+  assert np.mean(cost_pt) <= np.mean(cost_bf) + 1e-12
+
+
+def test_pareto_testing_split_indices_and_nothing_certified():
+  rng = np.random.default_rng(5)
+  losses = (rng.random((3, 2, 100)) < 0.5).astype(float)   # far above eps
+  costs = rng.random((3, 2))
+  res = certify.pareto_testing(losses, costs, 0.1, 0.1, test="binomial",
+                               split_indices=(np.arange(40), np.arange(40, 100)))
+  assert res.chosen is None and not res.certified.any()
+  assert (res.n_opt, res.n_test) == (40, 60) and sorted(res.order) == list(range(6))
+  # Two risks: a configuration needs both; the max p-value decides.
+  good = np.zeros((3, 2, 100))
+  res = certify.pareto_testing({"a": good, "b": losses}, costs, {"a": 0.1, "b": 0.1}, 0.1,
+                               test="hb", seed=0)
+  assert res.chosen is None
+  res = certify.pareto_testing({"a": good, "b": good}, costs, 0.1, 0.1, test="hb", seed=0)
+  assert res.certified.all() and res.chosen == np.unravel_index(np.argmin(costs), (3, 2))
