@@ -39,6 +39,8 @@ def get_config(arg=None):
   c.server_batch = 64
   c.chunk_size = 500
   c.output_dir = "outputs/demo"
+  c.certify.enabled = True
+  c.certify.epsilon = 0.02
   if name == "quick":
     c.data.n_cal, c.data.n_test = max(1, value // 5), value - max(1, value // 5)
   elif name == "smoke":

@@ -91,6 +91,20 @@ def _base():
   c.chunk_size = 2048            # unit of resumption
   c.buckets = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80,
                96, 112, 128, 144, 160, 176, 196)
+  # Whole-system guarantee (Learn-then-Test): certify (lambda, tau) with
+  # P(risk <= epsilon) >= 1 - delta on a split of the calibration set, pick the
+  # cheapest; nothing certified -> server-only. Risks: accuracy_drop (system
+  # minus server-only error), degradation, system_error, edge_risk (Eq. 12 at
+  # alpha_crc). Tests: wsr (betting, variance-adaptive), hb, binomial.
+  c.certify = ml_collections.ConfigDict()
+  c.certify.enabled = False
+  c.certify.epsilon = 0.01
+  c.certify.delta = 0.1
+  c.certify.risks = ("accuracy_drop",)
+  c.certify.test = "wsr"
+  c.certify.lambda_grid = tuple(round(0.05 * i, 2) for i in range(21)) + (1.01,)
+  c.certify.split = 0.5                # fraction of calibration images that fits and orders
+  c.certify.seed = 0
   c.gallery_size = 6
   c.per_image = False            # also write per_image.csv (one row per image and point)
   c.output_dir = "outputs/imagenet"

@@ -63,6 +63,29 @@ def _check_record(d, keys: dict, name: str):
                              f"got {d[k]!r}")
 
 
+_CERT_KEYS = ("certified", "lambda_hat", "tau", "q_hat", "risks", "epsilon", "delta", "test",
+              "n_fit", "n_test", "p_value")
+
+
+def _check_certificate(c):
+  if c is None:
+    return
+  if not isinstance(c, dict) or any(k not in c for k in _CERT_KEYS):
+    raise CalibrationError(f"certificate must be an object with keys {list(_CERT_KEYS)}")
+  for k in ("lambda_hat", "q_hat"):
+    if c[k] != "inf" and (isinstance(c[k], bool) or not isinstance(c[k], (int, float))
+                          or not c[k] >= 0):
+      raise CalibrationError(f"certificate.{k} must be a number >= 0 or 'inf', got {c[k]!r}")
+  for k in ("epsilon", "delta"):
+    if isinstance(c[k], bool) or not isinstance(c[k], (int, float)) or not 0 < c[k] < 1:
+      raise CalibrationError(f"certificate.{k} must lie in (0, 1), got {c[k]!r}")
+  if isinstance(c["tau"], bool) or not isinstance(c["tau"], (int, float)) \
+      or not math.isfinite(c["tau"]):
+    raise CalibrationError(f"certificate.tau must be a finite number, got {c['tau']!r}")
+  if not isinstance(c["certified"], bool):
+    raise CalibrationError("certificate.certified must be a boolean")
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
   """Output of Algorithm 1, plus what the run that made it used.
@@ -92,6 +115,8 @@ class Calibration:
   # silently applied to other weights than it was computed for.
   edge_digest: Optional[str] = None
   server_digest: Optional[str] = None
+  # Learn-then-Test certificate of a (lambda, tau) pair (rcst_jax/certification.py).
+  certificate: Optional[dict] = None
 
   def __post_init__(self):
     if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
@@ -111,6 +136,7 @@ class Calibration:
       if v is not None and not isinstance(v, str):
         raise CalibrationError(f"{name} must be a string or null, got {v!r}")
     _check_record(self.transform, _TRANSFORM_KEYS, "transform")
+    _check_certificate(self.certificate)
     _check_record(self.geometry, _GEOMETRY_KEYS, "geometry")
 
   def to_dict(self) -> dict:

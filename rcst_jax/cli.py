@@ -120,6 +120,14 @@ def _cmd_calibrate(args, extra):
   from rcst_jax.data.sources import load_sources, run_transform
   from rcst_jax.geometry import Geometry
   config = parse_config(args.config, extra)
+  if config.certify.enabled:  # Learn-then-Test needs the server's answers too
+    from rcst_jax.engine import Evaluation
+    from rcst_jax.models.loading import load_models
+    models = load_models(config)
+    transform = run_transform(models.edge.metadata, {"server": models.server.metadata})
+    cal = Evaluation(config, models, load_sources(config, transform), config.output_dir,
+                     transform, progress=config.progress).calibrate()
+    return _write_calibration(args, config, cal)
   # Algorithm 1 needs the edge; of the server only its patch geometry and digest.
   edge = load_model(osp.join(config.models_dir, config.edge))
   server_meta = read_metadata(osp.join(config.models_dir, config.server))
@@ -130,9 +138,13 @@ def _cmd_calibrate(args, extra):
                            geometry=Geometry(int(module.img_size), int(module.patch_size)),
                            server_digest=server_meta.get("variables_digest"),
                            progress=config.progress)
-  out = args.out or osp.join(config.output_dir, "calibration.json")
-  cal.to_json(out)
+  return _write_calibration(args, config, cal)
+
+
+def _write_calibration(args, config, cal):
   from rcst_jax.fileio import dumps
+  out = args.out or os.path.join(config.output_dir, "calibration.json")
+  cal.to_json(out)
   print(dumps({"calibration": out, **cal.to_dict()}))
 
 
@@ -179,12 +191,29 @@ def _chunks(seq, size):
   return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
+def _operating_point(args, cal):
+  """(calibration to run with, tau): the certified pair unless --tau is given."""
+  import warnings
+  from rcst_jax.errors import RcstError
+  cert = cal.certificate
+  if args.tau is not None:
+    if cert is not None:
+      warnings.warn("--tau overrides the certified (lambda, tau) of the calibration: "
+                    "its whole-system certificate does not apply")
+    return cal, args.tau
+  if cert is None:
+    raise RcstError(f"{args.calibration} has no certified (lambda, tau); pass --tau")
+  from rcst_jax.certification import certified_calibration
+  return certified_calibration(cal), float(cert["tau"])
+
+
 def _cmd_run(args, extra):
   import numpy as np
   from rcst_jax.data.sources import transform_from_record
   from rcst_jax.pipeline import collaborative_inference
   from rcst_jax.predict import class_names_for
   edge, server, cal, _ = _load_run_models(args, with_server=True)
+  cal, tau = _operating_point(args, cal)
   transform = transform_from_record(cal.transform, edge.metadata)
   names = class_names_for(edge)
   label = (lambda c: names[c]) if names else (lambda c: None)
@@ -194,7 +223,7 @@ def _cmd_run(args, extra):
     failed += bad
     if not images:
       continue
-    out = collaborative_inference(np.stack(images), edge, server, cal, args.tau,
+    out = collaborative_inference(np.stack(images), edge, server, cal, tau,
                                   batch_size=args.batch_size, server_batch=args.batch_size)
     for i, path in enumerate(good):
       pred = int(out["pred"][i])
@@ -274,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--edge", required=True)
   p.add_argument("--server", required=True)
   p.add_argument("--calibration", required=True)
-  p.add_argument("--tau", type=_finite_float, required=True)
+  p.add_argument("--tau", type=_finite_float, default=None,
+                 help="patch threshold; default: the calibration's certified (lambda, tau)")
   p.add_argument("--batch-size", type=_positive_int, default=16,
                  help="images per edge/server call")
   p.add_argument("--allow-other-weights", action="store_true",

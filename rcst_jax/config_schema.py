@@ -166,6 +166,15 @@ SCHEMA: dict[str, Checker] = {
     "server_batch": positive_int,
     "chunk_size": positive_int,
     "buckets": grid_of(positive_int, increasing=True),
+    # whole-system certification (Learn-then-Test, rcst_jax/certify.py)
+    "certify.enabled": boolean,
+    "certify.epsilon": open_unit,
+    "certify.delta": open_unit,
+    "certify.risks": grid_of(one_of("accuracy_drop", "degradation", "system_error", "edge_risk")),
+    "certify.test": one_of("wsr", "hb", "binomial"),
+    "certify.lambda_grid": grid_of(non_negative),
+    "certify.split": open_unit,
+    "certify.seed": integer,
     # outputs
     "gallery_size": non_negative_int,
     "per_image": boolean,

@@ -132,6 +132,8 @@ class Evaluation:
     self.cache_dir = os.path.join(self.out_dir, "cache", self.fp)
     os.makedirs(self.cache_dir, exist_ok=True)
     self.skipped = collections.Counter()
+    self.certificate = None
+    self.certification_grid = None
     self.timings = collections.defaultdict(float)
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
     rep = NamedSharding(self.mesh, PartitionSpec())
@@ -160,9 +162,14 @@ class Evaluation:
 
   def calibrate(self) -> conformal.Calibration:
     path = os.path.join(self.cache_dir, "calibration.json")
+    grid_path = os.path.join(self.cache_dir, "certification_grid.npz")
     if os.path.exists(path):
       try:
-        return conformal.Calibration.from_json(path)
+        cal = conformal.Calibration.from_json(path)
+        if cal.certificate is not None and os.path.exists(grid_path):
+          with np.load(grid_path, allow_pickle=False) as z:
+            self.certification_grid = {k: z[k] for k in z.files}
+        return cal
       except (conformal.CalibrationError, OSError, UnicodeDecodeError) as e:
         warnings.warn(f"cached calibration {path} is unreadable ({e}); recomputing")
     cal = offline.algorithm1(
@@ -170,6 +177,11 @@ class Evaluation:
         server_metadata=self.models.server.metadata, geometry=self.geometry,
         server_digest=variables_digest(self.models.server.variables),
         sharding=self.batch_sharding, skipped=self.skipped, progress=self.progress)
+    if self.config.get("certify") and self.config.certify.enabled:
+      cert, self.certification_grid = self.certify(cal)
+      cal = dataclasses.replace(cal, certificate=cert)
+      if jax.process_index() == 0:
+        atomic_savez(grid_path, **self.certification_grid)
     if jax.process_index() == 0:  # one writer for shared files
       cal.to_json(path)
     return cal
@@ -201,27 +213,30 @@ class Evaluation:
       os.unlink(path)
       return None
 
-  def _edge_pass(self, indices, cal, desc):
+  def _edge_pass(self, indices, cal, desc, source=None, with_base=True):
     edge, base = collections.defaultdict(list), collections.defaultdict(list)
     images, labels, keys = [], [], []
     grid, layer = self.geometry.grid, self.config.gradcam_layer
-    for b in self._batches(self.sources.test_source, indices, desc):
+    source = self.sources.test_source if source is None else source
+    for b in self._batches(source, indices, desc):
       v = b.valid
       x = jax.device_put(b.images, self.batch_sharding)
       e = jax.device_get(pipeline.edge_step(self._edge, x, cal.lambda_hat, cal.q_hat,
                                             layer=layer, grid=grid))
-      bp, attn = jax.device_get(self._base_probs(self._base.variables, x))
       lab = b.labels[v]
       for k in ("pred", "p_max", "accept", "aps_size", "patch_scores"):
         edge[k].append(e[k][v])
       edge["aps_cover"].append(e["aps_mask"][v][np.arange(v.sum()), lab])
+      images.append(b.images[v])
+      labels.append(lab)
+      keys.extend(k for k, ok in zip(b.keys, v) if ok)
+      if not with_base:
+        continue
+      bp, attn = jax.device_get(self._base_probs(self._base.variables, x))
       base["pred"].append(bp[v].argmax(-1).astype(np.int32))
       base["p_max"].append(bp[v].max(-1))
       base["accept"].append(np.asarray(transmit.min_entropy_accept(bp[v], self.config.eta)))
       base["scores"].append(attn[v])
-      images.append(b.images[v])
-      labels.append(lab)
-      keys.extend(k for k, ok in zip(b.keys, v) if ok)
     cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}
     if not labels:
       return None
@@ -239,11 +254,25 @@ class Evaluation:
     views = {methods.EDGE: pipeline.edge_view(edge),
              methods.BASELINE: {**base, "rank": transmit.random_ranks(
                  keys, self.config.seed, self.geometry.num_patches)}}
+    plan = [(m, methods.grid(m, self.config)) for m in methods.METHODS]
+    if self.certificate is not None:  # its own acceptance and APS q_hat: its own edge view
+      views["certified"] = pipeline.edge_view(self._edge_images(images, self._certified_cal))
+      plan.append((methods.CERTIFIED, (self.certificate["tau"],)))
     t1 = time.perf_counter()
+    off, keep, fallback, server_pred = self._sweep(views, images, plan)
+    self.timings["server_s"] += time.perf_counter() - t1
+    atomic_savez(self._chunk_path(c), labels=labels, keys=np.asarray(keys, str),
+                 offloaded=off, kept=keep.sum(-1).astype(np.int16), server_pred=server_pred,
+                 pred=methods.combine(off, server_pred, fallback),
+                 **{f"edge_{k}": v for k, v in edge.items() if k != "patch_scores"},
+                 **{f"base_{k}": v for k, v in base.items() if k != "scores"})
+
+  def _sweep(self, views, images, plan):
+    """Every (method, params) of `plan` on one batch of images: decisions in one
+    vmapped call per method, the server once per distinct (image, kept set)."""
     off, keep, fallback = [], [], []
-    for m in methods.METHODS:
-      o, k, f = methods.decide(m, views[m.edge], methods.grid(m, self.config),
-                               self.config.empty_policy)
+    for m, params in plan:
+      o, k, f = methods.decide(m, views[m.edge], params, self.config.empty_policy)
       off.append(o)
       keep.append(k)
       fallback.append(np.broadcast_to(f, o.shape))
@@ -255,12 +284,56 @@ class Evaluation:
                             tuple(self.config.buckets), self.batch_sharding)
       row_pred = srv.logits_from_images(images, rows_keep, rows=rows_image).argmax(-1)
       server_pred[off] = row_pred[ids[off]]
-    self.timings["server_s"] += time.perf_counter() - t1
-    atomic_savez(self._chunk_path(c), labels=labels, keys=np.asarray(keys, str),
-                 offloaded=off, kept=keep.sum(-1).astype(np.int16), server_pred=server_pred,
-                 pred=methods.combine(off, server_pred, fallback),
-                 **{f"edge_{k}": v for k, v in edge.items() if k != "patch_scores"},
-                 **{f"base_{k}": v for k, v in base.items() if k != "scores"})
+    return off, keep, fallback, server_pred
+
+  def _edge_images(self, images, cal) -> dict:
+    """edge_step on images already in memory, in the run's batch size."""
+    size, outs = int(self.config.batch_size), []
+    for start in range(0, len(images), size):
+      part = images[start:start + size]
+      pad = np.pad(part, [(0, size - len(part))] + [(0, 0)] * 3)
+      e = jax.device_get(pipeline.edge_step(self._edge, jax.device_put(pad, self.batch_sharding),
+                                            cal.lambda_hat, cal.q_hat,
+                                            layer=self.config.gradcam_layer,
+                                            grid=self.geometry.grid))
+      outs.append({k: np.asarray(v)[:len(part)] for k, v in e.items()})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+  # -- whole-system certification (Learn-then-Test)
+
+  def certify(self, cal: conformal.Calibration) -> tuple[dict, dict]:
+    """Calibration outcomes at every tau (q_hat fitted on the first split only),
+    then Pareto Testing over the (lambda, tau) grid. Returns (certificate, grid)."""
+    from rcst_jax import certification
+    c = self.config.certify
+    idx = self.sources.cal_indices
+    perm = np.random.default_rng(int(c.seed)).permutation(len(idx))
+    n_fit = int(round(float(c.split) * len(idx)))
+    fit, test = np.sort(idx[perm[:n_fit]]), np.sort(idx[perm[n_fit:]])
+    fit_sources = Sources(self.sources.cal_source, self.sources.cal_source, fit, fit,
+                          name=self.sources.name)
+    cal_fit = offline.algorithm1(self.config, self._edge, fit_sources, self.transform,
+                                 server_metadata=self.models.server.metadata,
+                                 geometry=self.geometry, server_digest=None,
+                                 sharding=self.batch_sharding, progress=self.progress)
+    probe = dataclasses.replace(cal_fit, lambda_hat=float("inf"), lambda_valid=False)
+    taus = tuple(float(t) for t in self.config.tau_grid)
+    parts = []
+    for name, part in (("fit", fit), ("test", test)):
+      got = self._edge_pass(part, probe, f"certification {name}", self.sources.cal_source,
+                            with_base=False)
+      if got is None:
+        raise ValueError(f"no usable image in the certification {name} split")
+      edge, _, images, labels, _ = got
+      off, keep, _, server_pred = self._sweep(
+          {methods.EDGE: pipeline.edge_view(edge)}, images,
+          [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, taus)])
+      parts.append({"labels": labels, "edge_pred": edge["pred"], "p_max": edge["p_max"],
+                    "server_only_pred": server_pred[0], "server_pred": server_pred[1:],
+                    "kept": keep[1:].sum(-1)})
+    out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+    return certification.certify_run(self.config, out, taus, self.geometry.num_patches,
+                                     cal_fit.q_hat, len(parts[0]["labels"]))
 
   def arrays(self) -> dict:
     """Every finished chunk concatenated (images along the last axis)."""
@@ -284,6 +357,11 @@ class Evaluation:
     from rcst_jax import metrics
     t0 = time.perf_counter()
     cal = self.calibrate()
+    if cal.certificate is not None:
+      from rcst_jax.certification import certified_calibration
+      cert = self.certificate = cal.certificate
+      self._certified_cal = certified_calibration(cal)
+      self.points = methods.operating_points(self.config) + [(methods.CERTIFIED, cert["tau"])]
     chunks = self.chunks()
     done = 0
     bar = tqdm(total=len(chunks), desc="test chunks", disable=not self.progress)
@@ -305,5 +383,6 @@ class Evaluation:
     points = metrics.aggregate(arrays, self.points, self.geometry, cal.alpha_crc)
     self.timings["total_s"] += time.perf_counter() - t0
     return {"calibration": cal, "points": points, "arrays": arrays, "fingerprint": self.fp,
+            "certification_grid": self.certification_grid,
             "skipped": dict(self.skipped), "timings": dict(self.timings),
             "chunks_computed": done}

@@ -61,9 +61,18 @@ ATTENTION_SUM = Method("attention_sum", "Attention Sum", "Att-Sum", "tab:green",
                        "delta_sum", "delta_sum_grid", transmit.select_attention_sum,
                        may_be_empty=True)
 
-# Table order: the paper's rows, then the references.
+# The Learn-then-Test choice (rcst_jax/certify.py): one (lambda, tau) point,
+# with its own acceptance threshold and the APS q_hat of the fitting split,
+# so it reads an edge view of its own ("certified"). Added to a sweep only
+# when certification is configured.
+CERTIFIED = Method("certified", "Certified (LTT)", "Certified", "tab:orange", "*", "certified",
+                   "tau", None, transmit.select_threshold)
+
+# Sweep order: the paper's rows, then the references.
 METHODS = (RANDOM, TOPK, ATTENTION_SUM, PROPOSED, SERVER_ONLY, EDGE_ONLY)
-BY_NAME = {m.name: m for m in METHODS}
+# Table order, including the methods a run may add.
+ALL_METHODS = (RANDOM, TOPK, ATTENTION_SUM, PROPOSED, CERTIFIED, SERVER_ONLY, EDGE_ONLY)
+BY_NAME = {m.name: m for m in ALL_METHODS}
 
 
 def get(name: str) -> Method:

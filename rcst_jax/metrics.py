@@ -19,7 +19,7 @@ PER_IMAGE_COLUMNS = ("key", "label", "method", "param", "offloaded", "kept", "by
 
 
 def _edge_arrays(arrays: dict, method: methods.Method):
-  prefix = "edge" if method.edge == methods.EDGE else "base"
+  prefix = "base" if method.edge == methods.BASELINE else "edge"  # certified: the same CNN
   return arrays[f"{prefix}_pred"], arrays[f"{prefix}_p_max"]
 
 

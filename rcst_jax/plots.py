@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 
 from rcst_jax import methods, tables
 
-COLORS = {m.name: m.color for m in methods.METHODS}
-MARKERS = {m.name: m.marker for m in methods.METHODS if m.marker}
+COLORS = {m.name: m.color for m in methods.ALL_METHODS}
+MARKERS = {m.name: m.marker for m in methods.ALL_METHODS if m.marker}
 DPI = 150
 
 
@@ -230,3 +230,29 @@ def explain_figure(image, cam, keep_mask, aps_classes, path, grid: int = 14,
                    alpha: float = 0.5) -> Path:
   return _save(build_explain_figure(image, cam, keep_mask, aps_classes, grid,
                                     accepted, decision, alpha), path)
+
+
+def build_certification_figure(cost, risk, certified, chosen=None, epsilon=None,
+                               risk_label: str = "calibration risk") -> Figure:
+  """Risk against cost for every (lambda, tau) of the grid; certified ones filled."""
+  cost, risk, certified = (np.asarray(a).ravel() for a in (cost, risk, certified))
+  fig = _figure(figsize=(5.5, 4.0))
+  ax = fig.add_subplot()
+  ax.scatter(cost[~certified], risk[~certified], s=14, facecolors="none",
+             edgecolors="tab:gray", label="not certified")
+  ax.scatter(cost[certified], risk[certified], s=16, color="tab:orange", label="certified")
+  if chosen is not None:
+    ax.scatter([chosen[0]], [chosen[1]], marker="*", s=180, color="tab:red", zorder=3,
+               label="chosen (lowest cost)")
+  if epsilon is not None:
+    ax.axhline(epsilon, color="black", lw=0.8, ls="--", label=f"epsilon = {epsilon:g}")
+  ax.set_xlabel("communication cost")
+  ax.set_ylabel(risk_label)
+  ax.legend(fontsize=8)
+  return fig
+
+
+def certification_figure(cost, risk, certified, path, chosen=None, epsilon=None,
+                         risk_label: str = "calibration risk") -> Path:
+  return _save(build_certification_figure(cost, risk, certified, chosen, epsilon, risk_label),
+               path)

@@ -49,13 +49,24 @@ def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = Fal
   points = result["points"]
   paths = {}
   paths["results_json"], paths["results_csv"] = map(str, tables.write_results(points, out))
-  for name, text in (("table1.md", tables.table1_markdown(points)),
+  cert = result["calibration"].certificate
+  note = ""
+  if cert is not None:
+    from rcst_jax.certification import describe
+    note = "\n" + describe(cert) + "\n"
+  for name, text in (("table1.md", tables.table1_markdown(points) + note),
                      ("table1_bytes.md", tables.table1_markdown(points, cost_key="cost_bytes")),
                      ("table2.md", tables.table2_markdown(points))):
     paths[name] = atomic_write_text(os.path.join(out, name), text + "\n")
   ops = tables.operating_points(points)
   paths["figure1"] = str(plots.figure1(points, os.path.join(out, "figure1.png")))
   paths["figure2"] = str(plots.figure2(ops, os.path.join(out, "figure2.png")))
+  grid = result.get("certification_grid")
+  if grid is not None:
+    paths["certification"] = str(plots.certification_figure(
+        grid["cost"], grid["risk"], grid["certified"], os.path.join(out, "certification.png"),
+        chosen=tuple(grid["chosen"]) if "chosen" in grid else None, epsilon=cert["epsilon"],
+        risk_label=f"calibration {cert['risks'][0].replace('_', ' ')}"))
   if per_image:
     paths["per_image"] = write_per_image(os.path.join(out, "per_image.csv"), result["arrays"],
                                          ev.points, ev.geometry)
@@ -69,7 +80,9 @@ def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = Fal
                                                     grid=ev.geometry.grid))
   paths["calibration"] = os.path.join(out, "calibration.json")
   result["calibration"].to_json(paths["calibration"])
-  summary = {k: v for k, v in result.items() if k not in ("points", "calibration", "arrays")}
+  summary = {k: v for k, v in result.items()
+             if k not in ("points", "calibration", "arrays", "certification_grid")}
+  summary["certificate"] = cert
   from rcst_jax import __version__
   summary.update(rcst_jax_version=__version__, devices=int(ev.mesh.devices.size),
                  backend=jax.default_backend(),

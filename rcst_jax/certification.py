@@ -1,0 +1,109 @@
+"""The whole-system certificate of a run: Learn-then-Test on calibration outcomes.
+
+The engine supplies, for every calibration image, what Algorithm 2 would do
+at every tau of the grid (with the APS q_hat fitted on the first split only,
+so the second split's losses stay exchangeable with test images): the edge's
+prediction and p_max, the server's prediction on the kept patches and on the
+full image. A lambda grid only changes acceptance, so it costs no server work.
+`certify` turns that into losses, runs Pareto Testing (rcst_jax/certify.py)
+and returns the certificate stored in the calibration artifact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rcst_jax import certify
+
+
+def losses(config, out: dict, lambdas: np.ndarray):
+  """{risk: [L, T, n] in [0, 1]} and {risk: epsilon on that scale}."""
+  c = config.certify
+  args = (out["labels"], out["edge_pred"], out["p_max"])
+  xs, eps = {}, {}
+  for risk in c.risks:
+    if risk == "accuracy_drop":
+      x = certify.accuracy_drop(*args, out["server_only_pred"], out["server_pred"], lambdas)
+      xs[risk], eps[risk] = certify.rescale_accuracy_drop(x, c.epsilon)
+    elif risk == "degradation":
+      xs[risk] = certify.degradation(*args, out["server_only_pred"], out["server_pred"], lambdas)
+      eps[risk] = c.epsilon
+    elif risk == "system_error":
+      xs[risk] = certify.system_error(*args, out["server_pred"], lambdas)
+      eps[risk] = c.epsilon
+    elif risk == "edge_risk":  # the paper's Eq. 6, kept at its own level alpha_crc
+      xs[risk] = certify.edge_risk(*args, lambdas, len(out["server_pred"]))
+      eps[risk] = float(config.alpha_crc)
+  return xs, eps
+
+
+def certify_run(config, out: dict, taus, num_patches: int, q_hat_fit: float,
+                n_fit: int) -> tuple[dict, dict]:
+  """(certificate for the artifact, grid arrays for the figure).
+
+  `out` holds the calibration outcomes with the fitting split first (n_fit
+  images), then the testing split.
+  """
+  c = config.certify
+  lambdas = np.asarray(c.lambda_grid, np.float64)
+  xs, eps = losses(config, out, lambdas)
+  cost = certify.patch_cost(out["p_max"], out["kept"], lambdas, num_patches, per_image=True)
+  n = len(out["labels"])
+  res = certify.pareto_testing(xs, cost, eps, c.delta, test=c.test,
+                               split_indices=(np.arange(n_fit), np.arange(n_fit, n)))
+  head = xs[c.risks[0]].mean(-1)  # for the figure: the first risk on its own scale
+  if c.risks[0] == "accuracy_drop":
+    head = 2 * head - 1
+  grid = {"cost": cost.mean(-1), "risk": head, "certified": res.certified,
+          "lambda_grid": lambdas, "tau_grid": np.asarray(taus, np.float64)}
+  cert = {"risks": list(c.risks), "epsilon": float(c.epsilon), "delta": float(c.delta),
+          "test": c.test, "n_fit": int(n_fit), "n_test": int(res.n_test),
+          "grid_size": int(res.certified.size), "certified_count": int(res.certified.sum()),
+          "q_hat": _enc(q_hat_fit), "split_seed": int(c.seed)}
+  if res.chosen is None:  # nothing certified: server-only (accept nothing, keep every patch)
+    cert.update(certified=False, lambda_hat=_enc(math.inf), tau=0.0, p_value=None,
+                cost_calibration=1.0)
+  else:
+    l, t = res.chosen
+    cert.update(certified=True, lambda_hat=_enc(float(lambdas[l])), tau=float(taus[t]),
+                p_value=float(res.pvalues[l, t]), cost_calibration=float(cost[l, t].mean()))
+    grid["chosen"] = (float(cost[l, t].mean()), float(head[l, t]))
+  return cert, grid
+
+
+def _enc(x: float):
+  return "inf" if math.isinf(x) else float(x)
+
+
+def decode(x) -> float:
+  return math.inf if x == "inf" else float(x)
+
+
+def certified_calibration(cal):
+  """The calibration to run the certified pair with: its lambda and fitted q_hat.
+
+  A lambda above 1 accepts nothing, as lambda = inf does (p_max <= 1).
+  """
+  import dataclasses
+  cert = cal.certificate
+  lam = decode(cert["lambda_hat"])
+  lam = math.inf if lam > 1 else lam
+  return dataclasses.replace(cal, lambda_hat=lam, lambda_valid=math.isfinite(lam),
+                             q_hat=decode(cert["q_hat"]))
+
+
+def describe(cert: dict) -> str:
+  """The certificate in words (printed under Table 1)."""
+  risks = ", ".join(cert["risks"])
+  if not cert["certified"]:
+    return (f"Certified row: no (lambda, tau) was certified for {risks} <= {cert['epsilon']:g} "
+            f"at delta = {cert['delta']:g} ({cert['test']} test, {cert['n_test']} testing "
+            f"images); the run falls back to server-only.")
+  return (f"Certified row: (lambda, tau) = ({decode(cert['lambda_hat']):g}, {cert['tau']:g}), "
+          f"chosen before the test set was seen: with probability >= {1 - cert['delta']:g} "
+          f"over calibration draws, {risks} <= {cert['epsilon']:g} (Learn-then-Test, Pareto "
+          f"Testing, {cert['test']} p-values, {cert['n_fit']} fitting + {cert['n_test']} "
+          f"testing calibration images; {cert['certified_count']} of {cert['grid_size']} "
+          f"configurations certified, p = {cert['p_value']:.3g}).")
