@@ -87,6 +87,25 @@ def test_engine_equals_rcst_run_on_the_same_files(run, capsys):
         point["cost_bytes"], rel=1e-12)
 
 
+def test_rcst_run_without_tau_uses_the_certified_pair(run, capsys):
+  """The engine's Certified row and `rcst run` (no --tau) agree per image."""
+  cert = run["result"]["calibration"].certificate
+  assert cert is not None and cert["n_fit"] + cert["n_test"] == N_CAL
+  rows = _rows(run["rows"], "certified", f"{cert['tau']:g}")
+  keys = sorted(rows)[:40]
+  capsys.readouterr()
+  assert cli.main(["run", "--edge", f"{WEIGHTS}/demo_edge", "--server", f"{WEIGHTS}/demo_server",
+                   "--calibration", run["paths"]["calibration"], "--batch-size", "40",
+                   *[str(run["root"] / k) for k in keys]]) == 0
+  got = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  for key, r in zip(keys, got):
+    w = rows[key]
+    assert (r["prediction"], int(not r["accepted_on_edge"]), r["patches_sent"]) == (
+        int(w["pred"]), int(w["offloaded"]), int(w["kept"])), key
+  table = open(run["paths"]["table1.md"]).read()
+  assert "| Certified (LTT) |" in table and "Certified row:" in table
+
+
 def _server_argmax(server, images, keep):
   """Unbucketed, undeduplicated: all 196 positions, dropped ones masked out."""
   idx = np.broadcast_to(np.arange(196), keep.shape)

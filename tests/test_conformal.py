@@ -368,6 +368,7 @@ def test_calibrate_strict_raises(rng):
     (lambda d: json.dumps({**d, "transform": {"resize_size": 0, "crop_size": 224,
                                                "interpolation": "bicubic"}}), "resize_size"),
     (lambda d: json.dumps({**d, "dataset": 3}), "string"),
+    (lambda d: json.dumps({**d, "certificate": {"certified": True}}), "certificate must be"),
 ])
 def test_from_json_rejects_malformed(tmp_path, edit, msg):
   good = cf.Calibration(lambda_hat=0.9, q_hat=0.95, alpha_crc=0.05, alpha_aps=0.05, n=100,
