@@ -225,14 +225,17 @@ class LTTResult:
 
 
 def pareto_testing(losses, costs, eps, delta: float, split: float = 0.5, test: str = "wsr",
-                   seed=0, split_indices=None) -> LTTResult:
+                   seed=0, split_indices=None, order_by: str = "pvalue") -> LTTResult:
   """Pareto Testing (Laufer-Goldshtein et al., ICLR 2023) over a [L, T] grid.
 
   losses: [L, T, n] in [0, 1], or a mapping name -> [L, T, n] with eps a float
   or a mapping name -> eps. costs: [L, T] (known) or [L, T, n] (per image).
   The first split orders configurations (Pareto front of estimated cost and
   risk margin max_k(R_hat_k - eps_k)); the second tests them in that order.
-  split_indices = (opt_idx, test_idx) overrides the random split.
+  split_indices = (opt_idx, test_idx) overrides the random split. order_by:
+  "pvalue" (default) sorts the front by the configurations' p-values on the
+  first split, which accounts for each loss's variance as the test does;
+  "margin" by the estimated risk margin.
   """
   xs, es = _as_risks(losses, eps)
   n = xs[0].shape[-1]
@@ -244,8 +247,14 @@ def pareto_testing(losses, costs, eps, delta: float, split: float = 0.5, test: s
   costs = np.asarray(costs, np.float64)
   cost_opt = costs[..., opt_idx].mean(-1) if costs.ndim == 3 else costs
   cost_all = costs.mean(-1) if costs.ndim == 3 else costs
-  margin = np.max(np.stack([x[..., opt_idx].mean(-1) - e for x, e in zip(xs, es)]), 0)
-  order, _ = pareto_order(cost_opt, margin)
+  if order_by == "pvalue":
+    key = config_pvalues({i: x[..., opt_idx] for i, x in enumerate(xs)}, dict(enumerate(es)),
+                         delta, test)
+  elif order_by == "margin":
+    key = np.max(np.stack([x[..., opt_idx].mean(-1) - e for x, e in zip(xs, es)]), 0)
+  else:
+    raise ValueError(f"order_by must be 'pvalue' or 'margin', got {order_by!r}")
+  order, _ = pareto_order(cost_opt, key)
   test_losses = {i: x[..., test_idx] for i, x in enumerate(xs)}
   pvals = config_pvalues(test_losses, dict(enumerate(es)), delta, test)
   k = fixed_sequence(pvals.ravel()[order], delta)
