@@ -129,6 +129,15 @@ class ServerStats:
     b["seconds"] += seconds
     b["shapes"].add(padded_rows)
 
+  def merge(self, other: "ServerStats") -> "ServerStats":
+    for bucket, o in other.by_bucket.items():
+      b = self.by_bucket.setdefault(bucket, dict(rows=0, batches=0, processed=0, useful=0,
+                                                 seconds=0.0, shapes=set()))
+      for k in ("rows", "batches", "processed", "useful", "seconds"):
+        b[k] += o[k]
+      b["shapes"] |= o["shapes"]
+    return self
+
   @property
   def processed(self) -> int:
     return sum(b["processed"] for b in self.by_bucket.values())
@@ -152,8 +161,11 @@ class Server:
   Each bucket runs in batches of at most ``batch_size`` rows and at most
   ``token_budget`` tokens (CLS included; default: no limit below
   ``batch_size``), the remainder in power-of-two batches (:func:`batch_rows`),
-  so padding rows cost about 1/8 of the last batch of a bucket and at most
-  ``len(buckets) * (1 + log2(batch_size))`` shapes are ever compiled.
+  so padding rows cost about 1/8 of the last batch of a bucket. Compiled
+  shapes: per bucket the full batch and powers of two (times the device
+  count) below it, so at most ``len(buckets) * (1 + log2(batch_size))``
+  when the full batches are a power of two times the device count (the
+  demo's 64), one more per bucket otherwise.
   ``sharding``: optional NamedSharding for the batch axis (multi-device);
   every batch is then a multiple of its mesh size. ``stats`` accumulates the
   processed and useful tokens of every call (:class:`ServerStats`).
