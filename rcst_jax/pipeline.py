@@ -85,25 +85,28 @@ def _pad_rows(a, rows: int):
   return np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
 
 
-def batch_rows(n: int, cap: int, multiple: int = 1, slack: float = 0.125) -> list[int]:
+def batch_rows(n: int, cap: int, multiple: int = 1, slack: float = 0.125,
+               smallest: int = 1) -> list[int]:
   """Padded row counts of the batches that run ``n`` rows of one bucket.
 
   Full batches of ``cap`` rows, then the remainder as batches of
-  ``multiple * 2**j`` rows: the smallest such shape if it pads at most
-  ``slack`` of its rows, else the largest one that fits and repeat. So the
-  shapes per bucket are ``cap`` and at most ``1 + log2(cap / multiple)``
-  powers of two, and the padding rows are about ``slack`` of the last
-  batch (below ``multiple`` rows only: a sharded batch needs whole rows per
-  device). ``cap`` must be a multiple of ``multiple``.
+  ``multiple * 2**j >= smallest`` rows: the smallest such shape if it pads at
+  most ``slack`` of its rows, else the largest one that fits and repeat. So
+  the shapes per bucket are ``cap`` and at most ``1 + log2(cap / smallest)``
+  powers of two, and the padding rows are about ``slack`` of the last batch
+  (or below ``smallest`` rows: a floor on shapes, since every shape is one
+  more compilation, and a sharded batch needs whole rows per device).
+  ``cap`` must be a multiple of ``multiple``.
   """
   if cap % multiple:
     raise ValueError(f"batch of {cap} rows is not a multiple of {multiple} devices")
   out = [cap] * (n // cap)
   n -= cap * len(out)
+  floor = multiple << max(0, -(-smallest // multiple) - 1).bit_length()
   while n > 0:
     units = -(-n // multiple)  # device rows needed, rounded up to a power of two
-    up = min(cap, multiple << (units - 1).bit_length())
-    if up - n <= slack * up or up == multiple:
+    up = min(cap, max(floor, multiple << (units - 1).bit_length()))
+    if up - n <= slack * up or up <= floor:
       out.append(up)
       break
     down = multiple << ((n // multiple).bit_length() - 1)
@@ -161,11 +164,12 @@ class Server:
   Each bucket runs in batches of at most ``batch_size`` rows and at most
   ``token_budget`` tokens (CLS included; default: no limit below
   ``batch_size``), the remainder in power-of-two batches (:func:`batch_rows`),
-  so padding rows cost about 1/8 of the last batch of a bucket. Compiled
-  shapes: per bucket the full batch and powers of two (times the device
-  count) below it, so at most ``len(buckets) * (1 + log2(batch_size))``
-  when the full batches are a power of two times the device count (the
-  demo's 64), one more per bucket otherwise.
+  so padding rows cost about 1/8 of the last batch of a bucket, or fewer
+  than ``batch_size // 8`` rows. Compiled shapes: per bucket the full batch
+  and powers of two (times the device count) from ``batch_size // 8`` up,
+  i.e. at most 4 per bucket, ``4 * len(buckets)`` in all (well within
+  ``len(buckets) * (1 + log2(batch_size))``). Each shape costs a compilation
+  (~0.5 s for the demo server on CPU), which is why shapes are not finer.
   ``sharding``: optional NamedSharding for the batch axis (multi-device);
   every batch is then a multiple of its mesh size. ``stats`` accumulates the
   processed and useful tokens of every call (:class:`ServerStats`).
@@ -194,7 +198,8 @@ class Server:
     for rows, idx, valid in patches.iter_buckets(keep, self.buckets):
       idx, valid = np.asarray(idx), np.asarray(valid)
       bucket, start = idx.shape[1], 0
-      for size in batch_rows(len(rows), self._cap(bucket, multiple), multiple):
+      cap = self._cap(bucket, multiple)
+      for size in batch_rows(len(rows), cap, multiple, smallest=cap // 8):
         t0 = time.perf_counter()
         n = min(size, len(rows) - start)
         sel, part = rows[start:start + n], slice(start, start + n)

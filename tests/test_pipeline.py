@@ -52,10 +52,11 @@ def test_server_buckets_equal_unpadded_runs(models):
 
 @pytest.mark.parametrize("n,cap,multiple", [(0, 64, 1), (5, 64, 1), (37, 64, 1), (130, 64, 1),
                                              (63, 64, 1), (3, 64, 8), (100, 64, 8), (200, 48, 8)])
-def test_batch_rows(n, cap, multiple):
-  rows = pipeline.batch_rows(n, cap, multiple)
-  assert sum(rows) >= n and all(r % multiple == 0 and r <= cap for r in rows)
-  assert sum(rows) - n <= max(multiple - 1, rows[-1] // 8 if rows else 0)
+@pytest.mark.parametrize("smallest", [1, 8])
+def test_batch_rows(n, cap, multiple, smallest):
+  rows = pipeline.batch_rows(n, cap, multiple, smallest=smallest)
+  assert sum(rows) >= n and all(r % multiple == 0 and smallest <= r <= cap for r in rows)
+  assert sum(rows) - n <= max(multiple - 1, smallest - 1, rows[-1] // 8 if rows else 0)
   # Shapes: the full batch plus powers of two (times the device count).
   assert all(r == cap or (r // multiple) & (r // multiple - 1) == 0 for r in rows)
 
