@@ -53,6 +53,8 @@ def main():
   p.add_argument("--n", type=int, default=512, help="test images")
   p.add_argument("--models", default=os.path.join(REPO, "weights"))
   p.add_argument("--devices", type=int, default=1, help="forced host devices (CPU)")
+  p.add_argument("--min-batch", type=int, default=None,
+                 help="Server.min_batch (default: server_batch, full batches only)")
   p.add_argument("--sweep-only", action="store_true",
                  help="only the full sweep; print its timings as one JSON line")
   args = p.parse_args()
@@ -66,7 +68,8 @@ def main():
     ev = engine.Evaluation(config, models, sources, out, transform, progress=False)
     # Keep every Server the engine makes (one per chunk) for its token stats.
     servers, server_cls = [], pipeline.Server
-    pipeline.Server = lambda *a, **k: servers.append(server_cls(*a, **k)) or servers[-1]
+    pipeline.Server = lambda *a, **k: servers.append(
+        server_cls(*a, min_batch=args.min_batch, **k)) or servers[-1]
     try:
       t0 = time.perf_counter()
       res = ev.run()
@@ -91,7 +94,8 @@ def main():
     report_tokens(stats, batch, fixed)
     if args.devices > 1:
       one = subprocess.run([sys.executable, os.path.abspath(__file__), "--n", str(args.n),
-                            "--models", args.models, "--devices", "1", "--sweep-only"],
+                            "--models", args.models, "--devices", "1", "--sweep-only"]
+                           + ([] if args.min_batch is None else ["--min-batch", str(args.min_batch)]),
                            env={**os.environ, "XLA_FLAGS": ""}, check=True,
                            capture_output=True, text=True)
       one = json.loads(one.stdout.strip().splitlines()[-1])
@@ -107,7 +111,8 @@ def main():
     cal = res["calibration"]
     e = jax.device_get(pipeline.edge_step(models.edge, images, cal.lambda_hat, cal.q_hat))
     off = ~e["accept"]
-    server = pipeline.Server(models.server, int(config.server_batch), tuple(config.buckets))
+    server = pipeline.Server(models.server, int(config.server_batch), tuple(config.buckets),
+                             min_batch=args.min_batch)
     full = np.ones((off.sum(), 196), bool)
     server.logits_from_images(images[off], full)  # compile the full bucket once
     print(f"\n{'tau':>5} {'offloaded':>9} {'kept/img':>9} {'tokens':>8} {'server s':>9} "

@@ -164,12 +164,16 @@ class Server:
   Each bucket runs in batches of at most ``batch_size`` rows and at most
   ``token_budget`` tokens (CLS included; default: no limit below
   ``batch_size``), the remainder in power-of-two batches (:func:`batch_rows`),
-  so padding rows cost about 1/8 of the last batch of a bucket, or fewer
-  than ``batch_size // 8`` rows. Compiled shapes: per bucket the full batch
-  and powers of two (times the device count) from ``batch_size // 8`` up,
-  i.e. at most 4 per bucket, ``4 * len(buckets)`` in all (well within
-  ``len(buckets) * (1 + log2(batch_size))``). Each shape costs a compilation
-  (~0.5 s for the demo server on CPU), which is why shapes are not finer.
+  no smaller than ``min_batch`` rows, so padding rows cost about 1/8 of the
+  last batch of a bucket, or fewer than ``min_batch`` rows. Compiled shapes:
+  per bucket the full batch and powers of two (times the device count) from
+  ``min_batch`` up, at most ``len(buckets) * (1 + log2(batch_size /
+  min_batch))``. Each shape is one more compilation (~0.5 s for the demo
+  server on CPU), which the whole demo sweep does not win back (its buckets
+  get hundreds of rows per chunk: 1.125 processed/useful tokens with full
+  batches only), so ``min_batch`` defaults to ``batch_size``: the last
+  batch of a bucket padded to a full one, as before. Lower it (e.g.
+  ``batch_size // 8``) for a long-lived server fed small calls.
   ``sharding``: optional NamedSharding for the batch axis (multi-device);
   every batch is then a multiple of its mesh size. ``stats`` accumulates the
   processed and useful tokens of every call (:class:`ServerStats`).
@@ -179,6 +183,7 @@ class Server:
   buckets: Sequence[int] = patches.BUCKETS
   sharding: object = None
   token_budget: int | None = None
+  min_batch: int | None = None
   stats: ServerStats = dataclasses.field(default_factory=ServerStats, repr=False)
 
   @property
@@ -199,7 +204,8 @@ class Server:
       idx, valid = np.asarray(idx), np.asarray(valid)
       bucket, start = idx.shape[1], 0
       cap = self._cap(bucket, multiple)
-      for size in batch_rows(len(rows), cap, multiple, smallest=cap // 8):
+      smallest = cap if self.min_batch is None else min(cap, self.min_batch)
+      for size in batch_rows(len(rows), cap, multiple, smallest=smallest):
         t0 = time.perf_counter()
         n = min(size, len(rows) - start)
         sel, part = rows[start:start + n], slice(start, start + n)

@@ -71,10 +71,10 @@ def test_server_sharded_equals_unsharded(models):
   for i, k in enumerate(rng.choice([1, 5, 7, 30, 196], 21)):
     keep[i, rng.choice(196, k, replace=False)] = True
   rows = rng.integers(0, 3, 21)
-  plain = pipeline.Server(server, batch_size=16)
+  plain = pipeline.Server(server, batch_size=16, min_batch=1)
   want = plain.logits_from_images(images, keep, rows=rows)
   sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("batch",)), PartitionSpec("batch"))
-  sharded = pipeline.Server(server, batch_size=16, sharding=sharding)
+  sharded = pipeline.Server(server, batch_size=16, sharding=sharding, min_batch=1)
   got = sharded.logits_from_images(images, keep, rows=rows)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert all(r % 8 == 0 for _, r in sharded.stats.shapes())
