@@ -1,19 +1,43 @@
 """Wall time of a full sweep on a fixed small set (the demo models on the
 synthetic test split), split into edge pass and server passes; then the
 server alone per operating point of the proposed method against the number
-of kept tokens, with the padding waste of bucketing.
+of kept tokens, with the padding waste of bucketing. For the whole sweep it
+reports the server's processed tokens (padding rows and slots, CLS included)
+over useful tokens and the time per useful token, by bucket.
 
-  .venv/bin/python benchmarks/bench_sweep.py [--n 512] [--models weights]
+  .venv/bin/python benchmarks/bench_sweep.py [--n 512] [--models weights] [--devices 8]
+
+``--devices N`` forces N host (CPU) devices, shards the sweep over them, and
+runs the same sweep on 1 device in a subprocess to report the throughput
+ratio. XLA reads the device count when jax is imported, hence the argv
+look-up before the imports.
 """
 
 import argparse
+import functools
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
+
+def _devices_from_argv(argv) -> int:
+  for i, a in enumerate(argv):
+    if a == "--devices" and i + 1 < len(argv):
+      return int(argv[i + 1])
+    if a.startswith("--devices="):
+      return int(a.split("=", 1)[1])
+  return 1
+
+
+if _devices_from_argv(sys.argv) > 1:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={_devices_from_argv(sys.argv)}").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -28,6 +52,11 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--n", type=int, default=512, help="test images")
   p.add_argument("--models", default=os.path.join(REPO, "weights"))
+  p.add_argument("--devices", type=int, default=1, help="forced host devices (CPU)")
+  p.add_argument("--min-batch", type=int, default=None,
+                 help="Server.min_batch (default: server_batch, full batches only)")
+  p.add_argument("--sweep-only", action="store_true",
+                 help="only the full sweep; print its timings as one JSON line")
   args = p.parse_args()
   with tempfile.TemporaryDirectory() as out:
     config = parse_config("demo", [
@@ -37,38 +66,92 @@ def main():
     transform = run_transform(models.edge.metadata)
     sources = load_sources(config, transform)
     ev = engine.Evaluation(config, models, sources, out, transform, progress=False)
-    t0 = time.perf_counter()
-    res = ev.run()
-    total = time.perf_counter() - t0
+    # Keep every Server the engine makes (one per chunk) for its token stats.
+    servers, server_cls = [], pipeline.Server
+    pipeline.Server = lambda *a, **k: servers.append(
+        server_cls(*a, min_batch=args.min_batch, **k)) or servers[-1]
+    try:
+      t0 = time.perf_counter()
+      res = ev.run()
+      total = time.perf_counter() - t0
+    finally:
+      pipeline.Server = server_cls
+    stats = functools.reduce(lambda a, s: a.merge(s.stats), servers, pipeline.ServerStats())
+    # What padding every bucket's last batch to server_batch rows (before) cost.
+    batch = int(config.server_batch)
+    fixed = sum(-(-b["rows"] // batch) * batch * (bucket + 1)
+                for s in servers for bucket, b in s.stats.by_bucket.items())
     t = res["timings"]
+    if args.sweep_only:
+      print(json.dumps({"total_s": total, "edge_s": t["edge_s"], "server_s": t["server_s"],
+                        "ratio": stats.ratio, "devices": jax.device_count()}))
+      return
     print(f"backend={jax.default_backend()} devices={jax.device_count()} test images={args.n} "
           f"operating points={len(ev.points)}")
     print(f"full sweep: {total:.1f} s  (calibration+data {total - t['edge_s'] - t['server_s']:.1f} s,"
           f" edge pass {t['edge_s']:.1f} s = {args.n / t['edge_s']:.1f} img/s incl. data,"
           f" server passes {t['server_s']:.1f} s)")
+    report_tokens(stats, batch, fixed)
+    if args.devices > 1:
+      one = subprocess.run([sys.executable, os.path.abspath(__file__), "--n", str(args.n),
+                            "--models", args.models, "--devices", "1", "--sweep-only"]
+                           + ([] if args.min_batch is None else ["--min-batch", str(args.min_batch)]),
+                           env={**os.environ, "XLA_FLAGS": ""}, check=True,
+                           capture_output=True, text=True)
+      one = json.loads(one.stdout.strip().splitlines()[-1])
+      print(f"\n{args.devices} devices vs 1 (same sweep, 1 device in a subprocess after): "
+            f"full sweep {total:.1f} s vs {one['total_s']:.1f} s = "
+            f"{one['total_s'] / total:.2f}x throughput; server passes "
+            f"{t['server_s']:.1f} s vs {one['server_s']:.1f} s = "
+            f"{one['server_s'] / t['server_s']:.2f}x; processed/useful tokens "
+            f"{stats.ratio:.3f} vs {one['ratio']:.3f}")
 
     # Server alone per tau: time against kept tokens, and bucket padding.
     images = np.stack([sources.test_source[i].image for i in range(args.n)])
     cal = res["calibration"]
     e = jax.device_get(pipeline.edge_step(models.edge, images, cal.lambda_hat, cal.q_hat))
     off = ~e["accept"]
-    server = pipeline.Server(models.server, int(config.server_batch), tuple(config.buckets))
+    server = pipeline.Server(models.server, int(config.server_batch), tuple(config.buckets),
+                             min_batch=args.min_batch)
     full = np.ones((off.sum(), 196), bool)
     server.logits_from_images(images[off], full)  # compile the full bucket once
     print(f"\n{'tau':>5} {'offloaded':>9} {'kept/img':>9} {'tokens':>8} {'server s':>9} "
-          f"{'us/token':>9} {'padding':>8}")
+          f"{'us/token':>9} {'slot pad':>8} {'proc/useful':>11}")
     for tau in (0.0,) + tuple(config.tau_grid[1:]):
       keep = np.asarray(methods.PROPOSED.select(e["patch_scores"][off], tau))
       kept = keep.sum(-1)
       padded = sum(patches.bucket_for(k, config.buckets) for k in kept)
       server.logits_from_images(images[off], keep)  # compile this tau's buckets
+      server.stats = pipeline.ServerStats()
       t0 = time.perf_counter()
       server.logits_from_images(images[off], keep)
       dt = time.perf_counter() - t0
       tokens = int(kept.sum()) + len(kept)  # + CLS per image
       waste = 1 - (kept.sum() + len(kept)) / (padded + len(kept))
       print(f"{tau:>5.2f} {off.sum():>9d} {kept.mean():>9.1f} {tokens:>8d} {dt:>9.2f} "
-            f"{1e6 * dt / tokens:>9.1f} {100 * waste:>7.1f}%", flush=True)
+            f"{1e6 * dt / tokens:>9.1f} {100 * waste:>7.1f}% {server.stats.ratio:>11.3f}", flush=True)
+
+
+def report_tokens(stats, batch_size: int, fixed: int):
+  """Processed / useful server tokens of the whole sweep, by bucket, next to
+  what padding every bucket's last batch to ``batch_size`` rows would cost
+  (per bucket: as if the rows came in one call; ``fixed``: the real calls)."""
+  print(f"\nwhole sweep, server by bucket:\n{'bucket':>6} {'rows':>6} {'batches':>7} "
+        f"{'shapes':>6} {'useful tok':>10} {'processed':>10} {'ratio':>6} {'fixed-batch':>11} "
+        f"{'s':>7} {'us/useful':>9}")
+  for bucket, b in sorted(stats.by_bucket.items()):
+    f = -(-b["rows"] // batch_size) * batch_size * (bucket + 1)
+    print(f"{bucket:>6} {b['rows']:>6} {b['batches']:>7} {len(b['shapes']):>6} "
+          f"{b['useful']:>10} {b['processed']:>10} {b['processed'] / b['useful']:>6.3f} "
+          f"{f / b['useful']:>11.3f} {b['seconds']:>7.2f} "
+          f"{1e6 * b['seconds'] / b['useful']:>9.1f}")
+  secs = sum(b["seconds"] for b in stats.by_bucket.values())
+  print(f"{'all':>6} {sum(b['rows'] for b in stats.by_bucket.values()):>6} "
+        f"{sum(b['batches'] for b in stats.by_bucket.values()):>7} {len(stats.shapes()):>6} "
+        f"{stats.useful:>10} {stats.processed:>10} {stats.ratio:>6.3f} "
+        f"{fixed / stats.useful:>11.3f} {secs:>7.2f} {1e6 * secs / stats.useful:>9.1f}")
+  print("(ratio: processed / useful tokens, padding rows and slots and CLS included; "
+        f"fixed-batch: the same rows with every batch padded to {batch_size} rows)")
 
 
 if __name__ == "__main__":

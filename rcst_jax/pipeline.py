@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Sequence
 
 import jax
@@ -84,35 +85,138 @@ def _pad_rows(a, rows: int):
   return np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
 
 
+def batch_rows(n: int, cap: int, multiple: int = 1, slack: float = 0.125,
+               smallest: int = 1) -> list[int]:
+  """Padded row counts of the batches that run ``n`` rows of one bucket.
+
+  Full batches of ``cap`` rows, then the remainder as batches of
+  ``multiple * 2**j >= smallest`` rows: the smallest such shape if it pads at
+  most ``slack`` of its rows, else the largest one that fits and repeat. So
+  the shapes per bucket are ``cap`` and at most ``1 + log2(cap / smallest)``
+  powers of two, and the padding rows are about ``slack`` of the last batch
+  (or below ``smallest`` rows: a floor on shapes, since every shape is one
+  more compilation, and a sharded batch needs whole rows per device).
+  ``cap`` must be a multiple of ``multiple``.
+  """
+  if cap % multiple:
+    raise ValueError(f"batch of {cap} rows is not a multiple of {multiple} devices")
+  out = [cap] * (n // cap)
+  n -= cap * len(out)
+  floor = multiple << max(0, -(-smallest // multiple) - 1).bit_length()
+  while n > 0:
+    units = -(-n // multiple)  # device rows needed, rounded up to a power of two
+    up = min(cap, max(floor, multiple << (units - 1).bit_length()))
+    if up - n <= slack * up or up <= floor:
+      out.append(up)
+      break
+    down = multiple << ((n // multiple).bit_length() - 1)
+    out.append(down)
+    n -= down
+  return out
+
+
+@dataclasses.dataclass
+class ServerStats:
+  """Tokens the server processed (padding rows and slots, CLS included) and
+  the useful ones (kept patches + CLS of real rows), per bucket, with the
+  seconds of its calls (blocking, so per-bucket time is wall time)."""
+  by_bucket: dict = dataclasses.field(default_factory=dict)
+
+  def add(self, bucket: int, rows: int, padded_rows: int, useful: int, seconds: float):
+    b = self.by_bucket.setdefault(bucket, dict(rows=0, batches=0, processed=0, useful=0,
+                                               seconds=0.0, shapes=set()))
+    b["rows"] += rows
+    b["batches"] += 1
+    b["processed"] += padded_rows * (bucket + 1)
+    b["useful"] += useful
+    b["seconds"] += seconds
+    b["shapes"].add(padded_rows)
+
+  def merge(self, other: "ServerStats") -> "ServerStats":
+    for bucket, o in other.by_bucket.items():
+      b = self.by_bucket.setdefault(bucket, dict(rows=0, batches=0, processed=0, useful=0,
+                                                 seconds=0.0, shapes=set()))
+      for k in ("rows", "batches", "processed", "useful", "seconds"):
+        b[k] += o[k]
+      b["shapes"] |= o["shapes"]
+    return self
+
+  @property
+  def processed(self) -> int:
+    return sum(b["processed"] for b in self.by_bucket.values())
+
+  @property
+  def useful(self) -> int:
+    return sum(b["useful"] for b in self.by_bucket.values())
+
+  @property
+  def ratio(self) -> float:
+    return self.processed / max(self.useful, 1)
+
+  def shapes(self) -> set:
+    return {(bucket, r) for bucket, b in self.by_bucket.items() for r in b["shapes"]}
+
+
 @dataclasses.dataclass
 class Server:
   """Token-subset server inference, bucketed by kept-token count.
 
-  ``batch_size`` rows per call (padded), so each bucket compiles once.
-  ``sharding``: optional NamedSharding for the batch axis (multi-device).
+  Each bucket runs in batches of at most ``batch_size`` rows and at most
+  ``token_budget`` tokens (CLS included; default: no limit below
+  ``batch_size``), the remainder in power-of-two batches (:func:`batch_rows`),
+  no smaller than ``min_batch`` rows, so padding rows cost about 1/8 of the
+  last batch of a bucket, or fewer than ``min_batch`` rows. Compiled shapes:
+  per bucket the full batch and powers of two (times the device count) from
+  ``min_batch`` up, at most ``len(buckets) * (1 + log2(batch_size /
+  min_batch))``. Each shape is one more compilation (~0.5 s for the demo
+  server on CPU), which the whole demo sweep does not win back (its buckets
+  get hundreds of rows per chunk: 1.125 processed/useful tokens with full
+  batches only), so ``min_batch`` defaults to ``batch_size``: the last
+  batch of a bucket padded to a full one, as before. Lower it (e.g.
+  ``batch_size // 8``) for a long-lived server fed small calls.
+  ``sharding``: optional NamedSharding for the batch axis (multi-device);
+  every batch is then a multiple of its mesh size. ``stats`` accumulates the
+  processed and useful tokens of every call (:class:`ServerStats`).
   """
   model: Model
   batch_size: int = 64
   buckets: Sequence[int] = patches.BUCKETS
   sharding: object = None
+  token_budget: int | None = None
+  min_batch: int | None = None
+  stats: ServerStats = dataclasses.field(default_factory=ServerStats, repr=False)
 
   @property
   def geometry(self) -> Geometry:
     return Geometry.of_server(self.model)
 
+  def _cap(self, bucket: int, multiple: int) -> int:
+    """Rows per full batch of ``bucket``: the token budget, in whole device rows."""
+    cap = self.batch_size
+    if self.token_budget is not None:
+      cap = min(cap, self.token_budget // (bucket + 1))
+    return max(multiple, cap // multiple * multiple)
+
   def _run(self, fn, keep: np.ndarray, rows_to_input, inputs, **static) -> np.ndarray:
     out = np.zeros((len(keep), self.model.num_classes), np.float32)
+    multiple = 1 if self.sharding is None else int(self.sharding.mesh.size)
     for rows, idx, valid in patches.iter_buckets(keep, self.buckets):
       idx, valid = np.asarray(idx), np.asarray(valid)
-      for start in range(0, len(rows), self.batch_size):
-        sel = rows[start:start + self.batch_size]
-        args = [_pad_rows(a, self.batch_size) for a in
-                (inputs(rows_to_input[sel], idx[start:start + len(sel)]),
-                 idx[start:start + len(sel)], valid[start:start + len(sel)])]
+      bucket, start = idx.shape[1], 0
+      cap = self._cap(bucket, multiple)
+      smallest = cap if self.min_batch is None else min(cap, self.min_batch)
+      for size in batch_rows(len(rows), cap, multiple, smallest=smallest):
+        t0 = time.perf_counter()
+        n = min(size, len(rows) - start)
+        sel, part = rows[start:start + n], slice(start, start + n)
+        args = [_pad_rows(a, size) for a in
+                (inputs(rows_to_input[sel], idx[part]), idx[part], valid[part])]
         if self.sharding is not None:
           args = [jax.device_put(a, self.sharding) for a in args]
         res = fn(self.model.variables, *args, module=self.model.module, **static)
-        out[sel] = np.asarray(res)[:len(sel)]
+        out[sel] = np.asarray(res)[:n]
+        self.stats.add(bucket, n, size, int(valid[part].sum()) + n, time.perf_counter() - t0)
+        start += n
     return out
 
   def logits_from_images(self, images: np.ndarray, keep: np.ndarray, rows=None) -> np.ndarray:

@@ -50,6 +50,41 @@ def test_server_buckets_equal_unpadded_runs(models):
                              got, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,cap,multiple", [(0, 64, 1), (5, 64, 1), (37, 64, 1), (130, 64, 1),
+                                             (63, 64, 1), (3, 64, 8), (100, 64, 8), (200, 48, 8)])
+@pytest.mark.parametrize("smallest", [1, 8])
+def test_batch_rows(n, cap, multiple, smallest):
+  rows = pipeline.batch_rows(n, cap, multiple, smallest=smallest)
+  assert sum(rows) >= n and all(r % multiple == 0 and smallest <= r <= cap for r in rows)
+  assert sum(rows) - n <= max(multiple - 1, smallest - 1, rows[-1] // 8 if rows else 0)
+  # Shapes: the full batch plus powers of two (times the device count).
+  assert all(r == cap or (r // multiple) & (r // multiple - 1) == 0 for r in rows)
+
+
+def test_server_sharded_equals_unsharded(models):
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  assert jax.device_count() == 8  # tests/conftest.py forces 8 host devices
+  _, server = models
+  images = _images(3, 2)
+  rng = np.random.default_rng(1)
+  keep = np.zeros((21, 196), bool)
+  for i, k in enumerate(rng.choice([1, 5, 7, 30, 196], 21)):
+    keep[i, rng.choice(196, k, replace=False)] = True
+  rows = rng.integers(0, 3, 21)
+  plain = pipeline.Server(server, batch_size=16, min_batch=1)
+  want = plain.logits_from_images(images, keep, rows=rows)
+  sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("batch",)), PartitionSpec("batch"))
+  sharded = pipeline.Server(server, batch_size=16, sharding=sharding, min_batch=1)
+  got = sharded.logits_from_images(images, keep, rows=rows)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert all(r % 8 == 0 for _, r in sharded.stats.shapes())
+  # Both count the same useful tokens; the sharded one pads up to 8 rows per bucket.
+  useful = int(keep.sum()) + len(keep)
+  assert plain.stats.useful == sharded.stats.useful == useful
+  assert plain.stats.processed <= sharded.stats.processed
+  assert sum(b["rows"] for b in plain.stats.by_bucket.values()) == 21
+
+
 @pytest.mark.parametrize("lam", [np.inf, 0.0, "median"])
 def test_collaborative_inference(models, lam):
   edge, server = models
