@@ -139,7 +139,7 @@ def test_fingerprint_covers_config_data_and_models(tmp_path, models12):
       _config(tmp_path, *o), models, sources)
   base = fp()
   changed = ["--config.data.split_seed=3", "--config.data.folder_root=/x", "--config.data.label_map=/y",
-             "--config.data.n_cal=7", "--config.data.data_dir=/z", "--config.data.pil_decode=False",
+             "--config.data.n_cal=7", "--config.data.data_dir=/z", "--config.data.pil_decode=True",
              "--config.tau_grid=(0.3,0.8)", "--config.k_grid=(11,196)", "--config.alpha_crc=0.1",
              "--config.alpha_aps=0.1", "--config.eta=0.5", "--config.chunk_size=7"]
   for o in changed:
