@@ -306,6 +306,18 @@ class Evaluation:
     then Pareto Testing over the (lambda, tau) grid. Returns (certificate, grid)."""
     from rcst_jax import certification
     c = self.config.certify
+    taus = tuple(float(t) for t in self.config.tau_grid)
+    # Outcomes do not depend on epsilon, delta, the risks, the test or the
+    # lambda grid: a changed certificate request reuses them, no model runs.
+    path = os.path.join(self.out_dir, "cache", "outcomes", f"{self._outcome_id()}.npz")
+    if os.path.exists(path):
+      try:
+        with np.load(path, allow_pickle=False) as z:
+          out = {k: z[k] for k in z.files}
+        return certification.certify_run(self.config, out, taus, self.geometry.num_patches,
+                                         float(out.pop("q_hat_fit")), int(out.pop("n_fit")))
+      except (OSError, ValueError, KeyError) as e:
+        warnings.warn(f"cached certification outcomes {path} are unreadable ({e}); recomputing")
     idx = self.sources.cal_indices
     perm = np.random.default_rng(int(c.seed)).permutation(len(idx))
     n_fit = int(round(float(c.split) * len(idx)))
@@ -317,7 +329,6 @@ class Evaluation:
                                  geometry=self.geometry, server_digest=None,
                                  sharding=self.batch_sharding, progress=self.progress)
     probe = dataclasses.replace(cal_fit, lambda_hat=float("inf"), lambda_valid=False)
-    taus = tuple(float(t) for t in self.config.tau_grid)
     parts = []
     for name, part in (("fit", fit), ("test", test)):
       got = self._edge_pass(part, probe, f"certification {name}", self.sources.cal_source,
@@ -332,8 +343,23 @@ class Evaluation:
                     "server_only_pred": server_pred[0], "server_pred": server_pred[1:],
                     "kept": keep[1:].sum(-1)})
     out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+    if jax.process_index() == 0:
+      atomic_savez(path, **out, q_hat_fit=np.float64(cal_fit.q_hat),
+                   n_fit=np.int64(len(parts[0]["labels"])))
     return certification.certify_run(self.config, out, taus, self.geometry.num_patches,
                                      cal_fit.q_hat, len(parts[0]["labels"]))
+
+  def _outcome_id(self) -> str:
+    """What the certification outcomes depend on: not the test itself."""
+    keys = ("data", "alpha_aps", "gradcam_layer", "tau_grid", "dtype", "matmul_precision",
+            "batch_size", "server_batch", "buckets")
+    cfg = plain(self.config)
+    ident = {"version": CACHE_VERSION, "config": {k: cfg.get(k) for k in keys},
+             "split": [cfg["certify"]["split"], cfg["certify"]["seed"]],
+             "data": self.sources.identity(),
+             "models": [variables_digest(m.variables) for m in (self.models.edge,
+                                                                self.models.server)]}
+    return hashlib.sha1(json.dumps(plain(ident), sort_keys=True).encode()).hexdigest()[:16]
 
   def arrays(self) -> dict:
     """Every finished chunk concatenated (images along the last axis)."""

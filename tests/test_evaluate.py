@@ -165,3 +165,21 @@ def test_corrupt_chunk_and_calibration_are_recomputed(tmp_path, models12):
   with pytest.warns(UserWarning, match="corrupt|unreadable"):
     _, again = _points(tmp_path, models12, sources, *opts)
   assert again["chunks_computed"] == 1 and again["points"] == clean["points"]
+
+
+def test_recertifying_reuses_the_calibration_outcomes(tmp_path, models12, monkeypatch):
+  """A new epsilon/delta/test certifies from cached outcomes: no server pass."""
+  sources = _synthetic_sources(24, 8)
+  on = ("--config.certify.enabled=True", "--config.data.n_cal=24")
+  ev, _ = _points(tmp_path, models12, sources, *on)
+  first = ev.calibrate().certificate
+  assert first is not None and len(os.listdir(tmp_path / "cache" / "outcomes")) == 1
+
+  def no_server(*a, **k):
+    raise AssertionError("the server ran again")
+  monkeypatch.setattr(engine.pipeline.Server, "logits_from_images", no_server)
+  again = engine.Evaluation(_config(tmp_path, *on, "--config.certify.epsilon=0.2",
+                                    "--config.certify.test=hb"), models12, sources,
+                            str(tmp_path), progress=False).calibrate().certificate
+  assert again["epsilon"] == 0.2 and again["test"] == "hb"
+  assert again["n_fit"] == first["n_fit"] and again["q_hat"] == first["q_hat"]
