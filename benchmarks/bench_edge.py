@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,11 +36,7 @@ def main():
   p.add_argument("--no-tuned", action="store_true")
   args = p.parse_args()
   workers, note = common.start_workers(not args.no_tuned)
-  info = workers[common.TIMM].info
-  print(f"backend={jax.default_backend()} cpus={os.cpu_count()} jax={jax.__version__} "
-        f"torch={info['torch']} threads={info['threads']} repeats={args.repeats} "
-        f"inner={args.inner or 'auto'}")
-  print(note)
+  common.print_run_header(workers, args, note)
   module = create_model("efficientnet_b0")
   variables = common.random_variables(module, np.zeros((1, 224, 224, 3), np.float32))
   edge = Model(module, variables, dict(default_cfg("efficientnet_b0"),

@@ -89,11 +89,7 @@ def main():
   p.add_argument("--skip-deit", action="store_true")
   args = p.parse_args()
   workers, note = common.start_workers(not args.no_tuned)
-  info = workers[common.TIMM].info
-  print(f"backend={jax.default_backend()} cpus={os.cpu_count()} jax={jax.__version__} "
-        f"torch={info['torch']} threads={info['threads']} repeats={args.repeats} "
-        f"inner={args.inner or 'auto'}")
-  print(note)
+  common.print_run_header(workers, args, note)
   print(common.HEADER)
   try:
     effnet(workers, (1, 16), args.repeats, args.inner)

@@ -153,3 +153,14 @@ def random_variables(module, *args, seed: int = 0, **kwargs):
     return rng.normal(0.0, 0.2, s.shape)
   return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
                       jax.tree_util.tree_map_with_path(fill, shapes))
+
+
+def print_run_header(workers, args, note: str) -> None:
+  """The machine, versions and protocol line every benchmark starts with."""
+  import os
+  import jax
+  info = workers[TIMM].info
+  print(f"backend={jax.default_backend()} cpus={os.cpu_count()} jax={jax.__version__} "
+        f"torch={info['torch']} threads={info['threads']} repeats={args.repeats} "
+        f"inner={args.inner or 'auto'}")
+  print(note)

@@ -256,7 +256,11 @@ class Evaluation:
                  keys, self.config.seed, self.geometry.num_patches)}}
     plan = [(m, methods.grid(m, self.config)) for m in methods.METHODS]
     if self.certificate is not None:  # its own acceptance and APS q_hat: its own edge view
-      views["certified"] = pipeline.edge_view(self._edge_images(images, self._certified_cal))
+      cert_cal = self._certified_cal
+      views["certified"] = pipeline.edge_view(pipeline.edge_step_batched(
+          self._edge, images, cert_cal.lambda_hat, cert_cal.q_hat,
+          layer=self.config.gradcam_layer, grid=self.geometry.grid,
+          batch_size=int(self.config.batch_size), sharding=self.batch_sharding))
       plan.append((methods.CERTIFIED, (self.certificate["tau"],)))
     t1 = time.perf_counter()
     off, keep, fallback, server_pred = self._sweep(views, images, plan)
@@ -285,19 +289,6 @@ class Evaluation:
       row_pred = srv.logits_from_images(images, rows_keep, rows=rows_image).argmax(-1)
       server_pred[off] = row_pred[ids[off]]
     return off, keep, fallback, server_pred
-
-  def _edge_images(self, images, cal) -> dict:
-    """edge_step on images already in memory, in the run's batch size."""
-    size, outs = int(self.config.batch_size), []
-    for start in range(0, len(images), size):
-      part = images[start:start + size]
-      pad = np.pad(part, [(0, size - len(part))] + [(0, 0)] * 3)
-      e = jax.device_get(pipeline.edge_step(self._edge, jax.device_put(pad, self.batch_sharding),
-                                            cal.lambda_hat, cal.q_hat,
-                                            layer=self.config.gradcam_layer,
-                                            grid=self.geometry.grid))
-      outs.append({k: np.asarray(v)[:len(part)] for k, v in e.items()})
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
   # -- whole-system certification (Learn-then-Test)
 

@@ -253,8 +253,21 @@ class Server:
 # ---------------------------------------------------------------- Algorithm 2
 
 
-def _pad_batch(images: np.ndarray, size: int) -> np.ndarray:
-  return images if len(images) == size else _pad_rows(images, size)
+def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, grid: int,
+                      batch_size: int, sharding=None) -> dict:
+  """`edge_step` over images in memory, `batch_size` at a time (the last batch
+  padded, so one shape compiles), as numpy arrays."""
+  parts = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    x = chunk if len(chunk) == batch_size else _pad_rows(chunk, batch_size)
+    if sharding is not None:
+      x = jax.device_put(x, sharding)
+    e = jax.device_get(edge_step(edge, x, lambda_hat, q_hat, layer=layer, grid=grid))
+    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in e.items()})
+  if not parts:
+    raise ValueError("no images given")
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def collaborative_inference(images, edge: Model, server: Model,
@@ -275,15 +288,8 @@ def collaborative_inference(images, edge: Model, server: Model,
     raise ValueError(f"images must be uint8 [B, {geo.image_size}, {geo.image_size}, "
                      f"{geo.channels}] (the server's geometry), got {images.shape}")
   layer = calibration.gradcam_layer or "features"
-  parts = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    e = jax.device_get(edge_step(edge, _pad_batch(chunk, batch_size), calibration.lambda_hat,
-                                 calibration.q_hat, layer=layer, grid=geo.grid))
-    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in e.items()})
-  e = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-  if not parts:
-    raise ValueError("no images given")
+  e = edge_step_batched(edge, images, calibration.lambda_hat, calibration.q_hat, layer=layer,
+                        grid=geo.grid, batch_size=batch_size)
   off, keep, fallback = methods.decide(methods.PROPOSED, edge_view(e), [tau])
   off, keep = off[0], keep[0]
   # Edge side: one payload per offloaded image; server side: decode and classify.
