@@ -10,9 +10,16 @@ the functions `rcst run` uses, so the sweep cannot disagree with it.
 
 Each finished chunk is written atomically under ``cache/<fingerprint>/``; a
 restarted run skips finished chunks and recomputes a corrupt one. The
-fingerprint hashes the whole resolved config except `NOT_RESULTS`, each
-model's weights and preprocessing metadata, the data's identity and
-`CACHE_VERSION`, so a stale cache is never reused.
+fingerprint hashes the whole resolved config except `NOT_RESULTS` and
+`certify`, each model's weights and preprocessing metadata, the data's
+identity and `CACHE_VERSION`, so a stale cache is never reused.
+
+The whole-system certificate is keyed apart, so a new certificate request
+never reruns the sweep: calibration outcomes at every tau are cached by what
+they depend on (`_outcome_id`), the certificate is recomputed from them on
+every run (milliseconds), and the Certified row's test predictions are cached
+per certified point (``certified_<id>/``); only a newly certified point runs
+the models, on that one point.
 """
 
 from __future__ import annotations
@@ -39,24 +46,27 @@ from rcst_jax.fileio import atomic_savez, plain
 from rcst_jax.geometry import Geometry
 from rcst_jax.models.loading import Models
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 # Config keys that cannot change any cached number: where outputs go, how
 # much is printed or drawn, how models are found (they are identified by
 # content below), how many devices share the work. Everything else is hashed.
 NOT_RESULTS = ("output_dir", "progress", "gallery_size", "per_image", "models_dir", "edge",
                "server", "baseline_edge", "devices", "multihost", "compare_dtype")
+# Keyed apart (see the module docstring): changing it never invalidates chunks.
+CERTIFY_KEY = "certify"
 _MODEL_META = ("timm_name", "num_classes", "input_size", "crop_pct", "interpolation", "mean",
                "std", "arch_overrides")
 _CHUNK_KEYS = ("labels", "keys", "offloaded", "kept", "server_pred", "pred", "edge_pred",
                "edge_p_max", "edge_accept", "edge_aps_size", "edge_aps_cover", "base_pred",
                "base_p_max", "base_accept")
+_POINT_KEYS = ("offloaded", "kept", "server_pred", "pred")  # [points, n] arrays
 
 
 # ---------------------------------------------------------------- identity
 
 
 def fingerprint(config, models: Models, sources: Sources) -> str:
-  cfg = {k: v for k, v in plain(config).items() if k not in NOT_RESULTS}
+  cfg = {k: v for k, v in plain(config).items() if k not in NOT_RESULTS + (CERTIFY_KEY,)}
   ident = {"version": CACHE_VERSION, "config": cfg, "data": sources.identity(),
            "models": {name: {"digest": variables_digest(m.variables),
                              "meta": {k: m.metadata.get(k) for k in _MODEL_META}}
@@ -161,29 +171,27 @@ class Evaluation:
   # -- calibration (Algorithm 1)
 
   def calibrate(self) -> conformal.Calibration:
+    """Algorithm 1 (cached with the chunks), plus the whole-system certificate
+    when config.certify.enabled: recomputed from the cached calibration
+    outcomes on every call, so a new epsilon, delta, risk or test runs no model."""
     path = os.path.join(self.cache_dir, "calibration.json")
-    grid_path = os.path.join(self.cache_dir, "certification_grid.npz")
+    cal = None
     if os.path.exists(path):
       try:
         cal = conformal.Calibration.from_json(path)
-        if cal.certificate is not None and os.path.exists(grid_path):
-          with np.load(grid_path, allow_pickle=False) as z:
-            self.certification_grid = {k: z[k] for k in z.files}
-        return cal
       except (conformal.CalibrationError, OSError, UnicodeDecodeError) as e:
         warnings.warn(f"cached calibration {path} is unreadable ({e}); recomputing")
-    cal = offline.algorithm1(
-        self.config, self._edge, self.sources, self.transform,
-        server_metadata=self.models.server.metadata, geometry=self.geometry,
-        server_digest=variables_digest(self.models.server.variables),
-        sharding=self.batch_sharding, skipped=self.skipped, progress=self.progress)
+    if cal is None:
+      cal = offline.algorithm1(
+          self.config, self._edge, self.sources, self.transform,
+          server_metadata=self.models.server.metadata, geometry=self.geometry,
+          server_digest=variables_digest(self.models.server.variables),
+          sharding=self.batch_sharding, skipped=self.skipped, progress=self.progress)
+      if jax.process_index() == 0:  # one writer for shared files
+        cal.to_json(path)
     if self.config.get("certify") and self.config.certify.enabled:
       cert, self.certification_grid = self.certify(cal)
       cal = dataclasses.replace(cal, certificate=cert)
-      if jax.process_index() == 0:
-        atomic_savez(grid_path, **self.certification_grid)
-    if jax.process_index() == 0:  # one writer for shared files
-      cal.to_json(path)
     return cal
 
   # -- chunks of the test set
@@ -198,20 +206,74 @@ class Evaluation:
 
   def load_chunk(self, c: int) -> dict | None:
     """A finished chunk's arrays, or None (missing, or corrupt: then removed)."""
-    path = self._chunk_path(c)
+    return self._load(self._chunk_path(c), _CHUNK_KEYS, len(self.points))
+
+  def _load(self, path: str, keys, points: int) -> dict | None:
     if not os.path.exists(path):
       return None
     try:
       with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in _CHUNK_KEYS}
-      n, p = len(d["labels"]), len(self.points)
-      if d["pred"].shape != (p, n) or d["kept"].shape != (p, n):
-        raise ValueError(f"shapes {d['pred'].shape} for {p} points x {n} images")
+        d = {k: z[k] for k in keys}
+      n = len(d["keys"])
+      if d["pred"].shape != (points, n) or d["kept"].shape != (points, n):
+        raise ValueError(f"shapes {d['pred'].shape} for {points} points x {n} images")
       return d
     except Exception as e:  # zip CRC, truncation, missing keys: all mean recompute
       warnings.warn(f"cached chunk {path} is corrupt ({type(e).__name__}: {e}); recomputing")
       os.unlink(path)
       return None
+
+  # -- the Certified row, cached per certified point
+
+  def _certified_path(self, c: int) -> str:
+    cert = self.certificate
+    ident = {k: cert[k] for k in ("certified", "lambda_hat", "tau", "q_hat")}
+    h = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(self.cache_dir, f"certified_{h}", f"chunk_{c:05d}.npz")
+
+  def load_certified(self, c: int) -> dict | None:
+    return self._load(self._certified_path(c), ("keys",) + _POINT_KEYS, 1)
+
+  def _save_certified(self, c: int, keys, row: dict) -> None:
+    path = self._certified_path(c)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_savez(path, keys=np.asarray(keys, str), **row)
+
+  def _certified_view(self, images) -> dict:
+    """Its own acceptance and APS q_hat (fitted on the first split): its own edge view."""
+    cal = self._certified_cal
+    return pipeline.edge_view(pipeline.edge_step_batched(
+        self._edge, images, cal.lambda_hat, cal.q_hat, layer=self.config.gradcam_layer,
+        grid=self.geometry.grid, batch_size=int(self.config.batch_size),
+        sharding=self.batch_sharding))
+
+  def run_certified_chunk(self, c: int, indices: np.ndarray, main: dict) -> None:
+    """The Certified row of a chunk whose sweep is cached: server-only's row when
+    nothing was certified (lambda = inf, tau = 0 keeps every patch), else the
+    edge on the chunk's images and one server pass at the certified tau."""
+    keys = main["keys"]
+    if not self.certificate["certified"] or not len(keys):
+      j = self.points.index((methods.SERVER_ONLY, None))
+      return self._save_certified(c, keys, {k: main[k][j:j + 1] for k in _POINT_KEYS})
+    images, got = [], []
+    for b in batches(self.sources.test_source, indices, int(self.config.batch_size),
+                     skipped=collections.Counter(), progress=self.progress,
+                     desc=f"chunk {c} certified"):
+      images.append(b.images[b.valid])
+      got.extend(k for k, ok in zip(b.keys, b.valid) if ok)
+    if list(got) != [str(k) for k in keys]:
+      raise RuntimeError(f"chunk {c}: the test images changed since the sweep was cached")
+    images = np.concatenate(images)
+    t0 = time.perf_counter()
+    row = self._certified_row({"certified": self._certified_view(images)}, images)
+    self.timings["certified_s"] += time.perf_counter() - t0
+    self._save_certified(c, keys, row)
+
+  def _certified_row(self, views, images) -> dict:
+    off, keep, fallback, server_pred = self._sweep(
+        views, images, [(methods.CERTIFIED, (self.certificate["tau"],))])
+    return {"offloaded": off, "kept": keep.sum(-1).astype(np.int16),
+            "server_pred": server_pred, "pred": methods.combine(off, server_pred, fallback)}
 
   def _edge_pass(self, indices, cal, desc, source=None, with_base=True):
     edge, base = collections.defaultdict(list), collections.defaultdict(list)
@@ -247,29 +309,37 @@ class Evaluation:
     got = self._edge_pass(indices, cal, f"chunk {c} edge")
     self.timings["edge_s"] += time.perf_counter() - t0
     if got is None:  # every item of the chunk was bad
-      atomic_savez(self._chunk_path(c), **{k: np.zeros((0,) if k in ("labels", "keys") else
-                                                       (len(self.points), 0)) for k in _CHUNK_KEYS})
+      empty = {k: np.zeros((0,) if k in ("labels", "keys") else (len(self.points), 0))
+               for k in _CHUNK_KEYS}
+      atomic_savez(self._chunk_path(c), **empty)
+      if self.certificate is not None:
+        self.run_certified_chunk(c, indices, empty)
       return
     edge, base, images, labels, keys = got
     views = {methods.EDGE: pipeline.edge_view(edge),
              methods.BASELINE: {**base, "rank": transmit.random_ranks(
                  keys, self.config.seed, self.geometry.num_patches)}}
     plan = [(m, methods.grid(m, self.config)) for m in methods.METHODS]
-    if self.certificate is not None:  # its own acceptance and APS q_hat: its own edge view
-      cert_cal = self._certified_cal
-      views["certified"] = pipeline.edge_view(pipeline.edge_step_batched(
-          self._edge, images, cert_cal.lambda_hat, cert_cal.q_hat,
-          layer=self.config.gradcam_layer, grid=self.geometry.grid,
-          batch_size=int(self.config.batch_size), sharding=self.batch_sharding))
+    certified = self.certificate is not None and self.certificate["certified"]
+    if certified:  # in the same sweep, so its rows dedup against the others'
+      views["certified"] = self._certified_view(images)
       plan.append((methods.CERTIFIED, (self.certificate["tau"],)))
     t1 = time.perf_counter()
     off, keep, fallback, server_pred = self._sweep(views, images, plan)
     self.timings["server_s"] += time.perf_counter() - t1
-    atomic_savez(self._chunk_path(c), labels=labels, keys=np.asarray(keys, str),
-                 offloaded=off, kept=keep.sum(-1).astype(np.int16), server_pred=server_pred,
-                 pred=methods.combine(off, server_pred, fallback),
+    pred = methods.combine(off, server_pred, fallback)
+    kept = keep.sum(-1).astype(np.int16)
+    p = len(self.points)
+    main = {"offloaded": off[:p], "kept": kept[:p], "server_pred": server_pred[:p],
+            "pred": pred[:p]}
+    atomic_savez(self._chunk_path(c), labels=labels, keys=np.asarray(keys, str), **main,
                  **{f"edge_{k}": v for k, v in edge.items() if k != "patch_scores"},
                  **{f"base_{k}": v for k, v in base.items() if k != "scores"})
+    if certified:
+      self._save_certified(c, keys, {"offloaded": off[p:], "kept": kept[p:],
+                                     "server_pred": server_pred[p:], "pred": pred[p:]})
+    elif self.certificate is not None:
+      self.run_certified_chunk(c, indices, {"keys": np.asarray(keys, str), **main})
 
   def _sweep(self, views, images, plan):
     """Every (method, params) of `plan` on one batch of images: decisions in one
@@ -353,14 +423,31 @@ class Evaluation:
     return hashlib.sha1(json.dumps(plain(ident), sort_keys=True).encode()).hexdigest()[:16]
 
   def arrays(self) -> dict:
-    """Every finished chunk concatenated (images along the last axis)."""
-    data = [self.load_chunk(c) for c in range(len(self.chunks()))]
-    if any(d is None for d in data):
+    """Every finished chunk concatenated (images along the last axis), with the
+    Certified row appended when the run has a certificate."""
+    n = len(self.chunks())
+    data = [self.load_chunk(c) for c in range(n)]
+    if self.certificate is not None:
+      for d, row in zip(data, (self.load_certified(c) for c in range(n))):
+        if d is None or row is None:
+          continue
+        if not np.array_equal(row["keys"], d["keys"]):
+          raise RuntimeError("the cached Certified row does not match its chunk's images")
+        for k in _POINT_KEYS:
+          d[k] = np.concatenate([d[k], row[k].astype(d[k].dtype)])
+        d["certified"] = True
+    if any(d is None or (self.certificate is not None and "certified" not in d) for d in data):
       raise RuntimeError("some chunks are missing; run() first")
     data = [d for d in data if len(d["labels"])]
     if not data:
       raise ValueError("no usable test image (all were skipped as bad items)")
     return {k: np.concatenate([d[k] for d in data], axis=-1) for k in _CHUNK_KEYS}
+
+  def all_points(self) -> list:
+    """The sweep's operating points, then the Certified point when there is one."""
+    if self.certificate is None:
+      return list(self.points)
+    return list(self.points) + [(methods.CERTIFIED, self.certificate["tau"])]
 
   # -- the whole run
 
@@ -378,28 +465,32 @@ class Evaluation:
       from rcst_jax.certification import certified_calibration
       cert = self.certificate = cal.certificate
       self._certified_cal = certified_calibration(cal)
-      self.points = methods.operating_points(self.config) + [(methods.CERTIFIED, cert["tau"])]
     chunks = self.chunks()
-    done = 0
+    done = certified_done = 0
     bar = tqdm(total=len(chunks), desc="test chunks", disable=not self.progress)
     pid, nproc = jax.process_index(), jax.process_count()
     for c, idx in enumerate(chunks):
-      if c % nproc == pid and self.load_chunk(c) is None:
+      if c % nproc != pid:
+        pass
+      elif (main := self.load_chunk(c)) is None:
         if stop_after is not None and done >= stop_after:
           raise Interrupted(f"stopped after {done} chunks (test hook)")
         self.run_chunk(c, idx, cal)
         done += 1
         if on_chunk:
           on_chunk(c)
+      elif self.certificate is not None and self.load_certified(c) is None:
+        self.run_certified_chunk(c, idx, main)  # a new certified point: that row only
+        certified_done += 1
       bar.update(1)
     bar.close()
     if nproc > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("rcst_chunks_done")
     arrays = self.arrays()
-    points = metrics.aggregate(arrays, self.points, self.geometry, cal.alpha_crc)
+    points = metrics.aggregate(arrays, self.all_points(), self.geometry, cal.alpha_crc)
     self.timings["total_s"] += time.perf_counter() - t0
     return {"calibration": cal, "points": points, "arrays": arrays, "fingerprint": self.fp,
             "certification_grid": self.certification_grid,
             "skipped": dict(self.skipped), "timings": dict(self.timings),
-            "chunks_computed": done}
+            "chunks_computed": done, "certified_chunks_computed": certified_done}

@@ -69,7 +69,7 @@ def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = Fal
         risk_label=f"calibration {cert['risks'][0].replace('_', ' ')}"))
   if per_image:
     paths["per_image"] = write_per_image(os.path.join(out, "per_image.csv"), result["arrays"],
-                                         ev.points, ev.geometry)
+                                         ev.all_points(), ev.geometry)
   prop = ops.get("proposed") or {}
   chosen = prop.get("within_gap") or prop.get("best")
   if gallery_size and chosen is not None:

@@ -183,3 +183,38 @@ def test_recertifying_reuses_the_calibration_outcomes(tmp_path, models12, monkey
                             str(tmp_path), progress=False).calibrate().certificate
   assert again["epsilon"] == 0.2 and again["test"] == "hb"
   assert again["n_fit"] == first["n_fit"] and again["q_hat"] == first["q_hat"]
+
+
+def test_certification_runs_from_an_existing_evaluation_cache(tmp_path, models12, monkeypatch):
+  """Turning certification on, or changing its request, reuses the cached sweep:
+  only the Certified row is computed, and it equals a fresh joint run's."""
+  sources = _synthetic_sources(24, 8)
+  base = ("--config.data.n_cal=24", "--config.chunk_size=4")
+  on = base + ("--config.certify.enabled=True", "--config.certify.epsilon=0.9")
+  _, plain_run = _points(tmp_path / "a", models12, sources, *base)
+  fresh_ev, fresh = _points(tmp_path / "b", models12, sources, *on)
+  assert fresh_ev.certificate["certified"]  # a loose epsilon certifies something
+
+  def refuse(what):
+    def f(*a, **k):
+      raise AssertionError(f"{what} ran again")
+    return f
+  with monkeypatch.context() as m:  # the test-set sweep must not rerun
+    m.setattr(engine.Evaluation, "run_chunk", refuse("the sweep"))
+    ev, reused = _points(tmp_path / "a", models12, sources, *on)
+  assert reused["chunks_computed"] == 0 and reused["certified_chunks_computed"] == 2
+  assert reused["points"] == fresh["points"]
+  assert reused["points"][:-1] == plain_run["points"]
+
+  # A request nothing meets: the server-only fallback, and no model runs at all.
+  for name in ("edge_step", "edge_step_batched"):
+    monkeypatch.setattr(engine.pipeline, name, refuse(name))
+  monkeypatch.setattr(engine.pipeline.Server, "logits_from_images", refuse("the server"))
+  monkeypatch.setattr(engine.offline, "algorithm1", refuse("Algorithm 1"))
+  _, strict = _points(tmp_path / "a", models12, sources, *base, "--config.certify.enabled=True",
+                      "--config.certify.epsilon=0.001", "--config.certify.test=hb")
+  assert strict["calibration"].certificate["certified"] is False
+  server_only = next(p for p in strict["points"] if p["method"] == "server_only")
+  certified = strict["points"][-1]
+  assert certified["method"] == "certified" and certified["cost"] == 1.0
+  assert certified["accuracy"] == server_only["accuracy"]
