@@ -174,6 +174,7 @@ class Evaluation:
     """Algorithm 1 (cached with the chunks), plus the whole-system certificate
     when config.certify.enabled: recomputed from the cached calibration
     outcomes on every call, so a new epsilon, delta, risk or test runs no model."""
+    t0 = time.perf_counter()
     path = os.path.join(self.cache_dir, "calibration.json")
     cal = None
     if os.path.exists(path):
@@ -189,9 +190,12 @@ class Evaluation:
           sharding=self.batch_sharding, skipped=self.skipped, progress=self.progress)
       if jax.process_index() == 0:  # one writer for shared files
         cal.to_json(path)
+    t1 = time.perf_counter()
+    self.timings["calibration_s"] += t1 - t0
     if self.config.get("certify") and self.config.certify.enabled:
       cert, self.certification_grid = self.certify(cal)
       cal = dataclasses.replace(cal, certificate=cert)
+      self.timings["certification_s"] += time.perf_counter() - t1
     return cal
 
   # -- chunks of the test set
@@ -322,7 +326,9 @@ class Evaluation:
     plan = [(m, methods.grid(m, self.config)) for m in methods.METHODS]
     certified = self.certificate is not None and self.certificate["certified"]
     if certified:  # in the same sweep, so its rows dedup against the others'
+      t = time.perf_counter()
       views["certified"] = self._certified_view(images)
+      self.timings["edge_s"] += time.perf_counter() - t
       plan.append((methods.CERTIFIED, (self.certificate["tau"],)))
     t1 = time.perf_counter()
     off, keep, fallback, server_pred = self._sweep(views, images, plan)
