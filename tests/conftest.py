@@ -41,3 +41,17 @@ def max_rel_err(a, b) -> float:
 @pytest.fixture(scope="session")
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def demo_smoke(tmp_path_factory):
+  """`rcst demo --config demo:smoke` once per session: (output dir, what it printed).
+  Other tests reuse its cache (e.g. `rcst calibrate` certifies from it)."""
+  import contextlib
+  import io
+  from rcst_jax import cli
+  out = tmp_path_factory.mktemp("demo") / "demo"
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    assert cli.main(["demo", "--config", "demo:smoke", f"--config.output_dir={out}"]) == 0
+  return out, buf.getvalue()

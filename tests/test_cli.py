@@ -16,18 +16,30 @@ WEIGHTS = os.path.join(REPO, "weights")
 
 
 @pytest.fixture(scope="module")
-def calibration(tmp_path_factory):
-  out = tmp_path_factory.mktemp("cal")
-  path = out / "cal.json"
-  assert cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={out}",
-                   "--out", str(path)]) == 0
+def calibration(demo_smoke, tmp_path_factory):
+  """`rcst calibrate` on the smoke demo's cache: Algorithm 1 and the certificate's
+  calibration outcomes are cached there, so no model may run."""
+  from rcst_jax import engine
+
+  def refuse(*a, **k):
+    raise AssertionError("rcst calibrate ran a model although the evaluation cache has it all")
+  path = tmp_path_factory.mktemp("cal") / "cal.json"
+  with pytest.MonkeyPatch.context() as m:
+    for obj, name in ((engine.offline, "algorithm1"), (engine.pipeline, "edge_step"),
+                      (engine.pipeline.Server, "logits_from_images")):
+      m.setattr(obj, name, refuse)
+    assert cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={demo_smoke[0]}",
+                     "--out", str(path)]) == 0
   return path
 
 
-def test_calibrate_writes_artifact(calibration):
+def test_calibrate_writes_artifact(calibration, demo_smoke):
   cal = json.loads(calibration.read_text())
   assert cal["n"] == 200 and cal["alpha_crc"] == 0.05 and cal["alpha_aps"] == 0.05
   assert cal["lambda_valid"] and 0 < cal["lambda_hat"] <= 1 and cal["dataset"] == "synthetic"
+  # The same artifact as the demo's own (another entry point, same cache).
+  assert cal == json.loads((demo_smoke[0] / "calibration.json").read_text())
+  assert cal["certificate"]["n_fit"] + cal["certificate"]["n_test"] == 200
 
 
 def _files(tmp_path, n=4):

@@ -3,13 +3,9 @@ command runs the same code on more images."""
 
 import json
 
-from rcst_jax import cli
 
-
-def test_demo_smoke(tmp_path, capsys):
-  out = tmp_path / "demo"
-  assert cli.main(["demo", "--config", "demo:smoke", f"--config.output_dir={out}"]) == 0
-  printed = capsys.readouterr().out
+def test_demo_smoke(demo_smoke):
+  out, printed = demo_smoke  # tests/conftest.py runs `rcst demo --config demo:smoke`
   assert "demo finished" in printed and "| Proposed |" in printed
   for name in ("results.json", "results.csv", "table1.md", "table2.md", "figure1.png",
                "figure2.png", "gallery.png", "calibration.json", "summary.json"):
