@@ -172,13 +172,17 @@ class Evaluation:
         return cal
       except (conformal.CalibrationError, OSError, UnicodeDecodeError) as e:
         warnings.warn(f"cached calibration {path} is unreadable ({e}); recomputing")
+    t0 = time.perf_counter()
     cal = offline.algorithm1(
         self.config, self._edge, self.sources, self.transform,
         server_metadata=self.models.server.metadata, geometry=self.geometry,
         server_digest=variables_digest(self.models.server.variables),
         sharding=self.batch_sharding, skipped=self.skipped, progress=self.progress)
+    self.timings["calibration_s"] += time.perf_counter() - t0
     if self.config.get("certify") and self.config.certify.enabled:
+      t0 = time.perf_counter()
       cert, self.certification_grid = self.certify(cal)
+      self.timings["certification_s"] += time.perf_counter() - t0
       cal = dataclasses.replace(cal, certificate=cert)
       if jax.process_index() == 0:
         atomic_savez(grid_path, **self.certification_grid)
@@ -256,12 +260,14 @@ class Evaluation:
                  keys, self.config.seed, self.geometry.num_patches)}}
     plan = [(m, methods.grid(m, self.config)) for m in methods.METHODS]
     if self.certificate is not None:  # its own acceptance and APS q_hat: its own edge view
+      t0 = time.perf_counter()
       cert_cal = self._certified_cal
       views["certified"] = pipeline.edge_view(pipeline.edge_step_batched(
           self._edge, images, cert_cal.lambda_hat, cert_cal.q_hat,
           layer=self.config.gradcam_layer, grid=self.geometry.grid,
           batch_size=int(self.config.batch_size), sharding=self.batch_sharding))
       plan.append((methods.CERTIFIED, (self.certificate["tau"],)))
+      self.timings["edge_s"] += time.perf_counter() - t0
     t1 = time.perf_counter()
     off, keep, fallback, server_pred = self._sweep(views, images, plan)
     self.timings["server_s"] += time.perf_counter() - t1
@@ -315,21 +321,27 @@ class Evaluation:
     fit, test = np.sort(idx[perm[:n_fit]]), np.sort(idx[perm[n_fit:]])
     fit_sources = Sources(self.sources.cal_source, self.sources.cal_source, fit, fit,
                           name=self.sources.name)
+    t0 = time.perf_counter()
     cal_fit = offline.algorithm1(self.config, self._edge, fit_sources, self.transform,
                                  server_metadata=self.models.server.metadata,
                                  geometry=self.geometry, server_digest=None,
                                  sharding=self.batch_sharding, progress=self.progress)
+    self.timings["certification_calibration_s"] += time.perf_counter() - t0
     probe = dataclasses.replace(cal_fit, lambda_hat=float("inf"), lambda_valid=False)
     parts = []
     for name, part in (("fit", fit), ("test", test)):
+      t0 = time.perf_counter()
       got = self._edge_pass(part, probe, f"certification {name}", self.sources.cal_source,
                             with_base=False)
+      self.timings["certification_edge_s"] += time.perf_counter() - t0
       if got is None:
         raise ValueError(f"no usable image in the certification {name} split")
       edge, _, images, labels, _ = got
+      t0 = time.perf_counter()
       off, keep, _, server_pred = self._sweep(
           {methods.EDGE: pipeline.edge_view(edge)}, images,
           [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, taus)])
+      self.timings["certification_server_s"] += time.perf_counter() - t0
       parts.append({"labels": labels, "edge_pred": edge["pred"], "p_max": edge["p_max"],
                     "server_only_pred": server_pred[0], "server_pred": server_pred[1:],
                     "kept": keep[1:].sum(-1)})
