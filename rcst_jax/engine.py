@@ -226,7 +226,8 @@ class Evaluation:
       v = b.valid
       x = jax.device_put(b.images, self.batch_sharding)
       e = jax.device_get(pipeline.edge_step(self._edge, x, cal.lambda_hat, cal.q_hat,
-                                            layer=layer, grid=grid))
+                                            layer=layer, grid=grid,
+                                            sharding=self.batch_sharding))
       lab = b.labels[v]
       for k in ("pred", "p_max", "accept", "aps_size", "patch_scores"):
         edge[k].append(e[k][v])
