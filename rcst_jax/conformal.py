@@ -62,7 +62,8 @@ def sequential_cumsum(x: jax.Array) -> jax.Array:
     acc = acc + v
     return acc, acc
 
-  _, out = jax.lax.scan(step, jnp.zeros(moved.shape[1:], x.dtype), moved)
+  # zeros_like: the carry varies over a shard_map axis exactly as x does.
+  _, out = jax.lax.scan(step, jnp.zeros_like(moved[0]), moved)
   return jnp.moveaxis(out, 0, -1)
 
 

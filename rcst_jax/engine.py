@@ -288,7 +288,8 @@ class Evaluation:
       v = b.valid
       x = jax.device_put(b.images, self.batch_sharding)
       e = jax.device_get(pipeline.edge_step(self._edge, x, cal.lambda_hat, cal.q_hat,
-                                            layer=layer, grid=grid))
+                                            layer=layer, grid=grid,
+                                            sharding=self.batch_sharding))
       lab = b.labels[v]
       for k in ("pred", "p_max", "accept", "aps_size", "patch_scores"):
         edge[k].append(e[k][v])
@@ -391,21 +392,27 @@ class Evaluation:
     fit, test = np.sort(idx[perm[:n_fit]]), np.sort(idx[perm[n_fit:]])
     fit_sources = Sources(self.sources.cal_source, self.sources.cal_source, fit, fit,
                           name=self.sources.name)
+    t0 = time.perf_counter()
     cal_fit = offline.algorithm1(self.config, self._edge, fit_sources, self.transform,
                                  server_metadata=self.models.server.metadata,
                                  geometry=self.geometry, server_digest=None,
                                  sharding=self.batch_sharding, progress=self.progress)
+    self.timings["certification_calibration_s"] += time.perf_counter() - t0
     probe = dataclasses.replace(cal_fit, lambda_hat=float("inf"), lambda_valid=False)
     parts = []
     for name, part in (("fit", fit), ("test", test)):
+      t0 = time.perf_counter()
       got = self._edge_pass(part, probe, f"certification {name}", self.sources.cal_source,
                             with_base=False)
+      self.timings["certification_edge_s"] += time.perf_counter() - t0
       if got is None:
         raise ValueError(f"no usable image in the certification {name} split")
       edge, _, images, labels, _ = got
+      t0 = time.perf_counter()
       off, keep, _, server_pred = self._sweep(
           {methods.EDGE: pipeline.edge_view(edge)}, images,
           [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, taus)])
+      self.timings["certification_server_s"] += time.perf_counter() - t0
       parts.append({"labels": labels, "edge_pred": edge["pred"], "p_max": edge["p_max"],
                     "server_only_pred": server_pred[0], "server_pred": server_pred[1:],
                     "kept": keep[1:].sum(-1)})

@@ -11,23 +11,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax import conformal
+from rcst_jax import conformal, spmd
 from rcst_jax.checkpoints import Model, variables_digest
 from rcst_jax.data import batches, normalize
 from rcst_jax.data.sources import Sources, transform_record
 from rcst_jax.geometry import Geometry
 
 
-def probs_fn(model: Model):
-  """Jitted softmax of the model's inference form (the one edge_step runs)."""
+def probs_fn(model: Model, sharding=None):
+  """Jitted softmax of the model's inference form (the one edge_step runs);
+  ``sharding`` splits the batch: each device runs its own rows (rcst_jax.spmd)."""
   model = model.inference()
   mean, std = tuple(model.metadata["mean"]), tuple(model.metadata["std"])
   module = model.module
 
-  @jax.jit
-  def fn(variables, images):
+  def rows(variables, images):
     return jax.nn.softmax(module.apply(variables, normalize(images, mean, std))[0]
                           .astype(jnp.float32), -1)
+  fn = jax.jit(spmd.per_device(rows, sharding))
   return lambda images: fn(model.variables, images)
 
 
@@ -35,7 +36,7 @@ def algorithm1(config, edge: Model, sources: Sources, transform, *, server_metad
                geometry: Geometry, server_digest: str | None, sharding=None, skipped=None,
                progress: bool = True) -> conformal.Calibration:
   probs, labels = [], []
-  fn = probs_fn(edge)
+  fn = probs_fn(edge, sharding)
   for b in batches(sources.cal_source, sources.cal_indices, int(config.batch_size),
                    skipped=skipped, progress=progress, desc="calibration"):
     images = b.images if sharding is None else jax.device_put(b.images, sharding)

@@ -22,14 +22,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax import conformal, methods, patches, saliency, transmit
+from rcst_jax import conformal, methods, patches, saliency, spmd, transmit
 from rcst_jax.checkpoints import Model
 from rcst_jax.data import normalize
 from rcst_jax.geometry import Geometry
 
 
-@functools.partial(jax.jit, static_argnames=("module", "mean", "std", "layer", "grid"))
-def _edge_step(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid):
+@functools.partial(jax.jit, static_argnames=("module", "mean", "std", "layer", "grid",
+                                             "sharding"))
+def _edge_step(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid,
+               sharding=None):
+  # Per device: the micro-batched trunk would otherwise run the whole batch on
+  # every device (see rcst_jax.spmd).
+  return spmd.per_device(functools.partial(_edge_rows, module=module, mean=mean, std=std,
+                                           layer=layer, grid=grid), sharding)(
+      variables, images, lambda_hat, q_hat)
+
+
+def _edge_rows(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid):
   x = normalize(images, mean, std)
   res = saliency.aps_grad_cam(module, variables, x,
                               lambda probs: conformal.aps_set(probs, q_hat)[0],
@@ -43,17 +53,19 @@ def _edge_step(variables, images, lambda_hat, q_hat, *, module, mean, std, layer
 
 
 def edge_step(edge: Model, images, lambda_hat, q_hat, *, layer: str = "features",
-              grid: int = 14) -> dict:
+              grid: int = 14, sharding=None) -> dict:
   """The complete edge computation for a batch of uint8 images [B, H, W, 3].
 
   Returns probs [B,C], p_max, pred, accept (p_max >= lambda_hat, Eq. 15),
   aps_mask [B,C] (Eqs. 17-18), aps_size, cam [B,h,w] (Eq. 22 before Up) and
-  patch_scores [B, grid*grid] (Eq. 23).
+  patch_scores [B, grid*grid] (Eq. 23). ``sharding``: the NamedSharding that
+  splits ``images`` along the batch (multi-device): each device then runs its
+  own rows (:func:`rcst_jax.spmd.per_device`); the results are the same.
   """
   edge = edge.inference()  # e.g. BatchNorm folded; computed once per Model
   return _edge_step(edge.variables, images, jnp.float32(lambda_hat), jnp.float32(q_hat),
                     module=edge.module, mean=tuple(edge.metadata["mean"]),
-                    std=tuple(edge.metadata["std"]), layer=layer, grid=grid)
+                    std=tuple(edge.metadata["std"]), layer=layer, grid=grid, sharding=sharding)
 
 
 def edge_view(e: dict) -> dict:
@@ -263,7 +275,8 @@ def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, gri
     x = chunk if len(chunk) == batch_size else _pad_rows(chunk, batch_size)
     if sharding is not None:
       x = jax.device_put(x, sharding)
-    e = jax.device_get(edge_step(edge, x, lambda_hat, q_hat, layer=layer, grid=grid))
+    e = jax.device_get(edge_step(edge, x, lambda_hat, q_hat, layer=layer, grid=grid,
+                                 sharding=sharding))
     parts.append({k: np.asarray(v)[:len(chunk)] for k, v in e.items()})
   if not parts:
     raise ValueError("no images given")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rcst_jax import spmd
+
 
 def aps_weights(probs: jax.Array, aps_mask: jax.Array) -> jax.Array:
   """w_c = pi_c / sum_{c' in S} pi_c' on the APS set, 0 elsewhere (Eq. 19)."""
@@ -32,6 +34,9 @@ def forward_with_taps(module, variables, x, layer: str, **kwargs):
     raise ValueError(f"layer {layer!r} is not a Grad-CAM tap; available: "
                      f"{sorted(k.removesuffix('_tap') for k in template)}")
   zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), template)
+  # Per-image maps vary over a shard_map's axes as x does (rcst_jax.spmd): left
+  # device-invariant, their gradient would be summed over the devices' images.
+  zeros = spmd.vary_like(zeros, x)
   plain = {k: v for k, v in variables.items() if k != "perturbations"}
 
   def run(perturbations):

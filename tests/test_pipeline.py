@@ -85,6 +85,39 @@ def test_server_sharded_equals_unsharded(models):
   assert sum(b["rows"] for b in plain.stats.by_bucket.values()) == 21
 
 
+def test_edge_step_sharded_runs_per_device(models):
+  """On a mesh each device runs its own rows: no collective in the compiled
+  edge step or calibration softmax (a micro-batched trunk under plain jit
+  all-gathered the batch and ran all of it on every device), the same outputs."""
+  import re
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from rcst_jax import offline
+  from rcst_jax.checkpoints import Model
+  assert jax.device_count() == 8  # tests/conftest.py forces 8 host devices
+  edge, _ = models
+  mesh = Mesh(np.asarray(jax.devices()), ("batch",))
+  sharding, rep = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
+  assert edge.module.inference_chunk == -1  # auto: micro-batches of 2 images on CPU
+  images = _images(16, 3)
+  want = jax.device_get(pipeline.edge_step(edge, images, 0.3, 0.5))
+  x = jax.device_put(images, sharding)
+  placed = Model(edge.module, jax.device_put(edge.variables, rep), edge.metadata)
+  got = jax.device_get(pipeline.edge_step(placed, x, 0.3, 0.5, sharding=sharding))
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+  np.testing.assert_array_equal(got["aps_mask"], want["aps_mask"])
+  np.testing.assert_allclose(offline.probs_fn(placed, sharding)(x), want["probs"],
+                             rtol=1e-6, atol=1e-6)
+  inf = placed.inference()
+  static = dict(module=inf.module, mean=tuple(inf.metadata["mean"]),
+                std=tuple(inf.metadata["std"]), layer="features", grid=14, sharding=sharding)
+  hlo = pipeline._edge_step.lower(inf.variables, x, np.float32(0.3), np.float32(0.5),
+                                  **static).compile().as_text()
+  collectives = r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\("
+  assert not re.findall(collectives, hlo)
+
+
 @pytest.mark.parametrize("lam", [np.inf, 0.0, "median"])
 def test_collaborative_inference(models, lam):
   edge, server = models

@@ -485,7 +485,10 @@ class EfficientNet(nn.Module):
     """The trunk over micro-batches of n images (lax.map), batch padded to a
     multiple of n. On CPU the whole-batch activations of B0 at 224 px reach
     ~10 MB per image; per micro-batch they stay in cache and in reused heap
-    memory instead of a fresh, page-faulted temp buffer per call."""
+    memory instead of a fresh, page-faulted temp buffer per call. Under jit
+    with the batch sharded over devices, XLA all-gathers the batch in front
+    of this loop and every device runs all of it: run the model per device
+    instead (rcst_jax.spmd.per_device, as pipeline.edge_step does)."""
     b = x.shape[0]
     pad = -b % n
     xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, n, *x.shape[1:])

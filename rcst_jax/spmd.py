@@ -1,0 +1,59 @@
+"""Per-device programs for computations that are independent per image.
+
+Under plain jit, XLA's sharding propagation decides how a batch-sharded
+input is split. It cannot split a sequential loop along the axis it loops
+over: the EfficientNet's CPU micro-batching (``lax.map`` over chunks of the
+batch, ``EfficientNet.inference_chunk``) makes it all-gather the batch in
+front of the loop and run the whole batch on every device (8x the work on 8
+devices, with the results replicated). ``per_device`` states the intent
+instead: each device runs the function on its own rows (``jax.shard_map``),
+with no collective at all, so any micro-batching inside applies per device.
+"""
+
+from __future__ import annotations
+
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def per_device(fn, sharding: NamedSharding | None, batch_args: tuple[int, ...] = (1,)):
+  """``fn(*args)`` run on each device's rows of ``sharding``'s batch axis.
+
+  The positional args in ``batch_args`` are split along axis 0 as
+  ``sharding`` splits them; the others are replicated; every output has the
+  batch as axis 0. Only for functions whose rows are independent (no
+  reduction over the batch), so the result equals ``fn`` on the whole
+  batch. ``sharding`` None or a single device: ``fn`` itself. Call it inside
+  jit; the batch must be a multiple of the mesh size.
+  """
+  if sharding is None or sharding.mesh.size == 1:
+    return fn
+  import jax
+  spec, mesh = sharding.spec, sharding.mesh
+
+  def run(*args):
+    specs = tuple(spec if i in batch_args else PartitionSpec() for i in range(len(args)))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec)(*args)
+  return run
+
+
+def varying_axes(x) -> tuple[str, ...]:
+  """The shard_map axes over which x varies (inside ``per_device``), else ()."""
+  import jax
+  t = jax.typeof(x)
+  manual = getattr(t, "manual_axis_type", None)
+  axes = manual.varying if manual is not None else getattr(t, "vma", ())
+  return tuple(sorted(axes))
+
+
+def vary_like(tree, x):
+  """``tree`` cast to vary over the shard_map axes that x varies over.
+
+  A value made inside ``per_device`` from shapes alone (zeros) is
+  device-invariant; differentiated as a per-row input, its gradient would
+  be summed over the devices. Outside shard_map: ``tree`` unchanged.
+  """
+  axes = varying_axes(x)
+  if not axes:
+    return tree
+  import jax
+  return jax.tree_util.tree_map(lambda a: jax.lax.pcast(a, axes, to="varying"), tree)
