@@ -294,3 +294,40 @@ def test_variant_configs_follow_timm():
     m = deit.create(name)
     assert (m.embed_dim, m.depth, m.num_heads, m.distilled) == (
         spec["arch"]["embed_dim"], 12, spec["arch"]["num_heads"], "distilled" in name)
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_D])
+def test_micro_batched_inference_matches_whole_batch(name, monkeypatch):
+  """inference_chunk (lax.map over chunks of images) gives the whole-batch
+  outputs: logits and CLS attention, full image and token path, with and
+  without a mask, and a batch that is not a multiple of the chunk."""
+  _, _, variables, _, _ = _load(name)
+  whole, chunked = deit.create(name, inference_chunk=0), deit.create(name, inference_chunk=2)
+  full = lambda m: jax.jit(lambda v, x, mode: m.apply(v, x, attn_layers=mode), static_argnums=2)
+  toks = lambda m: jax.jit(lambda v, p, i, k: m.apply(v, p, i, k, method="tokens"))
+  pixels = _pixels(5, seed=7)
+  x = _normalise(pixels)
+
+  def same(a, b):
+    assert max_rel_err(a[0], b[0]) <= 1e-6
+    np.testing.assert_allclose(a[1]["cls_attn"], b[1]["cls_attn"], rtol=1e-6, atol=1e-7)
+
+  for mode in ("last", "all"):
+    same(full(chunked)(variables, x, mode), full(whole)(variables, x, mode))
+  rng = np.random.default_rng(8)
+  keep = np.zeros((5, 196), bool)
+  for row, k in zip(keep, (1, 30, 77, 0, 196)):
+    row[rng.choice(196, k, replace=False)] = True
+  idx, valid = P.pad_selection(keep)
+  sent = P.gather_patches(pixels, idx)
+  same(toks(chunked)(variables, sent, idx, valid), toks(whole)(variables, sent, idx, valid))
+  same(toks(chunked)(variables, sent, idx, None), toks(whole)(variables, sent, idx, None))
+
+  # The CPU default (-1) chunks only past the size threshold; train never does.
+  lowered = lambda m, **kw: jax.jit(lambda v, x: m.apply(v, x, **kw)).lower(variables, x).as_text()
+  auto = deit.create(name)
+  assert "while" not in lowered(auto)
+  if jax.default_backend() == "cpu":
+    monkeypatch.setattr(deit, "_CPU_CHUNK_ABOVE_BYTES", 0)
+    assert "while" in lowered(auto)
+  assert "while" not in lowered(chunked, train=True, rngs={"dropout": jax.random.PRNGKey(0)})

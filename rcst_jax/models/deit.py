@@ -31,6 +31,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # NaN-free; exp(-1e9 - max) is exactly 0 in float32.
 _MASK_VALUE = -1e9
 
+# inference_chunk=-1 on CPU: when the whole batch's MLP activations would
+# exceed glibc's largest mmap threshold (32 MiB; larger blocks get a fresh,
+# page-faulted mmap on every call), micro-batches of about this many tokens
+# (max(1, this // N) images of N tokens each).
+_CPU_CHUNK_TOKENS = 400
+_CPU_CHUNK_ABOVE_BYTES = 32 << 20
+
+
+def gelu(x):
+  """Exact (erf) GELU in torch's form, x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu's
+  exact form goes through erfc and is 2.6x slower on XLA:CPU (0.37 vs 0.14 ms
+  on 2 x 197 x 3072)."""
+  return x * 0.5 * (1.0 + jax.lax.erf(x * np.float32(0.5 ** 0.5)).astype(x.dtype))
+
 
 class Mlp(nn.Module):
   hidden_dim: int
@@ -41,7 +55,7 @@ class Mlp(nn.Module):
   def __call__(self, x, train=False):
     c = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # timm uses exact GELU; flax defaults to tanh
+    x = gelu(x)  # timm uses exact GELU; flax defaults to tanh
     x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
     x = nn.Dense(c, dtype=self.dtype, name="fc2")(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=not train)
@@ -58,14 +72,17 @@ class Attention(nn.Module):
     b, n, c = x.shape
     h = self.num_heads
     # timm's qkv rows are [q | k | v], each heads * head_dim wide.
+    # Heads to the front once ([3, b, h, n, d]) so both attention matmuls are
+    # plain batched matmuls: 1.5 vs 2.3 ms on XLA:CPU at b=2, n=197.
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(x).reshape(b, n, 3, h, c // h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (c // h) ** -0.5, k)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * (c // h) ** -0.5, k)
     logits = logits.astype(jnp.float32)  # softmax in fp32 even under bf16
     if key_valid is not None:
       logits = jnp.where(key_valid[:, None, None, :], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
-    y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v).reshape(b, n, c)
+    y = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v)
+    y = y.transpose(0, 2, 1, 3).reshape(b, n, c)
     y = nn.Dense(c, dtype=self.dtype, name="proj")(y)
     y = nn.Dropout(self.drop_rate)(y, deterministic=not train)
     return y, probs[:, :, 0, :].mean(axis=1)
@@ -113,6 +130,11 @@ class VisionTransformer(nn.Module):
   mean: Sequence[float] = IMAGENET_MEAN
   std: Sequence[float] = IMAGENET_STD
   dtype: Any = jnp.float32
+  # Inference micro-batch for the blocks (lax.map): -1 auto (on CPU, chunks
+  # of about _CPU_CHUNK_TOKENS tokens once the whole batch's MLP activations
+  # pass _CPU_CHUNK_ABOVE_BYTES; the whole batch elsewhere), 0 the whole
+  # batch, n > 0 chunks of n images.
+  inference_chunk: int = -1
 
   @property
   def num_prefix(self) -> int:
@@ -176,11 +198,15 @@ class VisionTransformer(nn.Module):
       key_valid = jnp.concatenate(
           [jnp.ones((b, self.num_prefix), bool), jnp.asarray(mask, bool)], axis=1)
 
-    cls_rows = []
-    for blk in self.blocks:
-      x, row = blk(x, key_valid, train)
-      cls_rows.append(row)
-    x = self.norm(x)
+    chunk = self._chunk(b, x.shape[1], train)
+    if chunk:
+      x, cls_rows = self._chunked_blocks(x, key_valid, chunk)
+    else:
+      cls_rows = []
+      for blk in self.blocks:
+        x, row = blk(x, key_valid, train)
+        cls_rows.append(row)
+      x = self.norm(x)
 
     out = {"encoded": x}
     mode = attn_layers or self.attn_layers
@@ -210,6 +236,61 @@ class VisionTransformer(nn.Module):
         logits = out["pre_logits"]
     out["logits"] = logits
     return logits, out
+
+  def _chunk(self, batch: int, tokens: int, train: bool) -> int:
+    n = self.inference_chunk
+    if n < 0:
+      hidden = batch * tokens * int(self.embed_dim * self.mlp_ratio)
+      big = _on_cpu() and hidden * jnp.dtype(self.dtype).itemsize > _CPU_CHUNK_ABOVE_BYTES
+      n = max(1, _CPU_CHUNK_TOKENS // tokens) if big else 0
+    if train or self.is_initializing() or not 0 < n < batch:
+      return 0
+    return n
+
+  def _chunked_blocks(self, x, key_valid, n):
+    """The blocks and final norm over micro-batches of n images (lax.map),
+    batch padded to a multiple of n; returns (x, per-block CLS rows)."""
+    b = x.shape[0]
+    pad = -b % n
+    split = lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(
+        -1, n, *a.shape[1:])
+    inner = _Blocks(self.num_heads, self.mlp_ratio, self.depth, self.dtype, parent=None)
+    params = self.variables["params"]
+    variables = {"params": {k: params[k] for k in
+                            [f"blocks_{i}" for i in range(self.depth)] + ["norm"]}}
+    if key_valid is None:
+      ys, rows = jax.lax.map(lambda xc: inner.apply(variables, xc), split(x))
+    else:
+      ys, rows = jax.lax.map(lambda a: inner.apply(variables, *a),
+                             (split(x), split(key_valid)))
+    # rows: [chunks, depth, n, N] -> depth rows of [B, N]
+    rows = rows.transpose(1, 0, 2, 3).reshape(self.depth, -1, rows.shape[-1])[:, :b]
+    return ys.reshape(-1, *ys.shape[2:])[:b], list(rows)
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+class _Blocks(nn.Module):
+  """The blocks and final norm of a VisionTransformer, parameter names
+  unchanged (``blocks_i``, ``norm``): the micro-batched inference body."""
+  num_heads: int
+  mlp_ratio: float
+  depth: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.blocks = [Block(self.num_heads, self.mlp_ratio, dtype=self.dtype)
+                   for _ in range(self.depth)]
+    self.norm = nn.LayerNorm(1e-6, dtype=self.dtype, use_fast_variance=False)
+
+  def __call__(self, x, key_valid=None):
+    rows = []
+    for blk in self.blocks:
+      x, row = blk(x, key_valid)
+      rows.append(row)
+    return self.norm(x), jnp.stack(rows)
 
 
 def _variant(embed_dim, num_heads, distilled):
