@@ -1,9 +1,11 @@
 """Interleaved timing of rcst_jax against timm (default and best-tuned).
 
 The machine is shared and noisy, so every case is timed as ``repeats``
-rounds; each round runs every contender in a rotating order: one untimed
-call (the other contenders have just evicted its weights and buffers from
-the caches, which costs 30% at batch 1), then ``inner`` timed calls. The
+rounds; each round runs every contender in a rotating order: untimed calls
+for at least ``SETTLE_S`` seconds (the other contenders have just evicted its
+weights and buffers from the caches, which costs 30% at batch 1, and right
+after a torch contender JAX's batch-16 B0 forward runs at ~130 instead of
+~200 img/s for its first ~5 calls), then ``inner`` timed calls. The
 table reports the median round and the best round. torch runs in
 worker processes (``torch_worker.py``): the tuned one needs LD_PRELOAD at
 process start, and the JAX process then holds no OpenMP threads.
@@ -17,6 +19,16 @@ import sys
 import time
 
 import jax
+
+SETTLE_S = 0.3  # untimed work per contender and round, the same for all
+
+
+def settle(fn, seconds: float = SETTLE_S):
+  """Untimed calls until ``seconds`` have passed (at least one)."""
+  t0 = time.perf_counter()
+  fn()
+  while time.perf_counter() - t0 < seconds:
+    fn()
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -53,7 +65,8 @@ class TorchWorker:
     self._ask(op="drop", case=case, batch=batch)
 
   def timer(self, case, batch):
-    return lambda inner: self._ask(op="time", case=case, batch=batch, inner=inner)["s"]
+    return lambda inner: self._ask(op="time", case=case, batch=batch, inner=inner,
+                                   settle=SETTLE_S)["s"]
 
   def close(self):
     self.proc.stdin.close()
@@ -81,7 +94,7 @@ def jax_timer(fn, *args, warmup: int = 2):
     jax.block_until_ready(fn(*args))
 
   def run(inner):
-    jax.block_until_ready(fn(*args))  # untimed: refill caches after the others ran
+    settle(lambda: jax.block_until_ready(fn(*args)))  # refill caches after the others ran
     t0 = time.perf_counter()
     for _ in range(inner):
       jax.block_until_ready(fn(*args))
@@ -162,5 +175,5 @@ def print_run_header(workers, args, note: str) -> None:
   info = workers[TIMM].info
   print(f"backend={jax.default_backend()} cpus={os.cpu_count()} jax={jax.__version__} "
         f"torch={info['torch']} threads={info['threads']} repeats={args.repeats} "
-        f"inner={args.inner or 'auto'}")
+        f"inner={args.inner or 'auto'} settle={SETTLE_S}s")
   print(note)

@@ -6,7 +6,7 @@ configuration lives in its own worker process that answers JSON lines:
 
   {"op": "prepare", "case": "effnet_fwd", "batch": 16}  -> builds, warms up
   {"op": "time", "case": ..., "batch": ..., "inner": 3} -> {"s": seconds per call}
-                                                        (after one untimed call)
+                                                        (after untimed calls for "settle" s)
 
 Configurations:
   default  timm as most people run it: eval(), torch.no_grad(), NCHW.
@@ -215,7 +215,10 @@ def main():
       print(json.dumps({"ok": True}), flush=True)
     elif req["op"] == "time":
       fn = fns[key]
-      fn()  # untimed: refill caches after the other contenders ran
+      t0 = time.perf_counter()  # untimed: refill caches after the other contenders ran
+      fn()
+      while time.perf_counter() - t0 < req.get("settle", 0.0):
+        fn()
       t0 = time.perf_counter()
       for _ in range(req["inner"]):
         fn()
