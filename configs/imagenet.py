@@ -105,6 +105,8 @@ def _base():
   c.certify.lambda_grid = tuple(round(0.05 * i, 2) for i in range(21)) + (1.01,)
   c.certify.split = 0.5                # fraction of calibration images that fits and orders
   c.certify.seed = 0
+  c.certify.cost = "patches"            # pick the cheapest certified pair by patches or bytes
+  c.certify.multiple_testing = "pareto"  # or "bonferroni" over the whole grid
   c.gallery_size = 6
   c.per_image = False            # also write per_image.csv (one row per image and point)
   c.output_dir = "outputs/imagenet"

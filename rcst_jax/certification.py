@@ -39,7 +39,7 @@ def losses(config, out: dict, lambdas: np.ndarray):
   return xs, eps
 
 
-def certify_run(config, out: dict, taus, num_patches: int, q_hat_fit: float,
+def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
                 n_fit: int) -> tuple[dict, dict]:
   """(certificate for the artifact, grid arrays for the figure).
 
@@ -49,9 +49,15 @@ def certify_run(config, out: dict, taus, num_patches: int, q_hat_fit: float,
   c = config.certify
   lambdas = np.asarray(c.lambda_grid, np.float64)
   xs, eps = losses(config, out, lambdas)
-  cost = certify.patch_cost(out["p_max"], out["kept"], lambdas, num_patches, per_image=True)
+  cost_kind = c.get("cost", "patches")
+  if cost_kind == "bytes":
+    cost = certify.byte_cost(out["p_max"], out["kept"], lambdas, geometry, per_image=True)
+  else:
+    cost = certify.patch_cost(out["p_max"], out["kept"], lambdas, geometry.num_patches,
+                              per_image=True)
   n = len(out["labels"])
-  res = certify.pareto_testing(xs, cost, eps, c.delta, test=c.test,
+  mt = c.get("multiple_testing", "pareto")
+  res = certify.pareto_testing(xs, cost, eps, c.delta, test=c.test, multiple_testing=mt,
                                split_indices=(np.arange(n_fit), np.arange(n_fit, n)))
   head = xs[c.risks[0]].mean(-1)  # for the figure: the first risk on its own scale
   if c.risks[0] == "accuracy_drop":
@@ -61,7 +67,8 @@ def certify_run(config, out: dict, taus, num_patches: int, q_hat_fit: float,
   cert = {"risks": list(c.risks), "epsilon": float(c.epsilon), "delta": float(c.delta),
           "test": c.test, "n_fit": int(n_fit), "n_test": int(res.n_test),
           "grid_size": int(res.certified.size), "certified_count": int(res.certified.sum()),
-          "q_hat": _enc(q_hat_fit), "split_seed": int(c.seed)}
+          "q_hat": _enc(q_hat_fit), "split_seed": int(c.seed), "cost": cost_kind,
+          "multiple_testing": mt}
   if res.chosen is None:  # nothing certified: server-only (accept nothing, keep every patch)
     cert.update(certified=False, lambda_hat=_enc(math.inf), tau=0.0, p_value=None,
                 cost_calibration=1.0)
@@ -101,9 +108,11 @@ def describe(cert: dict) -> str:
     return (f"Certified row: no (lambda, tau) was certified for {risks} <= {cert['epsilon']:g} "
             f"at delta = {cert['delta']:g} ({cert['test']} test, {cert['n_test']} testing "
             f"images); the run falls back to server-only.")
+  mt = {"pareto": "Pareto Testing", "bonferroni": "Bonferroni"}[
+      cert.get("multiple_testing", "pareto")]
   return (f"Certified row: (lambda, tau) = ({decode(cert['lambda_hat']):g}, {cert['tau']:g}), "
           f"chosen before the test set was seen: with probability >= {1 - cert['delta']:g} "
-          f"over calibration draws, {risks} <= {cert['epsilon']:g} (Learn-then-Test, Pareto "
-          f"Testing, {cert['test']} p-values, {cert['n_fit']} fitting + {cert['n_test']} "
+          f"over calibration draws, {risks} <= {cert['epsilon']:g} (Learn-then-Test, {mt}, "
+          f"lowest {cert.get('cost', 'patches')} cost, {cert['test']} p-values, {cert['n_fit']} fitting + {cert['n_test']} "
           f"testing calibration images; {cert['certified_count']} of {cert['grid_size']} "
           f"configurations certified, p = {cert['p_value']:.3g}).")

@@ -44,6 +44,7 @@ import numpy as np
 
 __all__ = [
     "decisions", "accuracy_drop", "degradation", "system_error", "edge_risk", "patch_cost",
+    "byte_cost",
     "rescale_accuracy_drop", "binomial_pvalue", "hb_pvalue", "wsr_pvalue", "config_pvalues",
     "fixed_sequence", "bonferroni", "pareto_order", "LTTResult", "pareto_testing",
 ]
@@ -92,6 +93,16 @@ def patch_cost(p_max, kept, lambdas, num_patches: int, per_image: bool = False):
   """Transmitted fraction of patches, (not accepted) * kept / N: mean [L, T] (or [L, T, n])."""
   offload = np.asarray(p_max)[None, :] < np.asarray(lambdas)[:, None]
   cost = offload[:, None, :] * np.asarray(kept, np.float64)[None, :, :] / num_patches
+  return cost if per_image else cost.mean(-1)
+
+
+def byte_cost(p_max, kept, lambdas, geometry, per_image: bool = False):
+  """Exact payload bytes over raw image bytes, (not accepted) * payload_bytes(kept) / raw:
+  mean [L, T] (or [L, T, n]); the byte cost of rcst_jax/metrics.py per configuration."""
+  from rcst_jax import transmit
+  offload = np.asarray(p_max)[None, :] < np.asarray(lambdas)[:, None]
+  nbytes = transmit.payload_bytes(np.asarray(kept), geometry).astype(np.float64)
+  cost = offload[:, None, :] * nbytes[None, :, :] / geometry.raw_bytes
   return cost if per_image else cost.mean(-1)
 
 
@@ -225,7 +236,8 @@ class LTTResult:
 
 
 def pareto_testing(losses, costs, eps, delta: float, split: float = 0.5, test: str = "wsr",
-                   seed=0, split_indices=None, order_by: str = "pvalue") -> LTTResult:
+                   seed=0, split_indices=None, order_by: str = "pvalue",
+                   multiple_testing: str = "pareto") -> LTTResult:
   """Pareto Testing (Laufer-Goldshtein et al., ICLR 2023) over a [L, T] grid.
 
   losses: [L, T, n] in [0, 1], or a mapping name -> [L, T, n] with eps a float
@@ -235,7 +247,9 @@ def pareto_testing(losses, costs, eps, delta: float, split: float = 0.5, test: s
   split_indices = (opt_idx, test_idx) overrides the random split. order_by:
   "pvalue" (default) sorts the front by the configurations' p-values on the
   first split, which accounts for each loss's variance as the test does;
-  "margin" by the estimated risk margin.
+  "margin" by the estimated risk margin. multiple_testing="bonferroni" tests
+  every configuration at delta / |grid| on the same second split instead
+  (the first split still fits what the caller fitted on it).
   """
   xs, es = _as_risks(losses, eps)
   n = xs[0].shape[-1]
@@ -257,12 +271,17 @@ def pareto_testing(losses, costs, eps, delta: float, split: float = 0.5, test: s
   order, _ = pareto_order(cost_opt, key)
   test_losses = {i: x[..., test_idx] for i, x in enumerate(xs)}
   pvals = config_pvalues(test_losses, dict(enumerate(es)), delta, test)
-  k = fixed_sequence(pvals.ravel()[order], delta)
-  certified = np.zeros(pvals.size, bool)
-  certified[order[:k]] = True
-  certified = certified.reshape(pvals.shape)
+  if multiple_testing == "pareto":
+    k = fixed_sequence(pvals.ravel()[order], delta)
+    certified = np.zeros(pvals.size, bool)
+    certified[order[:k]] = True
+    certified = certified.reshape(pvals.shape)
+  elif multiple_testing == "bonferroni":
+    certified = bonferroni(pvals, delta)
+  else:
+    raise ValueError(f"multiple_testing must be 'pareto' or 'bonferroni', got {multiple_testing!r}")
   chosen = None
-  if k:
+  if certified.any():
     flat = np.flatnonzero(certified.ravel())
     chosen = tuple(int(i) for i in np.unravel_index(flat[np.argmin(cost_all.ravel()[flat])],
                                                      pvals.shape))

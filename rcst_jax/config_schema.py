@@ -175,6 +175,8 @@ SCHEMA: dict[str, Checker] = {
     "certify.lambda_grid": grid_of(non_negative),
     "certify.split": open_unit,
     "certify.seed": integer,
+    "certify.cost": one_of("patches", "bytes"),
+    "certify.multiple_testing": one_of("pareto", "bonferroni"),
     # outputs
     "gallery_size": non_negative_int,
     "per_image": boolean,

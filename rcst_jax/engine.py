@@ -382,7 +382,7 @@ class Evaluation:
       try:
         with np.load(path, allow_pickle=False) as z:
           out = {k: z[k] for k in z.files}
-        return certification.certify_run(self.config, out, taus, self.geometry.num_patches,
+        return certification.certify_run(self.config, out, taus, self.geometry,
                                          float(out.pop("q_hat_fit")), int(out.pop("n_fit")))
       except (OSError, ValueError, KeyError) as e:
         warnings.warn(f"cached certification outcomes {path} are unreadable ({e}); recomputing")
@@ -420,7 +420,7 @@ class Evaluation:
     if jax.process_index() == 0:
       atomic_savez(path, **out, q_hat_fit=np.float64(cal_fit.q_hat),
                    n_fit=np.int64(len(parts[0]["labels"])))
-    return certification.certify_run(self.config, out, taus, self.geometry.num_patches,
+    return certification.certify_run(self.config, out, taus, self.geometry,
                                      cal_fit.q_hat, len(parts[0]["labels"]))
 
   def _outcome_id(self) -> str:

@@ -252,3 +252,38 @@ def test_pareto_testing_split_indices_and_nothing_certified():
   assert res.chosen is None
   res = certify.pareto_testing({"a": good, "b": good}, costs, 0.1, 0.1, test="hb", seed=0)
   assert res.certified.all() and res.chosen == np.unravel_index(np.argmin(costs), (3, 2))
+
+
+def test_bonferroni_mode_tests_every_configuration_at_delta_over_m():
+  rng = np.random.default_rng(7)
+  # Risk rising with the cost index: some configurations clearly below eps.
+  rates = np.linspace(0.0, 0.3, 12).reshape(3, 4)
+  losses = (rng.random((3, 4, 400)) < rates[..., None]).astype(float)
+  costs = rng.random((3, 4))
+  split = (np.arange(100), np.arange(100, 400))
+  res = certify.pareto_testing(losses, costs, 0.1, 0.1, test="binomial", split_indices=split,
+                               multiple_testing="bonferroni")
+  # By hand: exact binomial tails on the testing split, each against delta / 12.
+  want = np.array([[_exact_binom_cdf(int(losses[l, t, 100:].sum()), 300, Fraction(1, 10))
+                    for t in range(4)] for l in range(3)])
+  assert np.array_equal(res.certified, want <= 0.1 / 12) and res.certified.any()
+  flat = np.flatnonzero(res.certified.ravel())
+  assert res.chosen == np.unravel_index(flat[np.argmin(costs.ravel()[flat])], (3, 4))
+  with pytest.raises(ValueError, match="multiple_testing"):
+    certify.pareto_testing(losses, costs, 0.1, 0.1, split_indices=split, multiple_testing="x")
+
+
+def test_byte_cost_is_the_reported_byte_cost():
+  """The byte cost LTT minimises equals metrics' byte cost of the same decisions."""
+  from rcst_jax import metrics, transmit
+  from rcst_jax.geometry import Geometry
+  rng = np.random.default_rng(3)
+  g = Geometry()
+  p_max, kept = rng.random(50), rng.integers(0, 197, (4, 50))
+  lambdas = np.array([0.0, 0.3, 0.8, 1.01])
+  got = certify.byte_cost(p_max, kept, lambdas, g)
+  for l, lam in enumerate(lambdas):
+    for t in range(4):
+      off = p_max < lam
+      want = transmit.byte_ratio(off, metrics.point_bytes(off, kept[t], g), g)
+      assert abs(got[l, t] - want) < 1e-12

@@ -49,6 +49,8 @@ BAD = [
     ("devices", "0"), ("devices", "some"),
     ("data.name", "cifar"), ("data.n_cal", "0"), ("data.n_test", "0"),
     ("per_image", "maybe"), ("gallery_size", "-1"), ("output_dir", ""),
+    ("certify.epsilon", "0"), ("certify.test", "t"), ("certify.cost", "kilobytes"),
+    ("certify.multiple_testing", "holm"),
 ]
 
 
