@@ -101,6 +101,9 @@ def certified_calibration(cal):
                              q_hat=decode(cert["q_hat"]))
 
 
+_COST_WORD = {"patches": "patch", "bytes": "byte"}
+
+
 def describe(cert: dict) -> str:
   """The certificate in words (printed under Table 1)."""
   risks = ", ".join(cert["risks"])
@@ -113,6 +116,6 @@ def describe(cert: dict) -> str:
   return (f"Certified row: (lambda, tau) = ({decode(cert['lambda_hat']):g}, {cert['tau']:g}), "
           f"chosen before the test set was seen: with probability >= {1 - cert['delta']:g} "
           f"over calibration draws, {risks} <= {cert['epsilon']:g} (Learn-then-Test, {mt}, "
-          f"lowest {cert.get('cost', 'patches')} cost, {cert['test']} p-values, {cert['n_fit']} fitting + {cert['n_test']} "
+          f"lowest {_COST_WORD[cert.get('cost', 'patches')]} cost, {cert['test']} p-values, {cert['n_fit']} fitting + {cert['n_test']} "
           f"testing calibration images; {cert['certified_count']} of {cert['grid_size']} "
           f"configurations certified, p = {cert['p_value']:.3g}).")
