@@ -105,18 +105,21 @@ def pad_selection(selection, size: int | None = None, buckets: Sequence[int] = B
   Kept patches come first in ascending patch index; padding slots hold index
   0 and valid False. ``size`` defaults to the bucket of the largest row
   count, which needs concrete values; pass ``size`` to use under jit.
+  A host (numpy) mask is padded in numpy: a sweep meets a new row count per
+  bucket and call, and eager jnp would compile every op for every one
+  (~1,000 small compilations, ~29 s, in one demo run).
   """
   keep = as_keep_mask(selection, num_patches)
   n = keep.shape[1]
   if size is None:
     size = bucket_for(int(np.max(np.sum(np.asarray(keep), axis=1), initial=0)), buckets)
-  keep = jnp.asarray(keep)
+  xp = np if isinstance(keep, np.ndarray) else jnp
   if size > n:  # a bucket wider than the grid: pad with never-kept columns
-    keep = jnp.pad(keep, ((0, 0), (0, size - n)))
+    keep = xp.pad(keep, ((0, 0), (0, size - n)))
   # A stable sort on "not kept" puts kept indices first, still ascending.
-  order = jnp.argsort(~keep, axis=1, stable=True)[:, :size]
-  valid = jnp.arange(size)[None, :] < keep.sum(axis=1, keepdims=True)
-  return jnp.where(valid, order, 0).astype(jnp.int32), valid
+  order = xp.argsort(~keep, axis=1, stable=True)[:, :size]
+  valid = xp.arange(size)[None, :] < keep.sum(axis=1, keepdims=True)
+  return xp.where(valid, order, 0).astype(xp.int32), valid
 
 
 def group_by_bucket(selection, buckets: Sequence[int] = BUCKETS,
@@ -128,8 +131,8 @@ def group_by_bucket(selection, buckets: Sequence[int] = BUCKETS,
 
 
 def iter_buckets(selection, buckets: Sequence[int] = BUCKETS,
-                 num_patches: int | None = None) -> Iterator[tuple[np.ndarray, jnp.ndarray, jnp.ndarray]]:
-  """Yields (rows, idx [R,S], valid [R,S]) per bucket, smallest bucket first."""
+                 num_patches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Yields (rows, idx [R,S], valid [R,S]) per bucket, smallest bucket first (numpy)."""
   keep = np.asarray(as_keep_mask(selection, num_patches))
   for size, rows in sorted(group_by_bucket(keep, buckets).items()):
     idx, valid = pad_selection(keep[rows], size)

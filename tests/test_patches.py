@@ -68,11 +68,17 @@ def test_pad_selection_layout():
   np.testing.assert_array_equal(idx2, idx)
   np.testing.assert_array_equal(valid2, valid)
 
-  # A fixed size works under jit; a size wider than the grid pads.
+  # A fixed size works under jit (jnp) as on the host (numpy); wider pads.
   jitted = jax.jit(P.pad_selection, static_argnums=1)
   idx3, valid3 = jitted(jnp.asarray(keep), 16)
   np.testing.assert_array_equal(idx3[:, :12], idx)
   assert not np.any(valid3[:, 12:])
+  rand = np.random.default_rng(0).random((20, 196)) < np.linspace(0, 1, 20)[:, None]
+  for size in (196, 200):
+    host, traced = P.pad_selection(rand, size), jitted(jnp.asarray(rand), size)
+    assert isinstance(host[0], np.ndarray)
+    for a, b in zip(host, traced):
+      np.testing.assert_array_equal(a, np.asarray(b))
   small = np.ones((1, 4), bool)
   idx4, valid4 = P.pad_selection(small, 8)
   np.testing.assert_array_equal(idx4, [[0, 1, 2, 3, 0, 0, 0, 0]])
