@@ -116,6 +116,12 @@ def dedup_rows(offloaded: np.ndarray, keep: np.ndarray):
 # ---------------------------------------------------------------- engine
 
 
+def _point_arrays(off, keep, fallback, server_pred) -> dict:
+  """What a chunk stores per operating point (`_POINT_KEYS`), Eq. 27 included."""
+  return {"offloaded": off, "kept": keep.sum(-1).astype(np.int16), "server_pred": server_pred,
+          "pred": methods.combine(off, server_pred, fallback)}
+
+
 class Interrupted(RuntimeError):
   """Raised by the test hook that simulates a disconnect mid-run."""
 
@@ -269,15 +275,10 @@ class Evaluation:
       raise RuntimeError(f"chunk {c}: the test images changed since the sweep was cached")
     images = np.concatenate(images)
     t0 = time.perf_counter()
-    row = self._certified_row({"certified": self._certified_view(images)}, images)
+    row = _point_arrays(*self._sweep({"certified": self._certified_view(images)}, images,
+                                     [(methods.CERTIFIED, (self.certificate["tau"],))]))
     self.timings["certified_s"] += time.perf_counter() - t0
     self._save_certified(c, keys, row)
-
-  def _certified_row(self, views, images) -> dict:
-    off, keep, fallback, server_pred = self._sweep(
-        views, images, [(methods.CERTIFIED, (self.certificate["tau"],))])
-    return {"offloaded": off, "kept": keep.sum(-1).astype(np.int16),
-            "server_pred": server_pred, "pred": methods.combine(off, server_pred, fallback)}
 
   def _edge_pass(self, indices, cal, desc, source=None, with_base=True):
     edge, base = collections.defaultdict(list), collections.defaultdict(list)
@@ -332,19 +333,15 @@ class Evaluation:
       self.timings["edge_s"] += time.perf_counter() - t
       plan.append((methods.CERTIFIED, (self.certificate["tau"],)))
     t1 = time.perf_counter()
-    off, keep, fallback, server_pred = self._sweep(views, images, plan)
+    rows = _point_arrays(*self._sweep(views, images, plan))
     self.timings["server_s"] += time.perf_counter() - t1
-    pred = methods.combine(off, server_pred, fallback)
-    kept = keep.sum(-1).astype(np.int16)
     p = len(self.points)
-    main = {"offloaded": off[:p], "kept": kept[:p], "server_pred": server_pred[:p],
-            "pred": pred[:p]}
+    main = {k: v[:p] for k, v in rows.items()}
     atomic_savez(self._chunk_path(c), labels=labels, keys=np.asarray(keys, str), **main,
                  **{f"edge_{k}": v for k, v in edge.items() if k != "patch_scores"},
                  **{f"base_{k}": v for k, v in base.items() if k != "scores"})
     if certified:
-      self._save_certified(c, keys, {"offloaded": off[p:], "kept": kept[p:],
-                                     "server_pred": server_pred[p:], "pred": pred[p:]})
+      self._save_certified(c, keys, {k: v[p:] for k, v in rows.items()})
     elif self.certificate is not None:
       self.run_certified_chunk(c, indices, {"keys": np.asarray(keys, str), **main})
 
@@ -440,17 +437,14 @@ class Evaluation:
     Certified row appended when the run has a certificate."""
     n = len(self.chunks())
     data = [self.load_chunk(c) for c in range(n)]
-    if self.certificate is not None:
-      for d, row in zip(data, (self.load_certified(c) for c in range(n))):
-        if d is None or row is None:
-          continue
-        if not np.array_equal(row["keys"], d["keys"]):
-          raise RuntimeError("the cached Certified row does not match its chunk's images")
-        for k in _POINT_KEYS:
-          d[k] = np.concatenate([d[k], row[k].astype(d[k].dtype)])
-        d["certified"] = True
-    if any(d is None or (self.certificate is not None and "certified" not in d) for d in data):
+    rows = [self.load_certified(c) for c in range(n)] if self.certificate is not None else []
+    if any(d is None for d in data + rows):
       raise RuntimeError("some chunks are missing; run() first")
+    for d, row in zip(data, rows):
+      if not np.array_equal(row["keys"], d["keys"]):
+        raise RuntimeError("the cached Certified row does not match its chunk's images")
+      for k in _POINT_KEYS:
+        d[k] = np.concatenate([d[k], row[k].astype(d[k].dtype)])
     data = [d for d in data if len(d["labels"])]
     if not data:
       raise ValueError("no usable test image (all were skipped as bad items)")
