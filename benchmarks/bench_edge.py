@@ -4,7 +4,7 @@ rcst_jax's ``pipeline.edge_step`` next to timm + autograd to the same tap
 (bn2 + SiLU output), default and best-tuned, interleaved in one run. Random
 fp32 weights; medians of interleaved rounds (see common.py).
 
-  .venv/bin/python benchmarks/bench_edge.py [--repeats 7] [--inner N] [--no-tuned]
+  .venv/bin/python benchmarks/bench_edge.py [--repeats 7] [--inner N] [--no-tuned] [--rounds]
 
 torch forms (torch_worker.py): default = forward hook on bn2 and
 autograd.grad to it with the whole forward recorded (what a plain script
@@ -34,6 +34,7 @@ def main():
   p.add_argument("--inner", type=int, default=0,
                  help="timed calls per round (default 12 at batch 1, 2 above)")
   p.add_argument("--no-tuned", action="store_true")
+  p.add_argument("--rounds", action="store_true", help="print every round's img/s")
   args = p.parse_args()
   workers, note = common.start_workers(not args.no_tuned)
   common.print_run_header(workers, args, note)
@@ -47,7 +48,7 @@ def main():
       imgs = np.random.default_rng(b).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8)
       step = lambda im: pipeline.edge_step(edge, im, LAMBDA_HAT, Q_HAT)
       common.run_case("edge step (features tap)", b, step, (imgs,), workers, "edge",
-                      args.repeats, args.inner)
+                      args.repeats, args.inner, args.rounds)
   finally:
     for w in workers.values():
       w.close()

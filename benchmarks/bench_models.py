@@ -2,7 +2,7 @@
 next to timm, default and best-tuned, interleaved in one run. Random fp32
 weights (speed only); medians of interleaved rounds (see common.py).
 
-  .venv/bin/python benchmarks/bench_models.py [--repeats 7] [--inner N] [--no-tuned]
+  .venv/bin/python benchmarks/bench_models.py [--repeats 7] [--inner N] [--no-tuned] [--rounds]
 """
 
 import argparse
@@ -22,7 +22,7 @@ from rcst_jax.models import create_model  # noqa: E402
 from rcst_jax.models import efficientnet  # noqa: E402
 
 
-def effnet(workers, batches, repeats, inner):
+def effnet(workers, batches, repeats, inner, rounds=False):
   module = create_model("efficientnet_b0")
   x1 = jnp.zeros((1, 224, 224, 3), jnp.float32)
   variables = common.random_variables(module, x1)
@@ -33,7 +33,7 @@ def effnet(workers, batches, repeats, inner):
   for b in batches:
     x = jnp.asarray(np.random.default_rng(0).normal(size=(b, 224, 224, 3)), jnp.float32)
     common.run_case("efficientnet_b0 forward", b, fwd, (folded, x), workers, "effnet_fwd",
-                    repeats, inner)
+                    repeats, inner, rounds)
 
 
 def deit_gflop(tokens: int, d: int = 768, depth: int = 12, classes: int = 1000) -> float:
@@ -56,7 +56,7 @@ def matmul_peak(n: int = 2048, runs: int = 7) -> float:
   return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
-def deit(workers, batch, tokens_list, repeats, inner):
+def deit(workers, batch, tokens_list, repeats, inner, rounds=False):
   module = create_model("deit_base_patch16_224")
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, 224, 224, 3)), jnp.float32)
@@ -70,13 +70,13 @@ def deit(workers, batch, tokens_list, repeats, inner):
   for k in tokens_list:
     if k == 196:
       med = common.run_case("deit_base full image", batch, full, (variables, x), workers,
-                            "deit_full", repeats, inner)
+                            "deit_full", repeats, inner, rounds)
       print(" " * 4 + gflops(196, med).strip() + f" (peak {peak:.0f})")
     idx = np.sort(np.stack([rng.choice(196, k, replace=False) for _ in range(batch)]), 1)
     patches = rng.integers(0, 256, (batch, k, 16, 16, 3), dtype=np.uint8)
     mask = np.ones((batch, k), bool)
     med = common.run_case(f"deit_base {k} tokens", batch, sub, (variables, patches, idx, mask),
-                          workers, f"deit_tokens_{k}", repeats, inner)
+                          workers, f"deit_tokens_{k}", repeats, inner, rounds)
     print(" " * 4 + gflops(k, med).strip() + f" (peak {peak:.0f})")
 
 
@@ -86,15 +86,16 @@ def main():
   p.add_argument("--inner", type=int, default=0,
                  help="timed calls per round (default 12 at batch 1, 2 above)")
   p.add_argument("--no-tuned", action="store_true")
+  p.add_argument("--rounds", action="store_true", help="print every round's img/s")
   p.add_argument("--skip-deit", action="store_true")
   args = p.parse_args()
   workers, note = common.start_workers(not args.no_tuned)
   common.print_run_header(workers, args, note)
   print(common.HEADER)
   try:
-    effnet(workers, (1, 16), args.repeats, args.inner)
+    effnet(workers, (1, 16), args.repeats, args.inner, args.rounds)
     if not args.skip_deit:
-      deit(workers, 16, (196, 98, 49), args.repeats, args.inner)
+      deit(workers, 16, (196, 98, 49), args.repeats, args.inner, args.rounds)
   finally:
     for w in workers.values():
       w.close()

@@ -118,9 +118,11 @@ def inner_for(batch: int, inner: int = 0) -> int:
   return inner or (12 if batch == 1 else 2)
 
 
-def run_case(name, batch, jax_fn, jax_args, workers, case, repeats, inner=0):
+def run_case(name, batch, jax_fn, jax_args, workers, case, repeats, inner=0, rounds=False):
   """Times one case for JAX and every worker; prints the median round and the
-  best round (the least disturbed by other load); returns the medians."""
+  best round (the least disturbed by other load), and with ``rounds`` every
+  round's img/s (a dip shared by all contenders is the machine, not the
+  code); returns the medians."""
   for w in workers.values():
     w.prepare(case, batch)
   timers = {JAX: jax_timer(jax_fn, *jax_args)}
@@ -132,6 +134,9 @@ def run_case(name, batch, jax_fn, jax_args, workers, case, repeats, inner=0):
   best = {k: min(s) for k, s in samples.items()}
   print(row(name, batch, med), flush=True)
   print(row("  (best round)", batch, best), flush=True)
+  if rounds:
+    for k, s in samples.items():
+      print(f"    rounds, {k}: " + " ".join(f"{batch / t:.1f}" for t in s), flush=True)
   return med
 
 
