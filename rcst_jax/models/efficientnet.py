@@ -28,8 +28,9 @@ Without a 'perturbations' collection (plain ``apply``) the taps are no-ops.
 CPU inference forms, each behind an 'auto' switch that keeps the standard
 form on TPU/GPU: shifted-slice depthwise convs (``depthwise_impl``), 1x1 convs
 and the stem as matmuls (``conv_impl``), the trunk in micro-batches of 2
-images (``inference_chunk``). ``fold_batchnorm`` (once, at load; see
-``checkpoints.Model.inference``) folds every BatchNorm into its conv.
+images up to the last downsampling (``inference_chunk``). ``fold_batchnorm``
+(once, at load; see ``checkpoints.Model.inference``) folds every BatchNorm
+into its conv.
 Numbers: benchmarks/RESULTS.md.
 """
 
@@ -448,9 +449,12 @@ class EfficientNet(nn.Module):
         use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_eps,
         dtype=self.dtype, name=name)
 
-  def trunk(self, x, train: bool = False):
-    """Stem, blocks and conv_head: everything before the Grad-CAM taps."""
+  def trunk(self, x, train: bool = False, start: int = 0, stop: int | None = None):
+    """Stem, blocks and conv_head: everything before the Grad-CAM taps.
+    ``start``/``stop`` run only stages [start, stop) (the stem with the first,
+    conv_head with the last), for micro-batching the high-resolution part."""
     stem, stages, head = build_specs(self)
+    stop = len(stages) if stop is None else stop
     act, norm = ACTIVATIONS[self.act], self._norm(train)
 
     def conv(features, k, s=1, name=None, use_bias=self.fold_bn):
@@ -463,14 +467,19 @@ class EfficientNet(nn.Module):
 
     dw = lambda k, s, name: DepthwiseConv(k, s, self.padding, self.depthwise_impl,
                                           self.dtype, self.fold_bn, name=name)
-    x = act(norm("bn1")(conv(stem, 3, 2, "conv_stem")(x)))
+    if start == 0:
+      x = act(norm("bn1")(conv(stem, 3, 2, "conv_stem")(x)))
     for i, stage in enumerate(stages):
+      if not start <= i < stop:
+        continue
       for j, spec in enumerate(stage):
         block_act = ACTIVATIONS[spec.act] if spec.act else act
         x = Block(spec, block_act, conv, norm, dw, self.dtype, self.conv_impl,
                   name=f"blocks_{i}_{j}")(x, train)
     # The conv_head tap is the raw conv output, so bn2 is never folded into
     # it: folded, it is a per-channel affine (fused with the activation).
+    if stop < len(stages):
+      return x
     return conv(head, 1, name="conv_head", use_bias=False)(x)
 
   def _chunk(self, batch: int, train: bool) -> int:
@@ -482,8 +491,8 @@ class EfficientNet(nn.Module):
     return n
 
   def _chunked_trunk(self, x, n):
-    """The trunk over micro-batches of n images (lax.map), batch padded to a
-    multiple of n. On CPU the whole-batch activations of B0 at 224 px reach
+    """The trunk's high-resolution stages over micro-batches of n images
+    (lax.map), batch padded to a multiple of n, the rest on the whole batch. On CPU the whole-batch activations of B0 at 224 px reach
     ~10 MB per image; per micro-batch they stay in cache and in reused heap
     memory instead of a fresh, page-faulted temp buffer per call. Under jit
     with the batch sharded over devices, XLA all-gathers the batch in front
@@ -494,18 +503,25 @@ class EfficientNet(nn.Module):
     xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, n, *x.shape[1:])
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(EfficientNet)
               if f.init and f.name not in ("parent", "name")}
-    inner = _Trunk(**{**fields, "inference_chunk": 0})
+    # Only the stages above the last resolution: from the last downsampling
+    # on (7x7 at 224 px) activations are small and micro-batches would turn
+    # the 1x1 convs into ~98-row matmuls (B0 batch 16: 210 -> 230 img/s).
+    stages = build_specs(self)[1]
+    split = max((i for i, stage in enumerate(stages) if stage[0].stride > 1),
+                default=len(stages))
+    inner = _Trunk(**{**fields, "inference_chunk": 0}, stop=split)
     variables = {k: v for k, v in self.variables.items() if k in ("params", "batch_stats")}
     ys = jax.lax.map(lambda xc: inner.apply(variables, xc), xs)
-    return ys.reshape(-1, *ys.shape[2:])[:b]
+    return self.trunk(ys.reshape(-1, *ys.shape[2:])[:b], start=split)
 
 
 class _Trunk(EfficientNet):
   """EfficientNet up to conv_head, parameter names unchanged (micro-batching)."""
+  stop: int | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    return self.trunk(x, train)
+    return self.trunk(x, train, stop=self.stop)
 
 
 # ---------------------------------------------------------------- public API
