@@ -417,8 +417,9 @@ class EfficientNet(nn.Module):
   depthwise_impl: str = "auto"
   conv_impl: str = "auto"  # 'xla' | 'dot' (matmul forms); 'auto': 'dot' on CPU
   fold_bn: bool = False  # variables from fold_batchnorm (inference only)
-  # Inference micro-batch: -1 auto (2 images on CPU, the whole batch
-  # elsewhere), 0 the whole batch, n > 0 chunks of n images.
+  # Inference micro-batch of the stages above the last resolution: -1 auto
+  # (2 images on CPU, the whole batch elsewhere), 0 the whole batch, n > 0
+  # chunks of n images.
   inference_chunk: int = -1
   dtype: Any = None
 
