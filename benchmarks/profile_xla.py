@@ -3,9 +3,9 @@
 Traces a few calls of the compiled program with ``jax.profiler``, reads the
 per-thunk events back (``jax.profiler.ProfileData``) and names each fusion
 from the optimised HLO of the same executable: matmuls (with their shape and
-achieved GFLOP/s), matmuls fused with a softmax (DeiT's attention, B0's
-head), reductions, and XLA's own loop fusions (elementwise work, copies,
-B0's depthwise taps). Random fp32 weights.
+achieved GFLOP/s), matmuls fused with an exp (DeiT's attention softmax,
+B0's conv_head + SiLU + head), reductions, and XLA's own loop fusions
+(elementwise work, copies, B0's depthwise taps). Random fp32 weights.
 
   .venv/bin/python benchmarks/profile_xla.py deit [--tokens 196] [--batch 16]
   .venv/bin/python benchmarks/profile_xla.py effnet [--batch 16]
@@ -57,7 +57,7 @@ def classify(hlo: str) -> dict:
       k = np.prod([shapes.get(lhs, [1])[i] for i in _dims(contract)] or [1])
       flop += 2 * np.prod(_dims(out_dims)) * k
     if " dot(" in body:
-      kind = "matmul + softmax" if "exponential(" in body else "matmul"
+      kind = "matmul + exp" if "exponential(" in body else "matmul"
     elif " convolution(" in body:
       kind = "convolution"
     elif " reduce(" in body:
