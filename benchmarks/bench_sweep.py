@@ -55,23 +55,23 @@ def main():
   p.add_argument("--n", type=int, default=512, help="test images")
   p.add_argument("--models", default=os.path.join(REPO, "weights"))
   p.add_argument("--devices", type=int, default=1, help="forced host devices (CPU)")
-  p.add_argument("--min-batch", type=int, default=None,
-                 help="Server.min_batch (default: server_batch, full batches only)")
+  p.add_argument("--min-batch", type=int, default=0,
+                 help="config server_min_batch (default 0: server_batch, full batches only)")
   p.add_argument("--sweep-only", action="store_true",
                  help="only the full sweep; print its timings as one JSON line")
   args = p.parse_args()
   with tempfile.TemporaryDirectory() as out:
     config = parse_config("demo", [
         f"--config.models_dir={args.models}", f"--config.output_dir={out}",
-        f"--config.data.n_test={args.n}", "--config.progress=False"])
+        f"--config.data.n_test={args.n}", "--config.progress=False",
+        f"--config.server_min_batch={args.min_batch}"])
     models = load_models(config)
     transform = run_transform(models.edge.metadata)
     sources = load_sources(config, transform)
     ev = engine.Evaluation(config, models, sources, out, transform, progress=False)
     # Keep every Server the engine makes (one per chunk) for its token stats.
     servers, server_cls = [], pipeline.Server
-    pipeline.Server = lambda *a, **k: servers.append(
-        server_cls(*a, min_batch=args.min_batch, **k)) or servers[-1]
+    pipeline.Server = lambda *a, **k: servers.append(server_cls(*a, **k)) or servers[-1]
     try:
       t0 = time.perf_counter()
       res = ev.run()
@@ -95,7 +95,7 @@ def main():
     if args.devices > 1:
       one = subprocess.run([sys.executable, os.path.abspath(__file__), "--n", str(args.n),
                             "--models", args.models, "--devices", "1", "--sweep-only"]
-                           + ([] if args.min_batch is None else ["--min-batch", str(args.min_batch)]),
+                           + ["--min-batch", str(args.min_batch)],
                            env={**os.environ, "XLA_FLAGS": ""}, check=True,
                            capture_output=True, text=True)
       one = json.loads(one.stdout.strip().splitlines()[-1])
@@ -114,7 +114,7 @@ def main():
     e = jax.device_get(pipeline.edge_step(models.edge, images, cal.lambda_hat, cal.q_hat))
     off = ~e["accept"]
     server = pipeline.Server(models.server, int(config.server_batch), tuple(config.buckets),
-                             min_batch=args.min_batch)
+                             min_batch=args.min_batch or None)
     full = np.ones((off.sum(), 196), bool)
     server.logits_from_images(images[off], full)  # compile the full bucket once
     print(f"\n{'tau':>5} {'offloaded':>9} {'kept/img':>9} {'tokens':>8} {'server s':>9} "

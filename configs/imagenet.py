@@ -88,6 +88,10 @@ def _base():
   c.devices = "all"
   c.batch_size = 128             # per step, across all local devices
   c.server_batch = 128
+  # Smallest batch for a bucket's remainder (power-of-two shapes down to it,
+  # see pipeline.Server); 0: server_batch, i.e. full batches only. Lower
+  # (e.g. server_batch // 8) pads fewer rows for more compiled shapes.
+  c.server_min_batch = 0
   c.chunk_size = 2048            # unit of resumption
   c.buckets = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80,
                96, 112, 128, 144, 160, 176, 196)

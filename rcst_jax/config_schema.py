@@ -164,6 +164,7 @@ SCHEMA: dict[str, Checker] = {
     "multihost": boolean,
     "batch_size": positive_int,
     "server_batch": positive_int,
+    "server_min_batch": non_negative_int,
     "chunk_size": positive_int,
     "buckets": grid_of(positive_int, increasing=True),
     # whole-system certification (Learn-then-Test, rcst_jax/certify.py)

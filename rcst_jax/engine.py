@@ -359,7 +359,8 @@ class Evaluation:
     server_pred = np.full(off.shape, -1, np.int32)
     if len(rows_image):
       srv = pipeline.Server(self._server, int(self.config.server_batch),
-                            tuple(self.config.buckets), self.batch_sharding)
+                            tuple(self.config.buckets), self.batch_sharding,
+                            min_batch=int(self.config.get("server_min_batch", 0)) or None)
       row_pred = srv.logits_from_images(images, rows_keep, rows=rows_image).argmax(-1)
       server_pred[off] = row_pred[ids[off]]
     return off, keep, fallback, server_pred
@@ -423,7 +424,7 @@ class Evaluation:
   def _outcome_id(self) -> str:
     """What the certification outcomes depend on: not the test itself."""
     keys = ("data", "alpha_aps", "gradcam_layer", "tau_grid", "dtype", "matmul_precision",
-            "batch_size", "server_batch", "buckets")
+            "batch_size", "server_batch", "server_min_batch", "buckets")
     cfg = plain(self.config)
     ident = {"version": CACHE_VERSION, "config": {k: cfg.get(k) for k in keys},
              "split": [cfg["certify"]["split"], cfg["certify"]["seed"]],

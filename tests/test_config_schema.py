@@ -44,7 +44,7 @@ BAD = [
     ("delta_sum_grid", "(-0.1,0.5)"),
     ("empty_policy", "bogus"), ("gradcam_layer", "nope"),
     ("dtype", "float16"), ("matmul_precision", "fastest"), ("compare_dtype", "float16"),
-    ("batch_size", "0"), ("server_batch", "-1"), ("chunk_size", "0"),
+    ("batch_size", "0"), ("server_batch", "-1"), ("server_min_batch", "-2"), ("chunk_size", "0"),
     ("buckets", "(8,4)"), ("buckets", "(0,8)"), ("buckets", "(8,8)"),
     ("devices", "0"), ("devices", "some"),
     ("data.name", "cifar"), ("data.n_cal", "0"), ("data.n_test", "0"),

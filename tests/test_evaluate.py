@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import small_models
-from rcst_jax import engine, evaluate
+from rcst_jax import engine, evaluate, pipeline
 from rcst_jax.data.sources import Sources
 from rcst_jax.models.loading import Models
 from rcst_jax.cli import parse_config
@@ -78,6 +78,27 @@ def test_sharded_equals_unsharded(tmp_path, models12):
   _, one = _points(tmp_path / "one", models12, sources, "--config.devices=1")
   _, eight = _points(tmp_path / "eight", models12, sources, "--config.devices=8")
   assert one["points"] == eight["points"]
+
+
+def test_server_min_batch_pads_fewer_rows_with_the_same_results(tmp_path, models12,
+                                                                monkeypatch):
+  # server_min_batch reaches the sweep's Server: remainders run in smaller
+  # batches (fewer padding rows processed), and no prediction changes.
+  sources = _synthetic_sources()
+  made, server_cls = [], pipeline.Server
+  monkeypatch.setattr(pipeline, "Server",
+                      lambda *a, **k: made.append(server_cls(*a, **k)) or made[-1])
+  tokens = {}
+  for mb in (0, 2):
+    made.clear()
+    _, res = _points(tmp_path / str(mb), models12, sources, "--config.devices=1",
+                     f"--config.server_min_batch={mb}")
+    tokens[mb] = (res["points"], sum(s.stats.processed for s in made),
+                  sum(s.stats.useful for s in made))
+    assert made and all(s.min_batch == (mb or None) for s in made)
+  assert tokens[0][0] == tokens[2][0]
+  assert tokens[0][2] == tokens[2][2] > 0  # the same useful tokens
+  assert tokens[2][1] < tokens[0][1]       # fewer processed
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path, models12):
