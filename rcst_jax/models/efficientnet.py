@@ -493,9 +493,10 @@ class EfficientNet(nn.Module):
 
   def _chunked_trunk(self, x, n):
     """The trunk's high-resolution stages over micro-batches of n images
-    (lax.map), batch padded to a multiple of n, the rest on the whole batch. On CPU the whole-batch activations of B0 at 224 px reach
-    ~10 MB per image; per micro-batch they stay in cache and in reused heap
-    memory instead of a fresh, page-faulted temp buffer per call. Under jit
+    (lax.map), batch padded to a multiple of n; the rest on the whole batch.
+    On CPU the whole-batch activations of B0 at 224 px reach ~10 MB per
+    image; per micro-batch they stay in cache and in reused heap memory
+    instead of a fresh, page-faulted temp buffer per call. Under jit
     with the batch sharded over devices, XLA all-gathers the batch in front
     of this loop and every device runs all of it: run the model per device
     instead (rcst_jax.spmd.per_device, as pipeline.edge_step does)."""
@@ -517,7 +518,8 @@ class EfficientNet(nn.Module):
 
 
 class _Trunk(EfficientNet):
-  """EfficientNet up to conv_head, parameter names unchanged (micro-batching)."""
+  """The trunk up to stage ``stop`` (None: through conv_head), parameter names
+  unchanged: the micro-batched part of EfficientNet._chunked_trunk."""
   stop: int | None = None
 
   @nn.compact
