@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.models.cpu import map_chunks, on_cpu
 from rcst_jax.state_dict import StateDictReader, check_against_template
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -241,7 +242,7 @@ class VisionTransformer(nn.Module):
     n = self.inference_chunk
     if n < 0:
       hidden = batch * tokens * int(self.embed_dim * self.mlp_ratio)
-      big = _on_cpu() and hidden * jnp.dtype(self.dtype).itemsize > _CPU_CHUNK_ABOVE_BYTES
+      big = on_cpu() and hidden * jnp.dtype(self.dtype).itemsize > _CPU_CHUNK_ABOVE_BYTES
       n = max(1, _CPU_CHUNK_TOKENS // tokens) if big else 0
     if train or self.is_initializing() or not 0 < n < batch:
       return 0
@@ -250,26 +251,13 @@ class VisionTransformer(nn.Module):
   def _chunked_blocks(self, x, key_valid, n):
     """The blocks and final norm over micro-batches of n images (lax.map),
     batch padded to a multiple of n; returns (x, per-block CLS rows)."""
-    b = x.shape[0]
-    pad = -b % n
-    split = lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(
-        -1, n, *a.shape[1:])
     inner = _Blocks(self.num_heads, self.mlp_ratio, self.depth, self.dtype, parent=None)
     params = self.variables["params"]
     variables = {"params": {k: params[k] for k in
                             [f"blocks_{i}" for i in range(self.depth)] + ["norm"]}}
-    if key_valid is None:
-      ys, rows = jax.lax.map(lambda xc: inner.apply(variables, xc), split(x))
-    else:
-      ys, rows = jax.lax.map(lambda a: inner.apply(variables, *a),
-                             (split(x), split(key_valid)))
-    # rows: [chunks, depth, n, N] -> depth rows of [B, N]
-    rows = rows.transpose(1, 0, 2, 3).reshape(self.depth, -1, rows.shape[-1])[:, :b]
-    return ys.reshape(-1, *ys.shape[2:])[:b], list(rows)
-
-
-def _on_cpu() -> bool:
-  return jax.default_backend() == "cpu"
+    args = (x,) if key_valid is None else (x, key_valid)
+    ys, rows = map_chunks(lambda *a: inner.apply(variables, *a), args, n)
+    return ys, list(jnp.moveaxis(rows, 1, 0))  # [B, depth, N] -> depth rows of [B, N]
 
 
 class _Blocks(nn.Module):
@@ -290,7 +278,7 @@ class _Blocks(nn.Module):
     for blk in self.blocks:
       x, row = blk(x, key_valid)
       rows.append(row)
-    return self.norm(x), jnp.stack(rows)
+    return self.norm(x), jnp.stack(rows, axis=1)
 
 
 def _variant(embed_dim, num_heads, distilled):

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.models.cpu import map_chunks, on_cpu
 from rcst_jax.state_dict import StateDictReader, check_against_template
 
 # timm's _gen_efficientnet / _gen_efficientnet_lite stage definitions.
@@ -217,10 +218,6 @@ dw_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # fan_out /
 dense_init = nn.initializers.variance_scaling(1.0 / 3, "fan_out", "uniform")
 
 
-def _on_cpu() -> bool:
-  return jax.default_backend() == "cpu"
-
-
 class Conv(nn.Module):
   """Dense kxk conv with nn.Conv's parameters ('kernel' HWIO, optional 'bias').
 
@@ -247,7 +244,7 @@ class Conv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     impl = self.impl
     if impl == "auto":
-      impl = "dot" if _on_cpu() else "xla"
+      impl = "dot" if on_cpu() else "xla"
     if impl == "xla":
       y = jax.lax.conv_general_dilated(x, kernel, (s, s), tuple(self.padding),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -301,7 +298,7 @@ class DepthwiseConv(nn.Module):
     pads = [conv_padding(x.shape[d], k, s, self.padding) for d in (1, 2)]
     impl = self.impl
     if impl == "auto":
-      impl = "shifted" if _on_cpu() else "grouped"
+      impl = "shifted" if on_cpu() else "grouped"
     if impl == "grouped":
       return jax.lax.conv_general_dilated(
           x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -486,7 +483,7 @@ class EfficientNet(nn.Module):
   def _chunk(self, batch: int, train: bool) -> int:
     n = self.inference_chunk
     if n < 0:
-      n = 2 if _on_cpu() else 0
+      n = 2 if on_cpu() else 0
     if train or self.is_initializing() or not 0 < n < batch:
       return 0
     return n
@@ -500,9 +497,6 @@ class EfficientNet(nn.Module):
     with the batch sharded over devices, XLA all-gathers the batch in front
     of this loop and every device runs all of it: run the model per device
     instead (rcst_jax.spmd.per_device, as pipeline.edge_step does)."""
-    b = x.shape[0]
-    pad = -b % n
-    xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, n, *x.shape[1:])
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(EfficientNet)
               if f.init and f.name not in ("parent", "name")}
     # Only the stages above the last resolution: from the last downsampling
@@ -513,8 +507,8 @@ class EfficientNet(nn.Module):
                 default=len(stages))
     inner = _Trunk(**{**fields, "inference_chunk": 0}, stop=split)
     variables = {k: v for k, v in self.variables.items() if k in ("params", "batch_stats")}
-    ys = jax.lax.map(lambda xc: inner.apply(variables, xc), xs)
-    return self.trunk(ys.reshape(-1, *ys.shape[2:])[:b], start=split)
+    ys = map_chunks(lambda xc: inner.apply(variables, xc), (x,), n)
+    return self.trunk(ys, start=split)
 
 
 class _Trunk(EfficientNet):
