@@ -116,6 +116,7 @@ def describe(cert: dict) -> str:
   return (f"Certified row: (lambda, tau) = ({decode(cert['lambda_hat']):g}, {cert['tau']:g}), "
           f"chosen before the test set was seen: with probability >= {1 - cert['delta']:g} "
           f"over calibration draws, {risks} <= {cert['epsilon']:g} (Learn-then-Test, {mt}, "
-          f"lowest {_COST_WORD[cert.get('cost', 'patches')]} cost, {cert['test']} p-values, {cert['n_fit']} fitting + {cert['n_test']} "
-          f"testing calibration images; {cert['certified_count']} of {cert['grid_size']} "
-          f"configurations certified, p = {cert['p_value']:.3g}).")
+          f"lowest {_COST_WORD[cert.get('cost', 'patches')]} cost, {cert['test']} p-values, "
+          f"{cert['n_fit']} fitting + {cert['n_test']} testing calibration images; "
+          f"{cert['certified_count']} of {cert['grid_size']} configurations certified, "
+          f"p = {cert['p_value']:.3g}).")

@@ -12,6 +12,7 @@ with no collective at all, so any micro-batching inside applies per device.
 
 from __future__ import annotations
 
+import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 
@@ -27,7 +28,6 @@ def per_device(fn, sharding: NamedSharding | None, batch_args: tuple[int, ...] =
   """
   if sharding is None or sharding.mesh.size == 1:
     return fn
-  import jax
   spec, mesh = sharding.spec, sharding.mesh
 
   def run(*args):
@@ -38,7 +38,6 @@ def per_device(fn, sharding: NamedSharding | None, batch_args: tuple[int, ...] =
 
 def varying_axes(x) -> tuple[str, ...]:
   """The shard_map axes over which x varies (inside ``per_device``), else ()."""
-  import jax
   t = jax.typeof(x)
   manual = getattr(t, "manual_axis_type", None)
   axes = manual.varying if manual is not None else getattr(t, "vma", ())
@@ -55,5 +54,4 @@ def vary_like(tree, x):
   axes = varying_axes(x)
   if not axes:
     return tree
-  import jax
   return jax.tree_util.tree_map(lambda a: jax.lax.pcast(a, axes, to="varying"), tree)
