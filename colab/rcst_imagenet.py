@@ -366,7 +366,7 @@ if result["skipped"]:
 # %% id=tables
 from IPython.display import Image, Markdown, display
 
-from rcst_jax import tables
+from rcst_jax.report import tables
 
 display(Markdown("### Table 1 (this run)\n\n" + open(paths["table1.md"]).read()))
 display(Markdown("### Table 2 (this run)\n\n" + open(paths["table2.md"]).read()))

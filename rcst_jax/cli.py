@@ -4,23 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+import warnings
+
+import numpy as np
+
+from rcst_jax import __version__, errors, xla_cpu
+from rcst_jax.calibration.artifact import Calibration
+from rcst_jax.config import files
+from rcst_jax.config.schema import validate
+from rcst_jax.data.preprocess import BadItemError
+from rcst_jax.data.sources import transform_from_record
+from rcst_jax.evaluate import calibrate_config, evaluate_config
+from rcst_jax.fileio import dumps
+from rcst_jax.inference.collaborative import collaborative_inference
+from rcst_jax.models.checkpoints import load_model
+from rcst_jax.models.predict import class_names_for, predict_files
+from rcst_jax.report import explain, plots
+from rcst_jax.train import train_demo
 
 
 def _cmd_convert(args, extra):
-  from rcst_jax.convert import convert
-  from rcst_jax.fileio import dumps
+  # torch and timm are the optional [convert] extra: imported only when asked for.
+  from rcst_jax.models.convert import convert
   out = convert(args.timm, args.out, weights=args.weights,
                 num_classes=args.num_classes, overwrite=args.overwrite)
   print(dumps({"converted": args.timm, "out": out}))
 
 
 def _cmd_predict(args, extra):
-  from rcst_jax.checkpoints import load_model
-  from rcst_jax.fileio import dumps
-  from rcst_jax.predict import predict_files
   model = load_model(args.model)
   failures = 0
   for record in predict_files(model, args.images, batch_size=args.batch_size):
@@ -46,7 +61,6 @@ def _positive_int(text: str) -> int:
 
 def _finite_float(text: str) -> float:
   """argparse type: a finite number (no nan/inf)."""
-  import math
   try:
     value = float(text)
   except ValueError:
@@ -56,43 +70,33 @@ def _finite_float(text: str) -> float:
   return value
 
 
-def parse_config(spec: str, overrides: list[str], validate: bool = True):
+def parse_config(spec: str, overrides: list[str], check: bool = True):
   """A config by name or path (`demo:smoke`, `configs/imagenet.py`) + `--config.x=y`,
-  checked against the evaluation schema (config_schema) before anything runs."""
-  from rcst_jax import config_files
-  config = config_files.parse(spec, overrides)
-  if validate:
-    from rcst_jax.config_schema import validate as check
-    check(config)
+  checked against the evaluation schema (config.schema) before anything runs."""
+  config = files.parse(spec, overrides)
+  if check:
+    validate(config)
   return config
 
 
 def _cmd_configs(args, extra):
-  from rcst_jax import config_files
-  for name in config_files.names():
-    for arg, what in config_files.variants(name).items():
+  for name in files.names():
+    for arg, what in files.variants(name).items():
       print(f"{name + (':' + arg if arg else ''):<24} {what}")
 
 
 def _cmd_train(args, extra):
-  from rcst_jax.train import train_demo
-  config = parse_config(args.config, extra, validate=False)  # the trainer's own keys
-  train_demo(config)
+  train_demo(parse_config(args.config, extra, check=False))  # the trainer's own keys
 
 
 def _cmd_evaluate(args, extra):
-  from rcst_jax.evaluate import evaluate_config
-  config = parse_config(args.config, extra)
-  out = evaluate_config(config)
-  _print_run(out)
+  _print_run(evaluate_config(parse_config(args.config, extra)))
 
 
 def _cmd_demo(args, extra):
-  from rcst_jax.evaluate import evaluate_config
   t0 = time.time()
   config = parse_config(args.config, extra)
-  out = evaluate_config(config)
-  _print_run(out)
+  _print_run(evaluate_config(config))
   print(f"demo finished in {time.time() - t0:.0f} s; outputs in "
         f"{os.path.abspath(config.output_dir)}")
 
@@ -114,156 +118,87 @@ def _print_run(out):
 
 
 def _cmd_calibrate(args, extra):
-  import os.path as osp
-  from rcst_jax import offline
-  from rcst_jax.checkpoints import load_model, module_from_metadata, read_metadata
-  from rcst_jax.data.sources import load_sources, run_transform
-  from rcst_jax.geometry import Geometry
   config = parse_config(args.config, extra)
-  if config.certify.enabled:  # Learn-then-Test needs the server's answers too
-    from rcst_jax.engine import Evaluation
-    from rcst_jax.models.loading import load_models
-    models = load_models(config)
-    transform = run_transform(models.edge.metadata, {"server": models.server.metadata})
-    cal = Evaluation(config, models, load_sources(config, transform), config.output_dir,
-                     transform, progress=config.progress).calibrate()
-    return _write_calibration(args, config, cal)
-  # Algorithm 1 needs the edge; of the server only its patch geometry and digest.
-  edge = load_model(osp.join(config.models_dir, config.edge))
-  server_meta = read_metadata(osp.join(config.models_dir, config.server))
-  module = module_from_metadata(server_meta)
-  transform = run_transform(edge.metadata, {"server": server_meta})
-  cal = offline.algorithm1(config, edge, load_sources(config, transform), transform,
-                           server_metadata=server_meta,
-                           geometry=Geometry(int(module.img_size), int(module.patch_size)),
-                           server_digest=server_meta.get("variables_digest"),
-                           progress=config.progress)
-  return _write_calibration(args, config, cal)
-
-
-def _write_calibration(args, config, cal):
-  from rcst_jax.fileio import dumps
+  cal = calibrate_config(config)
   out = args.out or os.path.join(config.output_dir, "calibration.json")
   cal.to_json(out)
   print(dumps({"calibration": out, **cal.to_dict()}))
 
 
-def _load_run_models(args, with_server: bool):
-  import warnings
-  from rcst_jax.checkpoints import load_model, variables_digest
-  from rcst_jax.conformal import Calibration
-  from rcst_jax.errors import RcstError
-  from rcst_jax.geometry import Geometry
+def _load_run(args, with_server: bool):
+  """(edge, server or None, calibration, operating point) for `run` and `explain`."""
   cal = Calibration.from_json(args.calibration)
   edge = load_model(args.edge)
   server = load_model(args.server) if with_server else None
-  geometry = Geometry.from_dict(cal.geometry) if cal.geometry else Geometry()
-  if server is not None and Geometry.of_server(server) != geometry:
-    raise RcstError(f"the server's patch geometry {Geometry.of_server(server)} differs from "
-                    f"the calibration's {geometry} ({args.calibration})")
-  for name, model, want in (("edge", edge, cal.edge_digest), ("server", server, cal.server_digest)):
-    if model is None or want is None or variables_digest(model.variables) == want:
-      continue
-    msg = (f"{args.calibration} was calibrated for other {name} weights than "
-           f"{getattr(args, name)}")
-    if not args.allow_other_weights:
-      raise RcstError(msg + "; rerun `rcst calibrate` with these models, or pass "
-                      "--allow-other-weights (the CRC guarantee then no longer applies)")
-    warnings.warn(msg + ": the CRC guarantee does not apply to these weights")
-  return edge, server, cal, geometry
+  cal.check_models(args.calibration, edge, server, args.allow_other_weights)
+  if args.tau is not None and cal.certificate is not None:
+    warnings.warn("--tau overrides the certified (lambda, tau) of the calibration: "
+                  "its whole-system certificate does not apply")
+  if args.tau is None and cal.certificate is None:
+    raise errors.RcstError(f"{args.calibration} has no certified (lambda, tau); pass --tau")
+  return edge, server, cal, cal.operating_point(args.tau)
 
 
 def _read_images(paths, transform):
   """The run's transform (recorded in the calibration); bad files reported, not fatal."""
-  from rcst_jax.data import preprocess
   good, images, failed = [], [], 0
   for path in paths:
     try:
       images.append(transform(path))
       good.append(path)
-    except (preprocess.BadItemError, OSError, ValueError) as e:
+    except (BadItemError, OSError, ValueError) as e:
       failed += 1
       print(json.dumps({"image": path, "error": str(e)}), flush=True)
   return good, images, failed
 
 
-def _chunks(seq, size):
-  return [seq[i:i + size] for i in range(0, len(seq), size)]
-
-
-def _operating_point(args, cal):
-  """(calibration to run with, tau): the certified pair unless --tau is given."""
-  import warnings
-  from rcst_jax.errors import RcstError
-  cert = cal.certificate
-  if args.tau is not None:
-    if cert is not None:
-      warnings.warn("--tau overrides the certified (lambda, tau) of the calibration: "
-                    "its whole-system certificate does not apply")
-    return cal, args.tau
-  if cert is None:
-    raise RcstError(f"{args.calibration} has no certified (lambda, tau); pass --tau")
-  from rcst_jax.certification import certified_calibration
-  return certified_calibration(cal), float(cert["tau"])
-
-
 def _cmd_run(args, extra):
-  import numpy as np
-  from rcst_jax.data.sources import transform_from_record
-  from rcst_jax.pipeline import collaborative_inference
-  from rcst_jax.predict import class_names_for
-  edge, server, cal, _ = _load_run_models(args, with_server=True)
-  cal, tau = _operating_point(args, cal)
+  edge, server, cal, point = _load_run(args, with_server=True)
   transform = transform_from_record(cal.transform, edge.metadata)
   names = class_names_for(edge)
-  label = (lambda c: names[c]) if names else (lambda c: None)
   failed = 0
-  for paths in _chunks(list(args.images), args.batch_size):
-    good, images, bad = _read_images(paths, transform)
+  for start in range(0, len(args.images), args.batch_size):
+    good, images, bad = _read_images(args.images[start:start + args.batch_size], transform)
     failed += bad
     if not images:
       continue
-    out = collaborative_inference(np.stack(images), edge, server, cal, tau,
+    out = collaborative_inference(np.stack(images), edge, server, point,
+                                  layer=cal.gradcam_layer or "features",
                                   batch_size=args.batch_size, server_batch=args.batch_size)
     for i, path in enumerate(good):
       pred = int(out["pred"][i])
       print(json.dumps({
           "image": path, "accepted_on_edge": bool(out["accepted"][i]),
-          "prediction": pred, "label": label(pred), "p_max": float(out["p_max"][i]),
+          "prediction": pred, "label": names[pred] if names else None,
+          "p_max": float(out["p_max"][i]),
           "aps_set": [int(c) for c in np.flatnonzero(out["aps_mask"][i])],
-          "patches_sent": int(out["kept"][i]), "bytes_sent": int(out["bytes"][i])}), flush=True)
+          "patches_sent": int(out["kept"][i]), "bytes_sent": int(out["bytes"][i]),
+          "sent_indices": [int(j) for j in np.flatnonzero(out["keep"][i])]}), flush=True)
   return 1 if failed else 0
 
 
 def _cmd_explain(args, extra):
-  from rcst_jax import explain, plots
-  from rcst_jax.data.sources import transform_from_record
-  from rcst_jax.predict import class_names_for
-  edge, _, cal, geometry = _load_run_models(args, with_server=False)
-  out = args.out
-  if os.path.isdir(out) or not out.lower().endswith(".png"):
-    from rcst_jax.errors import RcstError
-    raise RcstError(f"--out must name a .png file, got {out!r}")
+  edge, _, cal, point = _load_run(args, with_server=False)
+  if os.path.isdir(args.out) or not args.out.lower().endswith(".png"):
+    raise errors.RcstError(f"--out must name a .png file, got {args.out!r}")
   good, images, _ = _read_images([args.image], transform_from_record(cal.transform,
                                                                       edge.metadata))
   if not images:
     return 1
-  image = images[0]
-  x = explain.explain_image(edge, image, cal, args.tau, geometry)
+  geometry = cal.patch_geometry()
+  x = explain.explain_image(edge, images[0], point, cal.gradcam_layer or "features", geometry)
   name = explain.namer(class_names_for(edge))
-  decision = explain.decision_text(x, cal.lambda_hat, args.tau, geometry)
-  path = plots.explain_figure(image, x.cam, x.keep, [(name(c), p) for c, p in x.aps], out,
-                              grid=geometry.grid, accepted=x.accepted, decision=decision)
-  print(json.dumps({"image": args.image, "out": str(path), "decision": decision}))
+  decision = explain.decision_text(x, point, geometry)
+  path = plots.explain_figure(images[0], x.cam, x.keep, [(name(c), p) for c, p in x.aps],
+                              args.out, grid=geometry.grid, accepted=x.accepted,
+                              decision=decision)
+  sent = [] if x.accepted else [int(j) for j in np.flatnonzero(x.keep)]
+  print(json.dumps({"image": args.image, "out": str(path), "decision": decision,
+                    "accepted_on_edge": x.accepted, "p_max": x.p_max, "sent_indices": sent}))
   return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-  from rcst_jax import __version__
-  parser = argparse.ArgumentParser(prog="rcst", description=__doc__)
-  parser.add_argument("--version", action="version", version=f"rcst_jax {__version__}")
-  sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_model_commands(sub) -> None:
   p = sub.add_parser("convert", help="convert a timm checkpoint to Flax/orbax")
   p.add_argument("--timm", required=True, help="timm model name, optionally .tag")
   p.add_argument("--weights", help=".safetensors or torch state dict (weights_only)")
@@ -278,49 +213,54 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_predict)
 
-  p = sub.add_parser("evaluate", help="calibrate + sweep every method, write tables/figures")
-  p.add_argument("--config", required=True, help="ml_collections config file; "
-                 "then --config.x=y overrides")
-  p.set_defaults(func=_cmd_evaluate, takes_overrides=True)
 
-  p = sub.add_parser("train", help="train the demo models on the synthetic data (CPU)")
-  p.add_argument("--config", required=True, help="e.g. configs/demo_train.py; then --config.x=y")
-  p.set_defaults(func=_cmd_train, takes_overrides=True)
-
-  p = sub.add_parser("demo", help="the full evaluation on the embedded synthetic demo")
-  p.add_argument("--config", default="demo", help="demo, demo:smoke, demo:quick=N or a file")
-  p.set_defaults(func=_cmd_demo, takes_overrides=True)
-
+def _add_config_commands(sub) -> None:
+  for name, func, text, default, what in (
+      ("evaluate", _cmd_evaluate, "calibrate + sweep every method, write tables/figures", None,
+       "ml_collections config file; then --config.x=y overrides"),
+      ("train", _cmd_train, "train the demo models on the synthetic data (CPU)", None,
+       "e.g. configs/demo_train.py; then --config.x=y"),
+      ("demo", _cmd_demo, "the full evaluation on the embedded synthetic demo", "demo",
+       "demo, demo:smoke, demo:quick=N or a file"),
+      ("calibrate", _cmd_calibrate, "Algorithm 1: write the calibration JSON", None,
+       "a config name or file; then --config.x=y")):
+    p = sub.add_parser(name, help=text)
+    p.add_argument("--config", required=default is None, default=default, help=what)
+    if name == "calibrate":
+      p.add_argument("--out", help="calibration JSON path (default: <output_dir>/calibration.json)")
+    p.set_defaults(func=func, takes_overrides=True)
   p = sub.add_parser("configs", help="list the shipped configs and their variants")
   p.set_defaults(func=_cmd_configs)
 
-  p = sub.add_parser("calibrate", help="Algorithm 1: write the calibration JSON")
-  p.add_argument("--config", required=True)
-  p.add_argument("--out", help="calibration JSON path (default: <output_dir>/calibration.json)")
-  p.set_defaults(func=_cmd_calibrate, takes_overrides=True)
 
+def _add_run_commands(sub) -> None:
+  tau_help = ("patch threshold; default: the calibration's certified (lambda, tau), the "
+              "same for run and explain")
   p = sub.add_parser("run", help="Algorithm 2 on image files: per-image decisions, JSON lines")
-  p.add_argument("--edge", required=True)
   p.add_argument("--server", required=True)
-  p.add_argument("--calibration", required=True)
-  p.add_argument("--tau", type=_finite_float, default=None,
-                 help="patch threshold; default: the calibration's certified (lambda, tau)")
   p.add_argument("--batch-size", type=_positive_int, default=16,
                  help="images per edge/server call")
-  p.add_argument("--allow-other-weights", action="store_true",
-                 help="use a calibration made for other weights (no guarantee)")
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_run)
+  q = sub.add_parser("explain", help="PNG: image, APS set, Grad-CAM, patches that would be sent")
+  q.add_argument("--out", required=True, help="output PNG")
+  q.add_argument("image")
+  q.set_defaults(func=_cmd_explain)
+  for p in (p, q):
+    p.add_argument("--edge", required=True)
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--tau", type=_finite_float, default=None, help=tau_help)
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="use a calibration made for other weights (no guarantee)")
 
-  p = sub.add_parser("explain", help="PNG: image, APS set, Grad-CAM, patches that would be sent")
-  p.add_argument("--edge", required=True)
-  p.add_argument("--calibration", required=True)
-  p.add_argument("--tau", type=_finite_float, default=0.5)
-  p.add_argument("--allow-other-weights", action="store_true",
-                 help="use a calibration made for other weights (no guarantee)")
-  p.add_argument("--out", required=True, help="output PNG")
-  p.add_argument("image")
-  p.set_defaults(func=_cmd_explain)
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="rcst", description=__doc__)
+  parser.add_argument("--version", action="version", version=f"rcst_jax {__version__}")
+  sub = parser.add_subparsers(dest="command", required=True)
+  _add_model_commands(sub)
+  _add_config_commands(sub)
+  _add_run_commands(sub)
   return parser
 
 
@@ -328,7 +268,7 @@ def main(argv=None) -> int:
   """Exit codes: 0 ok, 1 some items failed (each reported), 2 refused or failed
   with a reason (one line on stderr, no traceback), 130 interrupted. Any other
   exception is a bug and keeps its traceback."""
-  from rcst_jax import errors
+  xla_cpu.tune()  # before any computation starts a backend
   args, extra = build_parser().parse_known_args(argv)
   if extra and not getattr(args, "takes_overrides", False):
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")

@@ -14,9 +14,11 @@ import json
 import math
 import os
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from rcst_jax.errors import OutputRefusedError
 
 
 def _tmp_name(path: str) -> str:
@@ -82,3 +84,55 @@ def dumps(x: Any, **kwargs) -> str:
 
 def write_json(path: str, x: Any, indent: int = 2) -> str:
   return atomic_write_text(path, dumps(x, indent=indent, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- output directories
+
+
+def _inside(path: str, root: str) -> bool:
+  """path is root or lies below it (both real paths)."""
+  return os.path.commonpath([path, root]) == root
+
+
+def check_output_dir(directory: str, overwrite: bool, protect, ours: Callable[[str], bool],
+                     what: str, ours_means: str) -> str:
+  """Refuses an output directory we may not write into or replace; returns
+  its absolute path. Runs before any work. Never replaced: the current
+  directory or a parent of it, a directory holding any path in ``protect``
+  (e.g. the input weights), a symbolic link, a file, and, even with
+  ``overwrite``, a non-empty directory for which ``ours`` is False
+  (``ours_means`` says what ours looks like).
+  """
+  directory = os.path.abspath(directory)
+  real = os.path.realpath(directory)
+  refuse = f"refusing to write {what} to {directory}"
+  if os.path.islink(directory):
+    raise OutputRefusedError(f"{refuse}: it is a symbolic link")
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise OutputRefusedError(f"{refuse}: it exists and is not a directory")
+  if _inside(os.path.realpath(os.getcwd()), real):
+    raise OutputRefusedError(f"{refuse}: it is the current directory or one of its parents")
+  for p in protect:
+    if p is not None and _inside(os.path.realpath(p), real):
+      raise OutputRefusedError(f"{refuse}: it contains the input {p}")
+  if os.path.isdir(directory) and os.listdir(directory):
+    if not overwrite:
+      raise OutputRefusedError(f"{directory} exists and is not empty (use --overwrite to"
+                               f" replace {what})")
+    if not ours(directory):
+      raise OutputRefusedError(f"refusing to overwrite {directory}: not {ours_means}")
+  return directory
+
+
+def umask() -> int:
+  """The process's umask, read without changing it where /proc allows."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask

@@ -1,4 +1,4 @@
-"""Per-device programs for computations that are independent per image.
+"""Device placement: the batch mesh, per-device programs, CPU micro-batching.
 
 Under plain jit, XLA's sharding propagation decides how a batch-sharded
 input is split. It cannot split a sequential loop along the axis it loops
@@ -13,7 +13,42 @@ with no collective at all, so any micro-batching inside applies per device.
 from __future__ import annotations
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def make_mesh(devices: str | int = "all") -> Mesh:
+  """A 1-D mesh over the batch axis of this host's devices."""
+  local = jax.local_devices()
+  n = len(local) if devices == "all" else int(devices)
+  return Mesh(np.asarray(local[:n]), ("batch",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows split over the mesh's batch axis."""
+  return NamedSharding(mesh, PartitionSpec("batch"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def on_cpu() -> bool:
+  """Whether the models' 'auto' switches pick their CPU forms."""
+  return jax.default_backend() == "cpu"
+
+
+def map_chunks(fn, args: tuple, n: int):
+  """``fn(*args)`` over micro-batches of n rows (``lax.map``), the batch
+  (axis 0 of every arg) padded to a multiple of n; every output has the
+  batch as axis 0 and comes back unpadded."""
+  b = args[0].shape[0]
+  pad = -b % n
+  split = lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(
+      -1, n, *a.shape[1:])
+  out = jax.lax.map(lambda chunk: fn(*chunk), tuple(split(a) for a in args))
+  return jax.tree_util.tree_map(lambda y: y.reshape(-1, *y.shape[2:])[:b], out)
 
 
 def per_device(fn, sharding: NamedSharding | None, batch_args: tuple[int, ...] = (1,)):

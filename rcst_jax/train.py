@@ -20,13 +20,10 @@ dropout all come from the seed.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import json
 import math
-import multiprocessing
 import os
-import sys
 import time
 from typing import Any
 
@@ -36,12 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from tqdm.auto import tqdm
 
-from rcst_jax import checkpoints
-from rcst_jax import patches as P
 from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
+from rcst_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
 from rcst_jax.fileio import atomic_savez
-from rcst_jax.models import create_model, default_cfg, family_of
+from rcst_jax.inference import patches as P
+from rcst_jax.inference.server import Server
+from rcst_jax.models import checkpoints, create_model, default_cfg, family_of
 
 PATCH = 16
 
@@ -55,28 +54,8 @@ def render(split: str, num: int, seed: int, workers: int = 2, progress: bool = T
   Coverage is the fraction of each patch under the object mask: it lets the
   server train on object-first token sets, a stand-in for salient selections.
   """
-  from tqdm.auto import tqdm
-  chunks = np.array_split(np.arange(num), max(1, num // 256))
-  jobs = [(seed, split, c) for c in chunks]
-  out = []
-  bar = tqdm(total=num, desc=f"render {split}", disable=not progress, mininterval=10)
-  # spawn, not fork: the parent holds JAX threads.
-  ctx = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
-    for part in pool.map(_render_chunk, jobs):
-      out.append(part)
-      bar.update(len(part[1]))
-  bar.close()
-  return tuple(np.concatenate(x) for x in zip(*out))
-
-
-def _render_chunk(job):
-  from rcst_jax.data.synthetic import patch_coverage, render_scene
-  seed, split, indices = job
-  scenes = [render_scene(seed, split, int(i)) for i in indices]
-  return (np.stack([s.image for s in scenes]),
-          np.array([s.label for s in scenes], np.int32),
-          np.stack([patch_coverage(s.mask, PATCH).reshape(-1) for s in scenes]))
+  return SyntheticShapes(split, num, seed).arrays(workers=workers, progress=progress,
+                                                  coverage=True)
 
 
 def cached_render(cache_dir: str, split: str, num: int, seed: int, workers: int):
@@ -199,7 +178,6 @@ def train_classifier(module, images, labels, c, *, seed: int, coverage=None,
   label_smoothing, grad_clip, optional ``tokens`` (buckets, bucket_probs,
   min_keep, object_prob) to train through the token entry point.
   """
-  from tqdm.auto import tqdm
   steps = num_steps(c, len(images))
   if coverage is None:
     coverage = np.ones((len(images), (images.shape[1] // PATCH) ** 2), np.float32)
@@ -272,7 +250,6 @@ def predict_images(module, variables, images, mean, std, batch: int = 100):
 def predict_tokens(module, variables, images, keep, batch: int = 100):
   """Server predictions from the kept patches only (keep: bool [N, grid^2]),
   through the evaluation's own token server."""
-  from rcst_jax.pipeline import Server
   model = checkpoints.Model(module, variables, {"num_classes": module.num_classes})
   return Server(model, batch).logits_from_images(images, keep).argmax(-1)
 
@@ -307,7 +284,6 @@ def metadata(name: str, arch: dict, num_classes: int, class_names, train_info: d
 
 def train_one(key: str, mc, data, test, seed: int, out_dir: str, progress: bool) -> dict:
   """Trains, evaluates, saves and reloads one of the three demo models."""
-  from rcst_jax.data.synthetic import CLASS_NAMES
   images, labels, coverage = data
   arch = dict(mc.arch)
   module = create_model(mc.name, num_classes=len(CLASS_NAMES), **arch)
@@ -357,8 +333,3 @@ def train_demo(config, out_dir: str | None = None) -> dict:
   results["total_wall_seconds"] = round(time.perf_counter() - t0, 1)
   print(json.dumps(results, indent=2), flush=True)
   return results
-
-
-if __name__ == "__main__":  # the old entry point; `rcst train` is the documented one
-  from rcst_jax import cli
-  sys.exit(cli.main(["train", *sys.argv[1:]]))

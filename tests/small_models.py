@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from rcst_jax.checkpoints import Model
+from rcst_jax.models.checkpoints import Model
 from rcst_jax.models import create_model
 
 NUM_CLASSES = 12

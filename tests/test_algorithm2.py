@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcst_jax import cli, evaluate, metrics, methods, pipeline, transmit
-from rcst_jax.checkpoints import load_model
+from rcst_jax import cli
+from rcst_jax import evaluate
+from rcst_jax.sweep import metrics
+from rcst_jax.inference import methods
+from rcst_jax.inference import patches
+from rcst_jax.inference import edge
+from rcst_jax.inference import collaborative
+from rcst_jax.inference import selection
+from rcst_jax.models.checkpoints import load_model
 from rcst_jax.data import ImageFolder, batches
 from rcst_jax.data.sources import run_transform
 from rcst_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
@@ -109,7 +116,7 @@ def test_rcst_run_without_tau_uses_the_certified_pair(run, capsys):
 def _server_argmax(server, images, keep):
   """Unbucketed, undeduplicated: all 196 positions, dropped ones masked out."""
   idx = np.broadcast_to(np.arange(196), keep.shape)
-  sent = np.asarray(pipeline.patches.gather_patches(images, idx))
+  sent = np.asarray(patches.gather_patches(images, idx))
   apply = jax.jit(lambda v, *a: server.module.apply(v, *a, method="tokens")[0])
   return np.asarray(apply(server.variables, sent, idx, keep)).argmax(-1)
 
@@ -127,7 +134,7 @@ def test_engine_equals_each_methods_rule(run):
   e, b_probs, attn, images = [], [], [], []
   for batch in batches(folder, [index[k] for k in keys], 64, progress=False):
     v = batch.valid
-    out = jax.device_get(pipeline.edge_step(edge, batch.images, cal.lambda_hat, cal.q_hat))
+    out = jax.device_get(edge.edge_step(edge, batch.images, cal.lambda_hat, cal.q_hat))
     e.append({k: np.asarray(x)[v] for k, x in out.items()})
     logits, o = base(batch.images)
     b_probs.append(np.asarray(jax.nn.softmax(logits))[v])
@@ -137,14 +144,14 @@ def test_engine_equals_each_methods_rule(run):
   b_probs, attn, images = map(np.concatenate, (b_probs, attn, images))
   b_pred = b_probs.argmax(-1)
   b_off = ~(-np.log2(b_probs.max(-1)) < config.eta)  # Im et al.: offload unless entropy < eta
-  ranks = transmit.random_ranks(keys, config.seed, 196)
+  ranks = selection.random_ranks(keys, config.seed, 196)
   e_off = ~(e["p_max"] >= np.float32(cal.lambda_hat))  # Eq. 15, from the edge's own p_max
   rules = {
-      "proposed": lambda t: (e_off, np.asarray(transmit.select_threshold(e["patch_scores"], t)),
+      "proposed": lambda t: (e_off, np.asarray(selection.select_threshold(e["patch_scores"], t)),
                              e["pred"]),
       "random": lambda k: (b_off, ranks < k, b_pred),
-      "topk": lambda k: (b_off, np.asarray(transmit.select_topk(attn, int(k))), b_pred),
-      "attention_sum": lambda d: (b_off, np.asarray(transmit.select_attention_sum(attn, d)),
+      "topk": lambda k: (b_off, np.asarray(selection.select_topk(attn, int(k))), b_pred),
+      "attention_sum": lambda d: (b_off, np.asarray(selection.select_attention_sum(attn, d)),
                                   b_pred),
       "server_only": lambda _: (np.ones(len(keys), bool), np.ones((len(keys), 196), bool),
                                 e["pred"]),
@@ -181,7 +188,7 @@ def test_collaborative_inference_equals_engine(run):
   prep = run_transform(edge.metadata)
   images = np.stack([prep(str(run["root"] / k)) for k in keys])
   for tau in TAUS:
-    out = pipeline.collaborative_inference(images, edge, server, cal, tau, batch_size=24)
+    out = collaborative.collaborative_inference(images, edge, server, cal, tau, batch_size=24)
     want = _rows(run["rows"], "proposed", f"{tau:g}")
     for i, key in enumerate(keys):
       assert (int(out["pred"][i]), int(out["offloaded"][i]), int(out["kept"][i]),

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from rcst_jax import certify
+from rcst_jax.stats import ltt
 
 
 def _slack(delta, draws):
@@ -27,23 +27,23 @@ def test_losses_follow_algorithm2_by_hand():
   kept = np.array([[10, 10, 10, 10], [5, 5, 5, 5]])
   lambdas = np.array([0.0, 0.5, 1.1])       # accept all / images 0,1 / none
   args = (labels, edge_pred, p_max, server_only, server_pred, lambdas)
-  err = certify.system_error(labels, edge_pred, p_max, server_pred, lambdas)
+  err = ltt.system_error(labels, edge_pred, p_max, server_pred, lambdas)
   np.testing.assert_array_equal(err[0], [[0, 1, 0, 1]] * 2)
   np.testing.assert_array_equal(err[1], [[0, 1, 0, 0], [0, 1, 1, 1]])
   np.testing.assert_array_equal(err[2], [[0, 0, 0, 0], [0, 1, 1, 1]])
-  drop = certify.accuracy_drop(*args)
+  drop = ltt.accuracy_drop(*args)
   np.testing.assert_array_equal(drop[1], [[0, 1, -1, 0], [0, 1, 0, 1]])
-  deg = certify.degradation(*args)
+  deg = ltt.degradation(*args)
   np.testing.assert_array_equal(deg[1], [[0, 1, 0, 0], [0, 1, 0, 1]])
   assert set(np.unique(drop)) <= {-1, 0, 1} and set(np.unique(deg)) <= {0, 1}
-  edge = certify.edge_risk(labels, edge_pred, p_max, lambdas, num_taus=2)
+  edge = ltt.edge_risk(labels, edge_pred, p_max, lambdas, num_taus=2)
   assert edge.shape == (3, 2, 4)
   np.testing.assert_array_equal(edge[:, 0], [[0, 1, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(edge[:, 0], edge[:, 1])
-  cost = certify.patch_cost(p_max, kept, lambdas, num_patches=10)
+  cost = ltt.patch_cost(p_max, kept, lambdas, num_patches=10)
   np.testing.assert_allclose(cost, [[0, 0], [0.5, 0.25], [1.0, 0.5]])
-  assert certify.patch_cost(p_max, kept, lambdas, 10, per_image=True).shape == (3, 2, 4)
-  x, e = certify.rescale_accuracy_drop(drop, 0.02)
+  assert ltt.patch_cost(p_max, kept, lambdas, 10, per_image=True).shape == (3, 2, 4)
+  x, e = ltt.rescale_accuracy_drop(drop, 0.02)
   assert x.min() >= 0 and x.max() <= 1 and e == pytest.approx(0.51)
   assert np.all((drop.mean(-1) <= 0.02) == (x.mean(-1) <= e))
 
@@ -61,7 +61,7 @@ def test_binomial_pvalue_is_exact_binomial_tail():
   rng = np.random.default_rng(0)
   for n, eps in [(1, 0.3), (50, 0.1), (400, 0.05), (3000, 0.2)]:
     x = (rng.random((6, n)) < eps * rng.uniform(0.5, 1.5, (6, 1))).astype(float)
-    p = certify.binomial_pvalue(x, eps)
+    p = ltt.binomial_pvalue(x, eps)
     want = [_exact_binom_cdf(int(s), n, eps) for s in x.sum(-1)]
     np.testing.assert_allclose(p, want, rtol=1e-9, atol=1e-300)
 
@@ -70,14 +70,14 @@ def test_binomial_pvalue_matches_scipy_and_rejects_nonbinary():
   stats = pytest.importorskip("scipy.stats")
   rng = np.random.default_rng(1)
   x = (rng.random((20, 5000)) < 0.04).astype(float)
-  np.testing.assert_allclose(certify.binomial_pvalue(x, 0.05),
+  np.testing.assert_allclose(ltt.binomial_pvalue(x, 0.05),
                              stats.binom.cdf(x.sum(-1), 5000, 0.05), rtol=1e-9, atol=1e-300)
   with pytest.raises(ValueError):
-    certify.binomial_pvalue(np.full(10, 0.5), 0.1)
+    ltt.binomial_pvalue(np.full(10, 0.5), 0.1)
   with pytest.raises(ValueError):
-    certify.hb_pvalue(np.full(10, -0.5), 0.1)
+    ltt.hb_pvalue(np.full(10, -0.5), 0.1)
   with pytest.raises(ValueError):
-    certify.system_error(np.zeros(3), np.zeros(3), np.ones(3), np.zeros(3), np.array([0.5]))
+    ltt.system_error(np.zeros(3), np.zeros(3), np.ones(3), np.zeros(3), np.array([0.5]))
 
 
 def test_hb_pvalue_formula():
@@ -88,9 +88,9 @@ def test_hb_pvalue_formula():
   mu = np.minimum(x.mean(-1), eps)
   h1 = mu * np.log(mu / eps) + (1 - mu) * np.log((1 - mu) / (1 - eps))
   want = np.minimum(np.exp(-n * h1), math.e * stats.binom.cdf(np.ceil(n * x.mean(-1)), n, eps))
-  np.testing.assert_allclose(certify.hb_pvalue(x, eps), np.minimum(want, 1), rtol=1e-7)
+  np.testing.assert_allclose(ltt.hb_pvalue(x, eps), np.minimum(want, 1), rtol=1e-7)
   # Zero losses: Hoeffding gives 0.9**100, Bentkus e * 0.9**100; the min is Hoeffding.
-  assert certify.hb_pvalue(np.zeros(100), 0.1) == pytest.approx(0.9**100, rel=1e-9)
+  assert ltt.hb_pvalue(np.zeros(100), 0.1) == pytest.approx(0.9**100, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_pvalues_are_valid_under_the_null(null, test):
   draws, n, eps, delta = 2000, 200, 0.1, 0.1
   x = NULLS[null](rng, (draws, n), eps)
   assert abs(x.mean() - eps) < 0.01
-  p = certify.config_pvalues(x, eps, delta, test)
+  p = ltt.config_pvalues(x, eps, delta, test)
   assert p.shape == (draws,) and np.all((p >= 0) & (p <= 1))
   for level in (delta, 0.05, 0.2):
     assert np.mean(p <= level) <= level + _slack(level, draws)
@@ -128,22 +128,22 @@ def test_pvalues_are_valid_under_the_null(null, test):
 
 
 def test_fixed_sequence_stops_at_first_failure():
-  assert certify.fixed_sequence([0.01, 0.02, 0.2, 0.01], 0.05) == 2
-  assert certify.fixed_sequence([0.06, 0.0, 0.0], 0.05) == 0
-  assert certify.fixed_sequence([0.05, 0.05], 0.05) == 2      # p <= delta rejects
-  assert certify.fixed_sequence([], 0.05) == 0
-  assert certify.fixed_sequence(np.zeros(7), 0.05) == 7
+  assert ltt.fixed_sequence([0.01, 0.02, 0.2, 0.01], 0.05) == 2
+  assert ltt.fixed_sequence([0.06, 0.0, 0.0], 0.05) == 0
+  assert ltt.fixed_sequence([0.05, 0.05], 0.05) == 2      # p <= delta rejects
+  assert ltt.fixed_sequence([], 0.05) == 0
+  assert ltt.fixed_sequence(np.zeros(7), 0.05) == 7
 
 
 def test_bonferroni():
   p = np.array([[0.001, 0.02], [0.0125, 0.3]])
-  np.testing.assert_array_equal(certify.bonferroni(p, 0.05), [[True, False], [True, False]])
-  assert certify.bonferroni(np.full(100, 0.0005), 0.05).all()
-  assert not certify.bonferroni(np.full(100, 0.0006), 0.05).any()
+  np.testing.assert_array_equal(ltt.bonferroni(p, 0.05), [[True, False], [True, False]])
+  assert ltt.bonferroni(np.full(100, 0.0005), 0.05).all()
+  assert not ltt.bonferroni(np.full(100, 0.0006), 0.05).any()
 
 
 def test_pareto_order_front_first():
-  order, front = certify.pareto_order(np.array([1, 2, 3, 4.0]), np.array([0.5, 0.1, 0.2, -0.1]))
+  order, front = ltt.pareto_order(np.array([1, 2, 3, 4.0]), np.array([0.5, 0.1, 0.2, -0.1]))
   np.testing.assert_array_equal(front, [True, True, False, True])
   np.testing.assert_array_equal(order, [3, 1, 0, 2])
 
@@ -155,8 +155,8 @@ def test_betting_certifies_at_least_as_often_as_hb_on_low_variance_losses():
   draws, n, delta = 300, 1000, 0.1
   u = rng.random((draws, n))
   drop = np.where(u < 0.03, -1.0, np.where(u < 0.04, 1.0, 0.0))
-  x, e = certify.rescale_accuracy_drop(drop, 0.02)
-  rate = {t: np.mean(certify.config_pvalues(x, e, delta, t) <= delta) for t in ("hb", "wsr")}
+  x, e = ltt.rescale_accuracy_drop(drop, 0.02)
+  rate = {t: np.mean(ltt.config_pvalues(x, e, delta, t) <= delta) for t in ("hb", "wsr")}
   print("certification rates", rate)
   assert rate["wsr"] >= rate["hb"]
   assert rate["wsr"] > 0.5
@@ -188,10 +188,10 @@ def _losses(pop, idx, kind, eps):
   args = (pop["labels"][idx], pop["edge_pred"][idx], pop["p_max"][idx],
           pop["server_only_pred"][idx], pop["server_pred"][:, idx], pop["lambdas"])
   if kind == "degradation":
-    return certify.degradation(*args), eps
+    return ltt.degradation(*args), eps
   if kind == "system_error":
-    return certify.system_error(*args[:3], *args[4:]), eps
-  return certify.rescale_accuracy_drop(certify.accuracy_drop(*args), eps)
+    return ltt.system_error(*args[:3], *args[4:]), eps
+  return ltt.rescale_accuracy_drop(ltt.accuracy_drop(*args), eps)
 
 
 SETTINGS = [("degradation", 0.05, 0.1, "binomial"), ("accuracy_drop", 0.03, 0.2, "wsr"),
@@ -204,16 +204,16 @@ def test_ltt_end_to_end_validity_and_cost(kind, eps, delta, test):
   num, n, draws = pop["labels"].size, 500, 200
   full, e = _losses(pop, np.arange(num), kind, eps)
   risk = full.mean(-1)                      # exact population risk per (lambda, tau)
-  cost_pop = certify.patch_cost(pop["p_max"], pop["kept"], pop["lambdas"], pop["num_patches"])
+  cost_pop = ltt.patch_cost(pop["p_max"], pop["kept"], pop["lambdas"], pop["num_patches"])
   assert (risk <= e).any() and (risk > e).any()   # the grid straddles eps
   rng = np.random.default_rng(42)
   bad, any_bad, naive_bad, chosen_any, cost_pt, cost_bf = 0, 0, 0, 0, [], []
   for d in range(draws):
     idx = rng.integers(0, num, n)           # i.i.d. calibration set
     losses, _ = _losses(pop, idx, kind, eps)
-    costs = certify.patch_cost(pop["p_max"][idx], pop["kept"][:, idx], pop["lambdas"],
+    costs = ltt.patch_cost(pop["p_max"][idx], pop["kept"][:, idx], pop["lambdas"],
                                pop["num_patches"], per_image=True)
-    res = certify.pareto_testing(losses, costs, e, delta, test=test, seed=d)
+    res = ltt.pareto_testing(losses, costs, e, delta, test=test, seed=d)
     assert res.certified.shape == risk.shape and res.n_test + res.n_opt == n
     any_bad += (risk[res.certified] > e).any()   # the FWER event, stronger than "chosen bad"
     if res.chosen is not None:
@@ -224,7 +224,7 @@ def test_ltt_end_to_end_validity_and_cost(kind, eps, delta, test):
     # The check has teeth: "cheapest config with empirical risk <= eps" is not valid.
     ok = losses.mean(-1) <= e
     naive_bad += ok.any() and risk.ravel()[np.flatnonzero(ok)[np.argmin(cost_pop[ok])]] > e
-    mask = certify.bonferroni(certify.config_pvalues(losses, e, delta, test), delta)
+    mask = ltt.bonferroni(ltt.config_pvalues(losses, e, delta, test), delta)
     cost_bf.append(cost_pop[mask].min() if mask.any() else 1.0)
   rate, fwer = bad / draws, any_bad / draws
   print(f"{kind}: chose a config in {chosen_any}/{draws}, violation rate {rate:.3f} "
@@ -241,16 +241,16 @@ def test_pareto_testing_split_indices_and_nothing_certified():
   rng = np.random.default_rng(5)
   losses = (rng.random((3, 2, 100)) < 0.5).astype(float)   # far above eps
   costs = rng.random((3, 2))
-  res = certify.pareto_testing(losses, costs, 0.1, 0.1, test="binomial",
+  res = ltt.pareto_testing(losses, costs, 0.1, 0.1, test="binomial",
                                split_indices=(np.arange(40), np.arange(40, 100)))
   assert res.chosen is None and not res.certified.any()
   assert (res.n_opt, res.n_test) == (40, 60) and sorted(res.order) == list(range(6))
   # Two risks: a configuration needs both; the max p-value decides.
   good = np.zeros((3, 2, 100))
-  res = certify.pareto_testing({"a": good, "b": losses}, costs, {"a": 0.1, "b": 0.1}, 0.1,
+  res = ltt.pareto_testing({"a": good, "b": losses}, costs, {"a": 0.1, "b": 0.1}, 0.1,
                                test="hb", seed=0)
   assert res.chosen is None
-  res = certify.pareto_testing({"a": good, "b": good}, costs, 0.1, 0.1, test="hb", seed=0)
+  res = ltt.pareto_testing({"a": good, "b": good}, costs, 0.1, 0.1, test="hb", seed=0)
   assert res.certified.all() and res.chosen == np.unravel_index(np.argmin(costs), (3, 2))
 
 
@@ -261,7 +261,7 @@ def test_bonferroni_mode_tests_every_configuration_at_delta_over_m():
   losses = (rng.random((3, 4, 400)) < rates[..., None]).astype(float)
   costs = rng.random((3, 4))
   split = (np.arange(100), np.arange(100, 400))
-  res = certify.pareto_testing(losses, costs, 0.1, 0.1, test="binomial", split_indices=split,
+  res = ltt.pareto_testing(losses, costs, 0.1, 0.1, test="binomial", split_indices=split,
                                multiple_testing="bonferroni")
   # By hand: exact binomial tails on the testing split, each against delta / 12.
   want = np.array([[_exact_binom_cdf(int(losses[l, t, 100:].sum()), 300, Fraction(1, 10))
@@ -270,20 +270,22 @@ def test_bonferroni_mode_tests_every_configuration_at_delta_over_m():
   flat = np.flatnonzero(res.certified.ravel())
   assert res.chosen == np.unravel_index(flat[np.argmin(costs.ravel()[flat])], (3, 4))
   with pytest.raises(ValueError, match="multiple_testing"):
-    certify.pareto_testing(losses, costs, 0.1, 0.1, split_indices=split, multiple_testing="x")
+    ltt.pareto_testing(losses, costs, 0.1, 0.1, split_indices=split, multiple_testing="x")
 
 
 def test_byte_cost_is_the_reported_byte_cost():
   """The byte cost LTT minimises equals metrics' byte cost of the same decisions."""
-  from rcst_jax import metrics, transmit
+  from rcst_jax.calibration import certificate
+  from rcst_jax.sweep import metrics
+  from rcst_jax.inference import payload
   from rcst_jax.geometry import Geometry
   rng = np.random.default_rng(3)
   g = Geometry()
   p_max, kept = rng.random(50), rng.integers(0, 197, (4, 50))
   lambdas = np.array([0.0, 0.3, 0.8, 1.01])
-  got = certify.byte_cost(p_max, kept, lambdas, g)
+  got = certificate.byte_cost(p_max, kept, lambdas, g)
   for l, lam in enumerate(lambdas):
     for t in range(4):
       off = p_max < lam
-      want = transmit.byte_ratio(off, metrics.point_bytes(off, kept[t], g), g)
+      want = payload.byte_ratio(off, metrics.point_bytes(off, kept[t], g), g)
       assert abs(got[l, t] - want) < 1e-12

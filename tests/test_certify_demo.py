@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from rcst_jax import certify
+from rcst_jax.stats import ltt
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                        "demo_outcomes.npz")
@@ -21,9 +21,9 @@ def population():
   with np.load(FIXTURE) as z:
     d = {k: z[k].astype(np.float64 if k == "p_max" else np.int64) for k in
          ("labels", "edge_pred", "p_max", "server_only_pred", "server_pred", "kept")}
-  drop = certify.accuracy_drop(d["labels"], d["edge_pred"], d["p_max"], d["server_only_pred"],
+  drop = ltt.accuracy_drop(d["labels"], d["edge_pred"], d["p_max"], d["server_only_pred"],
                                d["server_pred"], LAMBDAS)
-  cost = certify.patch_cost(d["p_max"], d["kept"], LAMBDAS, 196, per_image=True)
+  cost = ltt.patch_cost(d["p_max"], d["kept"], LAMBDAS, 196, per_image=True)
   return drop, cost
 
 
@@ -34,8 +34,8 @@ def _simulate(drop, cost, eps, delta, test, seed=0):
   costs = []
   for _ in range(DRAWS):
     idx = rng.choice(drop.shape[-1], N_CAL, replace=False)
-    x, e = certify.rescale_accuracy_drop(drop[..., idx], eps)
-    res = certify.pareto_testing(x, cost[..., idx], e, delta, test=test,
+    x, e = ltt.rescale_accuracy_drop(drop[..., idx], eps)
+    res = ltt.pareto_testing(x, cost[..., idx], e, delta, test=test,
                                  seed=int(rng.integers(1 << 30)))
     any_bad += bool((res.certified & (risk > eps)).any())
     if res.chosen is not None:

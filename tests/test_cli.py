@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcst_jax import cli, transmit
+from rcst_jax import cli
+from rcst_jax.inference import payload
 from rcst_jax.data.synthetic import SyntheticShapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +20,7 @@ WEIGHTS = os.path.join(REPO, "weights")
 def calibration(demo_smoke, tmp_path_factory):
   """`rcst calibrate` on the smoke demo's cache: Algorithm 1 and the certificate's
   calibration outcomes are cached there, so no model may run."""
-  from rcst_jax import engine
+  from rcst_jax.sweep import engine
 
   def refuse(*a, **k):
     raise AssertionError("rcst calibrate ran a model although the evaluation cache has it all")
@@ -71,7 +72,7 @@ def test_run_prints_per_image_decisions(calibration, tmp_path, capsys):
       assert r["patches_sent"] == 0 and r["bytes_sent"] == 0
     else:
       assert r["patches_sent"] >= 1
-      assert r["bytes_sent"] == transmit.payload_bytes(r["patches_sent"])
+      assert r["bytes_sent"] == payload.payload_bytes(r["patches_sent"])
     assert 0 <= r["prediction"] < 12 and isinstance(r["label"], str) and r["aps_set"]
 
 

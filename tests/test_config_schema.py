@@ -7,7 +7,8 @@ import pytest
 
 import rcst_jax.evaluate
 import rcst_jax.models.loading
-from rcst_jax import cli, config_schema
+from rcst_jax import cli
+from rcst_jax.config import schema
 from rcst_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,13 +28,13 @@ def no_models(monkeypatch):
 @pytest.mark.parametrize("path", ["imagenet.py", "demo.py"])
 def test_shipped_configs_validate(path):
   config = cli.parse_config(os.path.join(REPO, "configs", path), [])
-  config_schema.validate(config)
+  schema.validate(config)
 
 
 def test_every_shipped_key_is_in_the_schema():
   for path in ("imagenet.py", "demo.py"):
-    flat = config_schema.flatten(cli.parse_config(os.path.join(REPO, "configs", path), []))
-    assert set(flat) <= set(config_schema.SCHEMA), path
+    flat = schema.flatten(cli.parse_config(os.path.join(REPO, "configs", path), []))
+    assert set(flat) <= set(schema.SCHEMA), path
 
 
 BAD = [
@@ -95,7 +96,7 @@ def test_unknown_key_in_a_config_file_is_refused():
   with config.unlocked():
     config.tau_gird = (0.1,)
   with pytest.raises(ConfigError, match="unknown config key 'tau_gird'.*'tau_grid'"):
-    config_schema.validate(config)
+    schema.validate(config)
 
 
 def test_synthetic_data_needs_n_test():
@@ -103,7 +104,7 @@ def test_synthetic_data_needs_n_test():
   with config.unlocked():
     del config.data["n_test"]
   with pytest.raises(ConfigError, match="data.n_test"):
-    config_schema.validate(config)
+    schema.validate(config)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -128,7 +129,7 @@ def test_run_explain_predict_refuse_bad_numbers(argv, message, capsys):
     ("--config.buckets=(8,)", "largest bucket"), ("--config.k_grid=(10,400)", "exceed the 196")])
 def test_checks_that_need_the_server_grid(tmp_path, override, message):
   import small_models
-  from rcst_jax import engine
+  from rcst_jax.sweep import engine
   from rcst_jax.data.sources import Sources
   from rcst_jax.data.synthetic import SyntheticShapes
   from rcst_jax.errors import ConfigError

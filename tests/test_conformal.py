@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcst_jax import conformal as cf
+from rcst_jax.stats import conformal as cf
 
 
 def _softmax(z):

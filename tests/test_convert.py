@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import max_rel_err, randomize_batchnorm
-from rcst_jax import checkpoints, cli
-from rcst_jax.state_dict import ConversionError, load_state_dict
+from rcst_jax.models import checkpoints
+from rcst_jax import cli
+from rcst_jax.models.state_dict import ConversionError, load_state_dict
 
 timm = pytest.importorskip("timm")
 

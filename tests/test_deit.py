@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import max_rel_err, timm_state_dict_numpy
-from rcst_jax import patches as P
+from rcst_jax.inference import patches as P
 from rcst_jax.models import deit
-from rcst_jax.state_dict import ConversionError, StateDictReader
+from rcst_jax.models.state_dict import ConversionError, StateDictReader
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import max_rel_err, randomize_batchnorm, timm_state_dict_numpy
 from rcst_jax.models import efficientnet as E
-from rcst_jax.state_dict import ConversionError, StateDictReader
+from rcst_jax.models.state_dict import ConversionError, StateDictReader
 
 timm = pytest.importorskip("timm")
 torch = pytest.importorskip("torch")
@@ -280,7 +280,7 @@ def tiny():
 def test_perturb_gradients(tiny):
   module, v, x, eval_logits = tiny
   c = 3
-  from rcst_jax.saliency import forward_with_taps
+  from rcst_jax.inference.saliency import forward_with_taps
 
   @jax.jit
   def taps(v, x):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import small_models
-from rcst_jax import engine, evaluate, pipeline
+from rcst_jax.sweep import engine
+from rcst_jax import evaluate
+from rcst_jax.inference import server
 from rcst_jax.data.sources import Sources
 from rcst_jax.models.loading import Models
 from rcst_jax.cli import parse_config
@@ -85,7 +87,7 @@ def test_server_min_batch_pads_fewer_rows_with_the_same_results(tmp_path, models
   # server_min_batch reaches the sweep's Server: remainders run in smaller
   # batches (fewer padding rows processed), and no prediction changes.
   sources = _synthetic_sources()
-  made, server_cls = [], pipeline.Server
+  made, server_cls = [], server.Server
   monkeypatch.setattr(pipeline, "Server",
                       lambda *a, **k: made.append(server_cls(*a, **k)) or made[-1])
   tokens = {}

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcst_jax import patches as P
+from rcst_jax.inference import patches as P
 
 
 def _images(b=2, h=64, w=48, seed=0):

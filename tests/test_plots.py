@@ -3,7 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from rcst_jax import plots, tables
+from rcst_jax.report import plots
+from rcst_jax.report import tables
 
 SERVER = 0.818
 

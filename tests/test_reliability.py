@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcst_jax import checkpoints, cli, conformal, fileio
+from rcst_jax.models import checkpoints
+from rcst_jax import cli
+from rcst_jax.stats import conformal
+from rcst_jax import fileio
 from rcst_jax.data import preprocess
 from rcst_jax.models import create_model
 
@@ -318,7 +321,7 @@ def test_predict_keeps_order_and_answers_despite_bad_images(model_dir, tmp_path,
      "rcst convert: error: Permission denied: /root/x"),
 ])
 def test_error_boundary(monkeypatch, capsys, exc, code, message):
-  import rcst_jax.convert
+  import rcst_jax.models.convert
 
   def fail(*a, **k):
     raise exc
@@ -328,7 +331,7 @@ def test_error_boundary(monkeypatch, capsys, exc, code, message):
 
 
 def test_bugs_keep_their_traceback(monkeypatch):
-  import rcst_jax.convert
+  import rcst_jax.models.convert
   monkeypatch.setattr(rcst_jax.convert, "convert", lambda *a, **k: 1 / 0)
   with pytest.raises(ZeroDivisionError):
     cli.main(["convert", "--timm", "efficientnet_b0", "--out", "x"])

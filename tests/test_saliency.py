@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from conftest import randomize_batchnorm, timm_state_dict_numpy
-from rcst_jax import conformal, pipeline, saliency
-from rcst_jax.checkpoints import Model
-from rcst_jax.convert import convert_state_dict
+from rcst_jax.stats import conformal
+from rcst_jax.inference import edge
+from rcst_jax.inference import saliency
+from rcst_jax.models.checkpoints import Model
+from rcst_jax.models.convert import convert_state_dict
 
 timm = pytest.importorskip("timm")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -132,7 +134,7 @@ def test_upsample_matches_torch_bilinear():
 def test_edge_step_is_consistent(b0):
   _, model, images, _ = b0
   with jax.default_matmul_precision("highest"):
-    e = jax.device_get(pipeline.edge_step(model, images, lambda_hat=0.0015, q_hat=0.05))
+    e = jax.device_get(edge.edge_step(model, images, lambda_hat=0.0015, q_hat=0.05))
   probs = e["probs"]
   np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
   np.testing.assert_array_equal(e["accept"], probs.max(-1) >= np.float32(0.0015))

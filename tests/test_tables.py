@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rcst_jax import tables
+from rcst_jax.report import tables
 
 SERVER = 0.818
 

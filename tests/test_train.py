@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rcst_jax import checkpoints
-from rcst_jax import patches as P
+from rcst_jax.models import checkpoints
+from rcst_jax.inference import patches as P
 from rcst_jax import train as T
 from rcst_jax.models import create_model
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rcst_jax import transmit as tr
+from rcst_jax.inference import selection
+from rcst_jax.inference import payload
 from rcst_jax.geometry import Geometry
 
 N = 196
@@ -31,15 +32,15 @@ def _attention(rng, b, n=N, ties=False):
 def test_select_threshold_and_argmax_fallback(rng):
   s = rng.random((64, N)).astype(np.float32)
   s[:8] *= 0.5  # nothing reaches tau = 0.6 in these rows
-  keep = np.asarray(tr.select_threshold(s, 0.6))
+  keep = np.asarray(selection.select_threshold(s, 0.6))
   np.testing.assert_array_equal(keep[8:], s[8:] >= 0.6)
   for i in range(8):
     assert keep[i].sum() == 1 and keep[i, np.argmax(s[i])]
   # tau = 0 keeps everything; ties at the max fall back to the first index.
-  assert np.asarray(tr.select_threshold(s, 0.0)).all()
+  assert np.asarray(selection.select_threshold(s, 0.0)).all()
   z = np.zeros((1, N), np.float32)
   z[0, [7, 9]] = 0.3
-  assert np.flatnonzero(np.asarray(tr.select_threshold(z, 0.5))[0]).tolist() == [7]
+  assert np.flatnonzero(np.asarray(selection.select_threshold(z, 0.5))[0]).tolist() == [7]
 
 
 def _attention_sum_loop(a, delta):
@@ -65,7 +66,7 @@ def test_attention_sum_matches_loop(rng, ties):
     for v in srt[:20]:
       acc = np.float32(acc + v)
     deltas.append(float(acc))
-  sel = jax.jit(tr.select_attention_sum)
+  sel = jax.jit(selection.select_attention_sum)
   zero_rows = 0
   for d in deltas:
     keep = np.asarray(sel(a, d))
@@ -77,34 +78,34 @@ def test_attention_sum_matches_loop(rng, ties):
 
 def test_attention_sum_excludes_crossing_patch():
   a = np.array([[0.5, 0.3, 0.2]], np.float32)
-  assert np.asarray(tr.select_attention_sum(a, 0.79)).tolist() == [[True, False, False]]
-  assert np.asarray(tr.select_attention_sum(a, 0.8)).tolist() == [[True, True, False]]
-  assert np.asarray(tr.select_attention_sum(a, 0.49)).tolist() == [[False, False, False]]
+  assert np.asarray(selection.select_attention_sum(a, 0.79)).tolist() == [[True, False, False]]
+  assert np.asarray(selection.select_attention_sum(a, 0.8)).tolist() == [[True, True, False]]
+  assert np.asarray(selection.select_attention_sum(a, 0.49)).tolist() == [[False, False, False]]
 
 
 def test_topk_and_random_k(rng):
   s = rng.random((32, N)).astype(np.float32)
   for k in [0, 1, 50, N]:
-    keep = np.asarray(tr.select_topk(s, k))
+    keep = np.asarray(selection.select_topk(s, k))
     assert (keep.sum(-1) == k).all()
     if 0 < k < N:
       assert (np.where(keep, s, np.inf).min(-1) > np.where(keep, -np.inf, s).max(-1)).all()
-    r = np.asarray(tr.select_random_k(tr.random_ranks([f"img{i}" for i in range(32)], k, N), k))
+    r = np.asarray(selection.select_random_k(selection.random_ranks([f"img{i}" for i in range(32)], k, N), k))
     assert (r.sum(-1) == k).all()
   ties = np.zeros((1, N), np.float32)
-  assert np.flatnonzero(np.asarray(tr.select_topk(ties, 3))[0]).tolist() == [0, 1, 2]
+  assert np.flatnonzero(np.asarray(selection.select_topk(ties, 3))[0]).tolist() == [0, 1, 2]
   keys = [f"img{i}" for i in range(32)]
-  ranks = tr.random_ranks(keys, 3, N)
+  ranks = selection.random_ranks(keys, 3, N)
   assert (np.sort(ranks, -1) == np.arange(N)).all()  # a permutation per image
-  a = np.asarray(tr.select_random_k(ranks, 20))
+  a = np.asarray(selection.select_random_k(ranks, 20))
   # Same key, same patches, whatever the batch it is in; nested across k.
-  np.testing.assert_array_equal(a[5], np.asarray(tr.select_random_k(
-      tr.random_ranks(keys[5:6], 3, N), 20))[0])
-  assert (np.asarray(tr.select_random_k(ranks, 21)) >= a).all()
-  assert not np.array_equal(a, np.asarray(tr.select_random_k(tr.random_ranks(keys, 4, N), 20)))
+  np.testing.assert_array_equal(a[5], np.asarray(selection.select_random_k(
+      selection.random_ranks(keys[5:6], 3, N), 20))[0])
+  assert (np.asarray(selection.select_random_k(ranks, 21)) >= a).all()
+  assert not np.array_equal(a, np.asarray(selection.select_random_k(selection.random_ranks(keys, 4, N), 20)))
   assert not np.array_equal(a[0], a[1])  # rows differ
   # Uniform: each patch kept with probability k/N.
-  rows = np.asarray(tr.select_random_k(tr.random_ranks([str(i) for i in range(4000)], 5, N), 49))
+  rows = np.asarray(selection.select_random_k(selection.random_ranks([str(i) for i in range(4000)], 5, N), 49))
   freq = rows.mean(0)
   assert np.abs(freq - 0.25).max() < 6 * np.sqrt(0.25 * 0.75 / len(rows))
 
@@ -113,22 +114,22 @@ def test_min_entropy_accept():
   probs = jnp.asarray([[0.6, 0.4], [0.5, 0.5], [2 ** -0.8 + 1e-4, 1 - 2 ** -0.8 - 1e-4],
                        [2 ** -0.8 - 1e-4, 1 - 2 ** -0.8 + 1e-4]])
   # -log2(p_max) < 0.8  <=>  p_max > 2**-0.8 = 0.574
-  assert np.asarray(tr.min_entropy_accept(probs, 0.8)).tolist() == [True, False, True, False]
+  assert np.asarray(selection.min_entropy_accept(probs, 0.8)).tolist() == [True, False, True, False]
 
 
 def test_empty_policies(rng):
   a = _attention(rng, 6)
-  keep = np.asarray(tr.select_attention_sum(a, 0.0))  # all empty
+  keep = np.asarray(selection.select_attention_sum(a, 0.0))  # all empty
   off = jnp.asarray([True, True, False, True, False, True])
-  o, k = tr.apply_empty_policy(off, keep, a, "cls_only")
+  o, k = selection.apply_empty_policy(off, keep, a, "cls_only")
   assert np.array_equal(o, off) and not np.asarray(k).any()
-  o, k = tr.apply_empty_policy(off, keep, a, "argmax")
+  o, k = selection.apply_empty_policy(off, keep, a, "argmax")
   assert np.array_equal(o, off) and (np.asarray(k).sum(-1) == 1).all()
   assert np.asarray(k)[np.arange(6), a.argmax(-1)].all()
-  o, _ = tr.apply_empty_policy(off, keep, a, "edge")
+  o, _ = selection.apply_empty_policy(off, keep, a, "edge")
   assert not np.asarray(o).any()
   with pytest.raises(ValueError, match="policy"):
-    tr.apply_empty_policy(off, keep, a, "drop")
+    selection.apply_empty_policy(off, keep, a, "drop")
 
 
 # ---------------------------------------------------------------------------
@@ -144,9 +145,9 @@ def _random_payload(rng, k, grid=14, patch=16, c=3):
 def test_payload_round_trip_and_length(rng):
   for k in list(range(0, 30)) + [50, 100, 195, 196]:
     patches, idx = _random_payload(rng, k)
-    data = tr.encode_payload(patches, idx)
-    assert len(data) == int(tr.payload_bytes(k)) == 11 + min(25, k) + 768 * k
-    p2, i2, g = tr.decode_payload(data)
+    data = payload.encode_payload(patches, idx)
+    assert len(data) == int(payload.payload_bytes(k)) == 11 + min(25, k) + 768 * k
+    p2, i2, g = payload.decode_payload(data)
     assert g == 14 and p2.dtype == np.uint8 and p2.shape == (k, 16, 16, 3)
     np.testing.assert_array_equal(p2, patches)
     np.testing.assert_array_equal(i2, idx)
@@ -161,26 +162,26 @@ def test_index_encoding_crossover(rng, grid, patch, c, crossover):
     if k > n:
       continue
     patches, idx = _random_payload(rng, k, grid, patch, c)
-    data = tr.encode_payload(patches, idx, grid=grid)
+    data = payload.encode_payload(patches, idx, grid=grid)
     assert (data[1] & 1) == (k > crossover)
     assert (data[1] & 2) == (2 if n > 256 else 0)
-    assert len(data) == int(tr.payload_bytes(k, Geometry(grid * patch, patch, c)))
-    p2, i2, g2 = tr.decode_payload(data)
+    assert len(data) == int(payload.payload_bytes(k, Geometry(grid * patch, patch, c)))
+    p2, i2, g2 = payload.decode_payload(data)
     assert g2 == grid and np.array_equal(p2, patches) and np.array_equal(i2, idx)
 
 
 def test_payload_bytes_full_image_and_ratios():
   assert Geometry().raw_bytes == 150528
-  assert int(tr.payload_bytes(196)) == 11 + 25 + 150528
-  assert int(tr.payload_bytes(0)) == 11
+  assert int(payload.payload_bytes(196)) == 11 + 25 + 150528
+  assert int(payload.payload_bytes(0)) == 11
   off = np.asarray([True, False, True, True])
   kept = np.asarray([10, 196, 0, 196])
-  assert tr.patch_ratio(off, kept, 196) == pytest.approx((10 + 0 + 196) / (4 * 196))
+  assert payload.patch_ratio(off, kept, 196) == pytest.approx((10 + 0 + 196) / (4 * 196))
   # Same as Im et al.: offload rate * mean kept over offloaded / N.
-  assert tr.patch_ratio(off, kept, 196) == pytest.approx(3 / 4 * (206 / 3) / 196)
+  assert payload.patch_ratio(off, kept, 196) == pytest.approx(3 / 4 * (206 / 3) / 196)
   nbytes = np.asarray([11 + 10 + 7680, 999, 11, 11 + 25 + 150528])  # index 1 is not offloaded
   want = (11 + 10 + 7680 + 11 + 11 + 25 + 150528) / (4 * 150528)
-  assert tr.byte_ratio(off, nbytes) == want
+  assert payload.byte_ratio(off, nbytes) == want
 
 
 @pytest.mark.parametrize("geometry", [Geometry(), Geometry(17 * 8, 8, 3)],
@@ -194,10 +195,10 @@ def test_formula_bytes_equal_encoded_lengths_for_every_k(rng, geometry):
   for k in range(n + 1):
     keep = np.zeros(n, bool)
     keep[rng.choice(n, k, replace=False)] = True
-    data = tr.encode_image_payload(image, keep, geometry)
+    data = payload.encode_image_payload(image, keep, geometry)
     modes.add(data[1] & 1)
-    assert len(data) == int(tr.payload_bytes(k, geometry)), k
-    patches, idx, _ = tr.decode_payload(data)
+    assert len(data) == int(payload.payload_bytes(k, geometry)), k
+    patches, idx, _ = payload.decode_payload(data)
     np.testing.assert_array_equal(idx, np.flatnonzero(keep))
     if k:
       p = geometry.patch
@@ -230,48 +231,48 @@ def _reseal(d):
 ])
 def test_decode_rejects(rng, bad, msg):
   patches, idx = _random_payload(rng, 5)
-  data = tr.encode_payload(patches, idx)
-  with pytest.raises(tr.PayloadError, match=msg):
-    tr.decode_payload(bad(data))
+  data = payload.encode_payload(patches, idx)
+  with pytest.raises(payload.PayloadError, match=msg):
+    payload.decode_payload(bad(data))
 
 
 def test_decode_rejects_bitmask_inconsistencies(rng):
   patches, idx = _random_payload(rng, 40)
-  data = bytearray(tr.encode_payload(patches, idx))
+  data = bytearray(payload.encode_payload(patches, idx))
   zero_bit = next(i for i in range(N) if i not in set(idx))
   flipped = bytearray(data)
   flipped[11 + zero_bit // 8] |= 0x80 >> (zero_bit % 8)
-  with pytest.raises(tr.PayloadError, match="CRC-32"):
-    tr.decode_payload(bytes(flipped))
-  with pytest.raises(tr.PayloadError, match="header says K=40"):
-    tr.decode_payload(_reseal(flipped))
+  with pytest.raises(payload.PayloadError, match="CRC-32"):
+    payload.decode_payload(bytes(flipped))
+  with pytest.raises(payload.PayloadError, match="header says K=40"):
+    payload.decode_payload(_reseal(flipped))
   pad = bytearray(data)
   pad[11 + 24] |= 0x01  # bit 199 of a 196-patch mask
-  with pytest.raises(tr.PayloadError, match="past the last patch"):
-    tr.decode_payload(_reseal(pad))
+  with pytest.raises(payload.PayloadError, match="past the last patch"):
+    payload.decode_payload(_reseal(pad))
 
 
 def test_encode_rejects_bad_input(rng):
   patches, idx = _random_payload(rng, 4)
-  with pytest.raises(tr.PayloadError, match="uint8"):
-    tr.encode_payload(patches.astype(np.float32), idx)
-  with pytest.raises(tr.PayloadError, match="increasing"):
-    tr.encode_payload(patches, idx[::-1])
-  with pytest.raises(tr.PayloadError, match=r"\[0, 196\)"):
-    tr.encode_payload(patches, np.array([0, 1, 2, 196]))
-  with pytest.raises(tr.PayloadError, match="shape"):
-    tr.encode_payload(patches, idx[:3])
-  with pytest.raises(tr.PayloadError, match="grid"):
-    tr.encode_payload(patches, idx, grid=256)
+  with pytest.raises(payload.PayloadError, match="uint8"):
+    payload.encode_payload(patches.astype(np.float32), idx)
+  with pytest.raises(payload.PayloadError, match="increasing"):
+    payload.encode_payload(patches, idx[::-1])
+  with pytest.raises(payload.PayloadError, match=r"\[0, 196\)"):
+    payload.encode_payload(patches, np.array([0, 1, 2, 196]))
+  with pytest.raises(payload.PayloadError, match="shape"):
+    payload.encode_payload(patches, idx[:3])
+  with pytest.raises(payload.PayloadError, match="grid"):
+    payload.encode_payload(patches, idx, grid=256)
 
 
 def test_payload_of_real_image_patches(rng):
-  from rcst_jax.patches import patchify
+  from rcst_jax.inference.patches import patchify
   img = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
   p = np.asarray(patchify(img))
-  keep = np.asarray(tr.select_topk(rng.random((1, 196)), 30))[0]
+  keep = np.asarray(selection.select_topk(rng.random((1, 196)), 30))[0]
   idx = np.flatnonzero(keep)
-  p2, i2, _ = tr.decode_payload(tr.encode_payload(p[0, idx], idx))
+  p2, i2, _ = payload.decode_payload(payload.encode_payload(p[0, idx], idx))
   np.testing.assert_array_equal(p2, p[0, idx])
 
 
@@ -282,10 +283,10 @@ def test_payload_of_real_image_patches(rng):
 def _check_decode(data):
   """Decode raises PayloadError, or returns a parse that re-encodes to the same bytes."""
   try:
-    patches, idx, grid = tr.decode_payload(data)
-  except tr.PayloadError:
+    patches, idx, grid = payload.decode_payload(data)
+  except payload.PayloadError:
     return None
-  assert tr.encode_payload(patches, idx, grid=grid) == bytes(data)
+  assert payload.encode_payload(patches, idx, grid=grid) == bytes(data)
   return patches, idx, grid
 
 
@@ -311,7 +312,7 @@ def _payload_and_edit(draw):
   idx = sorted(draw(st.sets(st.integers(0, grid * grid - 1), min_size=k, max_size=k)))
   rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
   patches = rng.integers(0, 256, (k, patch, patch, c), dtype=np.uint8)
-  data = tr.encode_payload(patches, np.asarray(idx, np.int64), grid=grid)
+  data = payload.encode_payload(patches, np.asarray(idx, np.int64), grid=grid)
   kind = draw(st.sampled_from(["none", "flip", "truncate", "append", "insert"]))
   out = bytearray(data)
   if kind == "flip":
@@ -331,7 +332,7 @@ def _payload_and_edit(draw):
 @given(_payload_and_edit())
 def test_corrupted_payloads(case):
   patches, idx, grid, kind, data, edited = case
-  assert len(data) == int(tr.payload_bytes(len(idx), Geometry(grid * patches.shape[1],
+  assert len(data) == int(payload.payload_bytes(len(idx), Geometry(grid * patches.shape[1],
                                                               patches.shape[1], patches.shape[3])))
   got = _check_decode(edited)
   if edited == data:

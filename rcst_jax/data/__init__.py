@@ -8,12 +8,29 @@ Sources (random access, `len` + `[i]`, so runs can shard and resume):
 skipping and counting bad items.
 """
 
-from rcst_jax.data.preprocess import (
-    IMAGENET_MEAN, IMAGENET_STD, BadImageError, BadItemError, BadLabelError, Batch, Example,
-    ImageSource, Preprocess, batches, load_image, normalize)
 from rcst_jax.data.folder import ImageFolder
 from rcst_jax.data.imagenet import (
-    TfdsSource, calibration_test_split, imagenet2012, imagenet_v2, imagenette, split_from_record)
+    TfdsSource,
+    calibration_test_split,
+    imagenet2012,
+    imagenet_v2,
+    imagenette,
+    split_from_record,
+)
+from rcst_jax.data.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BadImageError,
+    BadItemError,
+    BadLabelError,
+    Batch,
+    Example,
+    ImageSource,
+    Preprocess,
+    batches,
+    load_image,
+    normalize,
+)
 from rcst_jax.data.synthetic import SyntheticShapes
 
 __all__ = [

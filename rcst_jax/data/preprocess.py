@@ -18,6 +18,7 @@ import math
 import os
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -214,7 +215,6 @@ def _get(cfg, key, default):
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """uint8 [..., 3] -> float32 (x / 255 - mean) / std, on device."""
-  import jax.numpy as jnp
   x = jnp.asarray(images, jnp.float32) / 255.0
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 

@@ -16,7 +16,11 @@ import warnings
 
 import numpy as np
 
+from rcst_jax.data import imagenet
+from rcst_jax.data.folder import ImageFolder
+from rcst_jax.data.imagenet import calibration_test_split
 from rcst_jax.data.preprocess import Preprocess
+from rcst_jax.data.synthetic import SyntheticShapes
 
 _TRANSFORM_KEYS = ("input_size", "crop_pct", "interpolation")
 
@@ -75,19 +79,16 @@ def load_sources(config, transform: Preprocess) -> Sources:
   """The data of `config.data`, every image through `transform`."""
   d = config.data
   if d.name == "synthetic":
-    from rcst_jax.data.synthetic import SyntheticShapes
     cal = SyntheticShapes("calibration", d.n_cal, seed=d.seed)
     if transform != Preprocess(cal.image_size, cal.image_size, transform.interpolation):
       raise ValueError(f"the synthetic images are {cal.image_size}x{cal.image_size}; the edge's "
                        f"transform {transform_record(transform)} would change them")
     return Sources(cal, SyntheticShapes("test", d.n_test, seed=d.seed), name="synthetic")
   if d.name == "folder":
-    from rcst_jax.data.folder import ImageFolder
     if not d.folder_root:
       raise ValueError("data.name='folder' needs data.folder_root")
     source = ImageFolder(d.folder_root, d.label_map, preprocess=transform)
   else:
-    from rcst_jax.data import imagenet
     kw = dict(data_dir=d.data_dir, pil_decode=d.get("pil_decode", True), preprocess=transform)
     if d.name == "imagenet2012":
       source = imagenet.imagenet2012(d.split, **kw)
@@ -99,6 +100,5 @@ def load_sources(config, transform: Preprocess) -> Sources:
       raise ValueError(f"unknown data.name {d.name!r}; one of synthetic, folder, imagenet2012, "
                        "imagenet_v2, imagenette")
   n = len(source) if not d.get("limit") else min(len(source), int(d.limit))
-  from rcst_jax.data.imagenet import calibration_test_split
   split = calibration_test_split(n, min(int(d.n_cal), n - 1) if n > 1 else 0, d.split_seed)
   return Sources(source, source, split.cal_idx, split.test_idx, name=f"{d.name}/{d.split}")

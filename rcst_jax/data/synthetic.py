@@ -24,11 +24,16 @@ in two processes. Difficulty knobs are the module constants below.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import math
+import multiprocessing
+import types
 from typing import NamedTuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from rcst_jax.data.preprocess import Example
 
@@ -342,39 +347,38 @@ class SyntheticShapes:
   def object_mask(self, index: int) -> np.ndarray:
     return self.scene(index).mask
 
-  def arrays(self, indices=None, workers: int = 0, progress: bool = True):
-    """(images uint8 [N,S,S,3], labels int32 [N]) in memory, e.g. for training.
+  def arrays(self, indices=None, workers: int = 0, progress: bool = True,
+             coverage: bool = False):
+    """(images uint8 [N,S,S,3], labels int32 [N]) in memory, e.g. for training;
+    with ``coverage``, also each patch's fraction under the object [N, grid^2].
 
     workers > 1 renders in that many spawned processes (spawn, not fork: the
     parent may hold JAX threads).
     """
-    from tqdm.auto import tqdm
     indices = np.arange(len(self)) if indices is None else np.asarray(indices)
-    images = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
-    labels = np.empty((len(indices),), np.int32)
     chunks = np.array_split(np.arange(len(indices)), max(1, len(indices) // 256))
-    jobs = [(self.seed, self.split, self.image_size, indices[c]) for c in chunks]
+    jobs = [(self.seed, self.split, self.image_size, indices[c], coverage) for c in chunks]
+    parts = []
     bar = tqdm(total=len(indices), desc=f"synthetic {self.split}", disable=not progress)
     with _pool(workers) as pool:
-      for c, (im, lb) in zip(chunks, pool.map(_render_chunk, jobs)):
-        images[c], labels[c] = im, lb
-        bar.update(len(c))
+      for part in pool.map(_render_chunk, jobs):
+        parts.append(part)
+        bar.update(len(part[1]))
     bar.close()
-    return images, labels
+    return tuple(np.concatenate(x) for x in zip(*parts))
 
 
 def _render_chunk(job):
-  seed, split, size, indices = job
+  seed, split, size, indices, coverage = job
   scenes = [render_scene(seed, split, int(i), size) for i in indices]
-  return np.stack([s.image for s in scenes]), np.array([s.label for s in scenes], np.int32)
+  out = (np.stack([s.image for s in scenes]), np.array([s.label for s in scenes], np.int32))
+  if coverage:
+    out += (np.stack([patch_coverage(s.mask).reshape(-1) for s in scenes]),)
+  return out
 
 
 def _pool(workers: int):
   """A context giving `.map`: in-process, or a pool of spawned processes."""
-  import concurrent.futures
-  import contextlib
-  import multiprocessing
-  import types
   if workers <= 1:
     return contextlib.nullcontext(types.SimpleNamespace(map=map))
   return concurrent.futures.ProcessPoolExecutor(

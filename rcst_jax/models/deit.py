@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax.models.cpu import map_chunks, on_cpu
-from rcst_jax.state_dict import StateDictReader, check_against_template
+from rcst_jax.models.state_dict import StateDictReader, check_against_template
+from rcst_jax.spmd import map_chunks, on_cpu
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

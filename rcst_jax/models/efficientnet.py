@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax.models.cpu import map_chunks, on_cpu
-from rcst_jax.state_dict import StateDictReader, check_against_template
+from rcst_jax.models.state_dict import StateDictReader, check_against_template
+from rcst_jax.spmd import map_chunks, on_cpu
 
 # timm's _gen_efficientnet / _gen_efficientnet_lite stage definitions.
 B0_BLOCKS = (

@@ -7,7 +7,7 @@ import os
 
 import jax.numpy as jnp
 
-from rcst_jax.checkpoints import Model, load_model
+from rcst_jax.models.checkpoints import Model, load_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -13,11 +13,14 @@ import os
 import pkgutil
 from importlib import resources
 
+from absl import flags
+from ml_collections import config_flags
+
+import rcst_jax.configs as pkg
 from rcst_jax.errors import ConfigError
 
 
 def names() -> list[str]:
-  import rcst_jax.configs as pkg
   return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__))
 
 
@@ -42,8 +45,6 @@ def variants(name: str) -> dict[str, str]:
 
 def parse(spec: str, overrides: list[str]):
   """ml_collections config + `--config.x=y` overrides (absl semantics)."""
-  from absl import flags
-  from ml_collections import config_flags
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
     raise ConfigError(f"unrecognised arguments: {' '.join(bad)} (overrides are --config.x=y)")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rcst_jax import methods
 from rcst_jax.geometry import Geometry
+from rcst_jax.inference import methods
 
 REFERENCES = tuple(m.name for m in methods.ALL_METHODS if m.reference)
 # The method table's order; methods not listed follow in order of first appearance.

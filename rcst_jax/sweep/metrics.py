@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rcst_jax import conformal, methods, transmit
 from rcst_jax.geometry import Geometry
+from rcst_jax.inference import methods, payload
+from rcst_jax.stats import conformal
 
 PER_IMAGE_COLUMNS = ("key", "label", "method", "param", "offloaded", "kept", "bytes",
                      "edge_pred", "p_max", "server_pred", "pred")
@@ -25,7 +26,7 @@ def _edge_arrays(arrays: dict, method: methods.Method):
 
 def point_bytes(offloaded, kept, geometry: Geometry) -> np.ndarray:
   """Payload bytes per image (0 when answered on the edge)."""
-  return np.where(offloaded, transmit.payload_bytes(kept, geometry), 0).astype(np.int64)
+  return np.where(offloaded, payload.payload_bytes(kept, geometry), 0).astype(np.int64)
 
 
 def aggregate(arrays: dict, points, geometry: Geometry, alpha_crc: float | None = None) -> list[dict]:
@@ -41,8 +42,8 @@ def aggregate(arrays: dict, points, geometry: Geometry, alpha_crc: float | None 
     out.append({
         "method": method.name, "param_name": method.param, "param": param,
         "accuracy": float(np.mean(arrays["pred"][j] == labels)),
-        "cost": transmit.patch_ratio(off, kept, geometry.num_patches),
-        "cost_bytes": transmit.byte_ratio(off, point_bytes(off, kept, geometry), geometry),
+        "cost": payload.patch_ratio(off, kept, geometry.num_patches),
+        "cost_bytes": payload.byte_ratio(off, point_bytes(off, kept, geometry), geometry),
         "offload_rate": float(off.mean()),
         "mean_patches": float(kept[off].mean()) if off.any() else 0.0,
         "edge_risk": conformal.acceptance_risk(~off, edge_pred != labels),

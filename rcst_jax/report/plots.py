@@ -15,7 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rcst_jax import methods, tables
+from rcst_jax.inference import methods
+from rcst_jax.report import tables
 
 COLORS = {m.name: m.color for m in methods.ALL_METHODS}
 MARKERS = {m.name: m.marker for m in methods.ALL_METHODS if m.marker}

@@ -29,19 +29,17 @@ shortest decimal (0.05 means 1/20 even as float32).
 from __future__ import annotations
 
 import math
-import warnings
 from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 __all__ = [
-    "sequential_cumsum", "crc_max_errors", "crc_threshold", "crc_lambda_hat", "aps_scores",
+    "sequential_cumsum", "accepts", "crc_max_errors", "crc_threshold", "crc_lambda_hat", "aps_scores",
     "aps_rank", "aps_order_stat", "aps_q_hat",
-    "aps_set", "check_alpha", "validate_calibration_inputs", "Calibration", "CalibrationError",
-    "CalibrationWarning", "calibrate", "acceptance_risk", "aps_coverage", "mean_set_size",
+    "aps_set", "check_alpha", "validate_calibration_inputs", "acceptance_risk", "aps_coverage",
+    "mean_set_size",
 ]
 
 
@@ -120,6 +118,19 @@ def crc_lambda_hat(p_max: jax.Array, wrong: jax.Array, alpha, B=1.0):
   p_max's dtype) with R_n(lambda) <= alpha - (B - alpha)/n; (inf, False) if none.
   """
   return crc_threshold(p_max, wrong, crc_max_errors(jnp.shape(p_max)[0], alpha, B))
+
+
+def accepts(p_max, lambda_hat):
+  """Eq. 15, the one acceptance rule: the edge answers iff p_max >= lambda_hat.
+
+  Both sides are compared as float32, the dtype the edge computes p_max in,
+  so the edge step, the Learn-then-Test grid and every metric decide alike
+  (a float64 lambda of 0.7 would otherwise reject p_max == float32(0.7)).
+  jnp in (under jit too), jnp out; numpy in, numpy out; broadcasts.
+  """
+  if isinstance(p_max, jax.Array) or isinstance(lambda_hat, jax.Array):
+    return jnp.asarray(p_max, jnp.float32) >= jnp.asarray(lambda_hat, jnp.float32)
+  return np.asarray(p_max, np.float32) >= np.asarray(lambda_hat, np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -263,35 +274,3 @@ def validate_calibration_inputs(probs, labels, alpha=None, *, tol: float = 1e-3)
   if alpha is not None:
     check_alpha(alpha, "alpha")
   return p, y
-
-
-from rcst_jax.calibration import (  # noqa: E402  (the artifact lives in its own module)
-    Calibration, CalibrationError, CalibrationWarning, _check_B)
-
-
-def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bool = False,
-              **record) -> Calibration:
-  """Algorithm 1 on edge softmax outputs: validates, then runs CRC and APS.
-
-  If the CRC rule cannot be met (n < B/alpha - 1) the threshold is inf and a
-  CalibrationWarning is issued; strict=True raises. `record`: the metadata
-  fields of `Calibration` (models, data, transform, layer, geometry).
-  """
-  B = _check_B(B)
-  p, y = validate_calibration_inputs(probs, labels)
-  a_crc = float(check_alpha(alpha_crc, "alpha_crc"))
-  a_aps = float(check_alpha(alpha_aps, "alpha_aps"))
-  p = jnp.asarray(p, jnp.float32)
-  y = jnp.asarray(y, jnp.int32)
-  n = int(p.shape[0])
-  lam, valid = crc_threshold(p.max(-1), jnp.argmax(p, -1) != y, crc_max_errors(n, a_crc, B))
-  q = aps_order_stat(aps_scores(p, y), aps_rank(n, a_aps))
-  if not bool(valid):
-    msg = (f"CRC cannot control the risk at alpha_crc={a_crc} with n={n} calibration samples "
-           f"(needs n >= B/alpha - 1 and no wrong sample with p_max == 1); "
-           "lambda_hat = inf, the edge will accept nothing")
-    if strict:
-      raise CalibrationError(msg)
-    warnings.warn(msg, CalibrationWarning, stacklevel=2)
-  return Calibration(lambda_hat=float(lam), q_hat=float(q), alpha_crc=a_crc, alpha_aps=a_aps,
-                     n=n, lambda_valid=bool(valid), B=B, **record)

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 
 from rcst_jax import errors
-from rcst_jax.checkpoints import Model
 from rcst_jax.data import preprocess
+from rcst_jax.data.labels import imagenet_class_names
+from rcst_jax.models.checkpoints import Model
 
 
 def class_names_for(model: Model) -> list[str] | None:
@@ -17,7 +18,6 @@ def class_names_for(model: Model) -> list[str] | None:
   if names:
     return list(names)
   if model.metadata.get("label_set") == "imagenet1k":
-    from rcst_jax.data.labels import imagenet_class_names
     return imagenet_class_names()
   return None
 

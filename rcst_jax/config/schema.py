@@ -11,10 +11,13 @@ Later issues add their keys here: one line each.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Callable, Optional
 
 from rcst_jax.errors import ConfigError
+from rcst_jax.inference.selection import EMPTY_POLICIES
+from rcst_jax.models.loading import DTYPES
 
 Checker = Callable[[Any], Optional[str]]
 
@@ -105,12 +108,10 @@ def devices(v):
 
 
 def _dtypes():
-  from rcst_jax.models.loading import DTYPES
   return tuple(DTYPES)
 
 
 def _empty_policies():
-  from rcst_jax.transmit import EMPTY_POLICIES
   return EMPTY_POLICIES
 
 
@@ -225,7 +226,6 @@ def validate(config) -> None:
   flat = flatten(config)
   unknown = sorted(k for k in flat if k not in SCHEMA)
   if unknown:
-    import difflib
     key = unknown[0]
     close = difflib.get_close_matches(key, SCHEMA, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

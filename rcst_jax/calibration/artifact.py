@@ -9,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from typing import Any, Optional
 
 import numpy as np
 
 from rcst_jax.errors import RcstError
+from rcst_jax.fileio import atomic_write_text
+from rcst_jax.geometry import Geometry
+from rcst_jax.inference.methods import OperatingPoint
+from rcst_jax.models.checkpoints import variables_digest
 
 
 class CalibrationError(RcstError):
@@ -29,11 +34,13 @@ _META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer", "edg
 _FORMAT, _VERSION = "rcst_calibration", 2
 
 
-def _enc(x: float):
-  return "inf" if math.isinf(x) and x > 0 else x
+def encode_float(x: float):
+  """A threshold as JSON: +inf as the string 'inf' (strict JSON has no inf)."""
+  x = float(x)
+  return "inf" if x == math.inf else x
 
 
-def _dec(x, name: str) -> float:
+def decode_float(x, name: str) -> float:
   if x == "inf":
     return math.inf
   if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -115,13 +122,13 @@ class Calibration:
   # silently applied to other weights than it was computed for.
   edge_digest: Optional[str] = None
   server_digest: Optional[str] = None
-  # Learn-then-Test certificate of a (lambda, tau) pair (rcst_jax/certification.py).
+  # Learn-then-Test certificate of a (lambda, tau) pair (calibration/certificate.py).
   certificate: Optional[dict] = None
 
   def __post_init__(self):
     if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
       raise CalibrationError(f"n must be a positive integer, got {self.n!r}")
-    _check_B(self.B)
+    check_B(self.B)
     if not isinstance(self.lambda_valid, (bool, np.bool_)):
       raise CalibrationError(f"lambda_valid must be a bool, got {self.lambda_valid!r}")
     for name in ("alpha_crc", "alpha_aps"):
@@ -139,17 +146,55 @@ class Calibration:
     _check_certificate(self.certificate)
     _check_record(self.geometry, _GEOMETRY_KEYS, "geometry")
 
+  def operating_point(self, tau: float | None = None) -> OperatingPoint:
+    """Where Algorithm 2 runs with this calibration.
+
+    No ``tau``: the certified (lambda, tau) and the q_hat fitted with it (a
+    lambda above 1 accepts nothing, as inf does; an uncertified certificate
+    holds server-only's pair). With ``tau``: the CRC lambda_hat and APS
+    q_hat at that tau, outside any whole-system certificate.
+    """
+    if tau is not None:
+      return OperatingPoint(self.lambda_hat, self.q_hat, float(tau))
+    cert = self.certificate
+    if cert is None:
+      raise CalibrationError("this calibration has no certified (lambda, tau); give a tau")
+    lam = decode_float(cert["lambda_hat"], "certificate.lambda_hat")
+    return OperatingPoint(math.inf if lam > 1 else lam, decode_float(cert["q_hat"], "certificate.q_hat"),
+                          float(cert["tau"]), certified=bool(cert["certified"]))
+
+  def check_models(self, where: str, edge, server=None, allow_other_weights: bool = False):
+    """Refuses models this calibration was not made for: a server whose patch
+    geometry differs, or weights other than those calibrated (unless
+    ``allow_other_weights``, which warns that the guarantee no longer holds)."""
+    geometry = self.patch_geometry()
+    if server is not None and Geometry.of_server(server) != geometry:
+      raise CalibrationError(f"the server's patch geometry {Geometry.of_server(server)} differs "
+                             f"from the calibration's {geometry} ({where})")
+    for name, model, want in (("edge", edge, self.edge_digest),
+                              ("server", server, self.server_digest)):
+      if model is None or want is None or variables_digest(model.variables) == want:
+        continue
+      msg = f"{where} was calibrated for other {name} weights than these"
+      if not allow_other_weights:
+        raise CalibrationError(msg + "; rerun `rcst calibrate` with these models, or pass "
+                               "--allow-other-weights (the CRC guarantee then no longer applies)")
+      warnings.warn(msg + ": the CRC guarantee does not apply to these weights")
+
+  def patch_geometry(self) -> Geometry:
+    """The patch geometry recorded (older artifacts: the default 224 / 16)."""
+    return Geometry.from_dict(self.geometry) if self.geometry else Geometry()
+
   def to_dict(self) -> dict:
     d = {"format": _FORMAT, "version": _VERSION}
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
       if f.name in ("lambda_hat", "q_hat"):
-        v = _enc(float(v))
+        v = encode_float(float(v))
       d[f.name] = v
     return d
 
   def to_json(self, path) -> None:
-    from rcst_jax.fileio import atomic_write_text
     atomic_write_text(str(path), json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
   @classmethod
@@ -170,11 +215,11 @@ class Calibration:
     if missing:
       raise CalibrationError(f"missing field(s) {missing}")
     kw = dict(body)
-    kw["lambda_hat"] = _dec(kw["lambda_hat"], "lambda_hat")
-    kw["q_hat"] = _dec(kw["q_hat"], "q_hat")
+    kw["lambda_hat"] = decode_float(kw["lambda_hat"], "lambda_hat")
+    kw["q_hat"] = decode_float(kw["q_hat"], "q_hat")
     for k in ("alpha_crc", "alpha_aps", "B"):
       if k in kw:
-        kw[k] = _dec(kw[k], k)
+        kw[k] = decode_float(kw[k], k)
     return cls(**kw)
 
   @classmethod
@@ -190,7 +235,7 @@ class Calibration:
       raise CalibrationError(f"{path}: malformed calibration file: {e}") from e
 
 
-def _check_B(B) -> float:
+def check_B(B) -> float:
   """B bounds the 0-1 loss in the CRC rule: finite and >= 1 (B < 1 would understate it)."""
   if isinstance(B, bool) or not isinstance(B, (int, float, np.integer, np.floating)):
     raise CalibrationError(f"B (the loss bound) must be a number >= 1, got {B!r}")

@@ -4,9 +4,9 @@ Each method is declared once: which edge it reads, its offload rule, its
 selection rule and parameter (with the config key of its grid), and how it is
 shown. `decide` turns one edge's outputs into, per image, (offloaded, kept
 patches, fallback prediction) for a whole parameter grid in one vmapped call;
-`combine` is Eq. 27. `pipeline.collaborative_inference`, the sweep engine,
+`combine` is Eq. 27. `collaborative.collaborative_inference`, the sweep engine,
 `rcst explain` and the gallery all go through these two functions, so adding
-a method is one entry here plus its selection function in `transmit`.
+a method is one entry here plus its selection function in `selection`.
 
 An edge "view" is a dict of per-image arrays: ``pred`` [n] (the edge's top-1,
 the answer when nothing is offloaded), ``accept`` [n] bool (the edge's own
@@ -25,9 +25,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax import transmit
+from rcst_jax.inference import selection
 
 EDGE, BASELINE = "edge", "baseline"  # the proposed CNN edge, Im et al.'s DeiT-Tiny edge
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatingPoint:
+  """Where the proposed method runs: the edge answers iff
+  ``accepts(p_max, lambda_hat)``, APS sets use ``q_hat``, and an offloaded
+  image sends its patches scoring >= ``tau``. The calibration artifact hands
+  it out (`Calibration.operating_point`): the certified pair, or the CRC
+  lambda with an explicit tau, for `rcst run`, `rcst explain` and the
+  gallery alike. ``certified``: the whole-system certificate applies."""
+  lambda_hat: float
+  q_hat: float
+  tau: float
+  certified: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,21 +66,21 @@ SERVER_ONLY = Method("server_only", "Server-only", "Server-only", "black", None,
 EDGE_ONLY = Method("edge_only", "Edge-only", "Edge-only", "tab:purple", None, EDGE,
                    offload="none", reference=True)
 PROPOSED = Method("proposed", "Proposed", "Proposed", "tab:red", "o", EDGE, "tau", "tau_grid",
-                  transmit.select_threshold)
+                  selection.select_threshold)
 RANDOM = Method("random", "Random", "Random", "tab:gray", "s", BASELINE, "k", "k_grid",
-                transmit.select_random_k, score_key="rank")
+                selection.select_random_k, score_key="rank")
 TOPK = Method("topk", "Top-K", "Top-K", "tab:blue", "^", BASELINE, "k", "k_grid",
-              transmit.select_topk)
+              selection.select_topk)
 ATTENTION_SUM = Method("attention_sum", "Attention Sum", "Att-Sum", "tab:green", "D", BASELINE,
-                       "delta_sum", "delta_sum_grid", transmit.select_attention_sum,
+                       "delta_sum", "delta_sum_grid", selection.select_attention_sum,
                        may_be_empty=True)
 
-# The Learn-then-Test choice (rcst_jax/certify.py): one (lambda, tau) point,
+# The Learn-then-Test choice (calibration/certificate.py): one (lambda, tau) point,
 # with its own acceptance threshold and the APS q_hat of the fitting split,
 # so it reads an edge view of its own ("certified"). Added to a sweep only
 # when certification is configured.
 CERTIFIED = Method("certified", "Certified (LTT)", "Certified", "tab:orange", "*", "certified",
-                   "tau", None, transmit.select_threshold)
+                   "tau", None, selection.select_threshold)
 
 # Sweep order: the paper's rows, then the references.
 METHODS = (RANDOM, TOPK, ATTENTION_SUM, PROPOSED, SERVER_ONLY, EDGE_ONLY)
@@ -112,7 +126,7 @@ def _decide(view, params, *, method: Method, empty_policy: str):
   else:
     keep = jax.vmap(method.select, in_axes=(None, 0))(view[method.score_key], params)
   if method.may_be_empty:
-    off, keep = jax.vmap(transmit.apply_empty_policy, in_axes=(0, 0, None, None))(
+    off, keep = jax.vmap(selection.apply_empty_policy, in_axes=(0, 0, None, None))(
         off, keep, view["scores"], empty_policy)
   return off, keep & off[..., None]
 
@@ -124,9 +138,9 @@ def decide(method: Method, view: dict, params, empty_policy: str = "cls_only"):
   offloaded images are answered by the server from their kept patches, the
   others by `fallback`, the edge's own prediction (Eq. 16).
   """
-  if empty_policy not in transmit.EMPTY_POLICIES:
+  if empty_policy not in selection.EMPTY_POLICIES:
     raise ValueError(f"unknown empty-selection policy {empty_policy!r}; "
-                     f"choose from {transmit.EMPTY_POLICIES}")
+                     f"choose from {selection.EMPTY_POLICIES}")
   params = jnp.asarray([0.0 if v is None else v for v in np.atleast_1d(params)], jnp.float32)
   off, keep = _decide({k: jnp.asarray(v) for k, v in view.items()}, params,
                       method=method, empty_policy=empty_policy)

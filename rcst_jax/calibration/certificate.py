@@ -5,7 +5,7 @@ at every tau of the grid (with the APS q_hat fitted on the first split only,
 so the second split's losses stay exchangeable with test images): the edge's
 prediction and p_max, the server's prediction on the kept patches and on the
 full image. A lambda grid only changes acceptance, so it costs no server work.
-`certify` turns that into losses, runs Pareto Testing (rcst_jax/certify.py)
+`certify` turns that into losses, runs Pareto Testing (stats/ltt.py)
 and returns the certificate stored in the calibration artifact.
 """
 
@@ -15,7 +15,9 @@ import math
 
 import numpy as np
 
-from rcst_jax import certify
+from rcst_jax.calibration.artifact import decode_float, encode_float
+from rcst_jax.inference import payload
+from rcst_jax.stats import ltt
 
 
 def losses(config, out: dict, lambdas: np.ndarray):
@@ -25,18 +27,25 @@ def losses(config, out: dict, lambdas: np.ndarray):
   xs, eps = {}, {}
   for risk in c.risks:
     if risk == "accuracy_drop":
-      x = certify.accuracy_drop(*args, out["server_only_pred"], out["server_pred"], lambdas)
-      xs[risk], eps[risk] = certify.rescale_accuracy_drop(x, c.epsilon)
+      x = ltt.accuracy_drop(*args, out["server_only_pred"], out["server_pred"], lambdas)
+      xs[risk], eps[risk] = ltt.rescale_accuracy_drop(x, c.epsilon)
     elif risk == "degradation":
-      xs[risk] = certify.degradation(*args, out["server_only_pred"], out["server_pred"], lambdas)
+      xs[risk] = ltt.degradation(*args, out["server_only_pred"], out["server_pred"], lambdas)
       eps[risk] = c.epsilon
     elif risk == "system_error":
-      xs[risk] = certify.system_error(*args, out["server_pred"], lambdas)
+      xs[risk] = ltt.system_error(*args, out["server_pred"], lambdas)
       eps[risk] = c.epsilon
     elif risk == "edge_risk":  # the paper's Eq. 6, kept at its own level alpha_crc
-      xs[risk] = certify.edge_risk(*args, lambdas, len(out["server_pred"]))
+      xs[risk] = ltt.edge_risk(*args, lambdas, len(out["server_pred"]))
       eps[risk] = float(config.alpha_crc)
   return xs, eps
+
+
+def byte_cost(p_max, kept, lambdas, geometry, per_image: bool = False):
+  """Exact payload bytes over raw image bytes of each configuration, the byte
+  cost Table 1 reports (sweep/metrics.py): mean [L, T] (or [L, T, n])."""
+  nbytes = payload.payload_bytes(np.asarray(kept), geometry).astype(np.float64)
+  return ltt.offload_cost(p_max, nbytes / geometry.raw_bytes, lambdas, per_image)
 
 
 def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
@@ -51,13 +60,13 @@ def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
   xs, eps = losses(config, out, lambdas)
   cost_kind = c.get("cost", "patches")
   if cost_kind == "bytes":
-    cost = certify.byte_cost(out["p_max"], out["kept"], lambdas, geometry, per_image=True)
+    cost = byte_cost(out["p_max"], out["kept"], lambdas, geometry, per_image=True)
   else:
-    cost = certify.patch_cost(out["p_max"], out["kept"], lambdas, geometry.num_patches,
+    cost = ltt.patch_cost(out["p_max"], out["kept"], lambdas, geometry.num_patches,
                               per_image=True)
   n = len(out["labels"])
   mt = c.get("multiple_testing", "pareto")
-  res = certify.pareto_testing(xs, cost, eps, c.delta, test=c.test, multiple_testing=mt,
+  res = ltt.pareto_testing(xs, cost, eps, c.delta, test=c.test, multiple_testing=mt,
                                split_indices=(np.arange(n_fit), np.arange(n_fit, n)))
   head = xs[c.risks[0]].mean(-1)  # for the figure: the first risk on its own scale
   if c.risks[0] == "accuracy_drop":
@@ -67,38 +76,18 @@ def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
   cert = {"risks": list(c.risks), "epsilon": float(c.epsilon), "delta": float(c.delta),
           "test": c.test, "n_fit": int(n_fit), "n_test": int(res.n_test),
           "grid_size": int(res.certified.size), "certified_count": int(res.certified.sum()),
-          "q_hat": _enc(q_hat_fit), "split_seed": int(c.seed), "cost": cost_kind,
+          "q_hat": encode_float(q_hat_fit), "split_seed": int(c.seed), "cost": cost_kind,
           "multiple_testing": mt}
   if res.chosen is None:  # nothing certified: server-only (accept nothing, keep every patch)
-    cert.update(certified=False, lambda_hat=_enc(math.inf), tau=0.0, p_value=None,
+    cert.update(certified=False, lambda_hat=encode_float(math.inf), tau=0.0, p_value=None,
                 cost_calibration=1.0)
   else:
     l, t = res.chosen
-    cert.update(certified=True, lambda_hat=_enc(float(lambdas[l])), tau=float(taus[t]),
+    cert.update(certified=True, lambda_hat=encode_float(float(lambdas[l])), tau=float(taus[t]),
                 p_value=float(res.pvalues[l, t]), cost_calibration=float(cost[l, t].mean()))
     grid["chosen"] = (float(cost[l, t].mean()), float(head[l, t]))
   return cert, grid
 
-
-def _enc(x: float):
-  return "inf" if math.isinf(x) else float(x)
-
-
-def decode(x) -> float:
-  return math.inf if x == "inf" else float(x)
-
-
-def certified_calibration(cal):
-  """The calibration to run the certified pair with: its lambda and fitted q_hat.
-
-  A lambda above 1 accepts nothing, as lambda = inf does (p_max <= 1).
-  """
-  import dataclasses
-  cert = cal.certificate
-  lam = decode(cert["lambda_hat"])
-  lam = math.inf if lam > 1 else lam
-  return dataclasses.replace(cal, lambda_hat=lam, lambda_valid=math.isfinite(lam),
-                             q_hat=decode(cert["q_hat"]))
 
 
 _COST_WORD = {"patches": "patch", "bytes": "byte"}
@@ -113,7 +102,7 @@ def describe(cert: dict) -> str:
             f"images); the run falls back to server-only.")
   mt = {"pareto": "Pareto Testing", "bonferroni": "Bonferroni"}[
       cert.get("multiple_testing", "pareto")]
-  return (f"Certified row: (lambda, tau) = ({decode(cert['lambda_hat']):g}, {cert['tau']:g}), "
+  return (f"Certified row: (lambda, tau) = ({decode_float(cert['lambda_hat'], 'lambda_hat'):g}, {cert['tau']:g}), "
           f"chosen before the test set was seen: with probability >= {1 - cert['delta']:g} "
           f"over calibration draws, {risks} <= {cert['epsilon']:g} (Learn-then-Test, {mt}, "
           f"lowest {_COST_WORD[cert.get('cost', 'patches')]} cost, {cert['test']} p-values, "

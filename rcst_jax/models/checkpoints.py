@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import secrets
 import shutil
@@ -22,24 +21,21 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from rcst_jax import fileio
-from rcst_jax.errors import OutputRefusedError, RcstError
-
-METADATA_FILE = "metadata.json"
-VARIABLES_DIR = "variables"
-FORMAT = "rcst_jax.model"  # marks a directory save_model wrote (and may replace)
-REQUIRED_METADATA = ("timm_name", "num_classes", "input_size", "crop_pct",
-                     "interpolation", "mean", "std")
-LABEL_SETS = (None, "imagenet1k")
-
-
-class CheckpointError(RcstError):
-  """A model directory is missing, malformed, or does not fit its model."""
-
-
-class MetadataError(CheckpointError):
-  """A metadata.json value is outside its domain (named in the message)."""
+from rcst_jax.data import normalize
+from rcst_jax.models import create_model, inference_form
+from rcst_jax.models.metadata import (  # re-exported: the model directory's API
+  FORMAT,
+  METADATA_FILE,
+  VARIABLES_DIR,
+  CheckpointError,
+  MetadataError,
+  read_metadata,
+  validate_metadata,
+)
+from rcst_jax.models.state_dict import ConversionError, check_against_template
 
 
 class IntegrityWarning(UserWarning):
@@ -47,7 +43,6 @@ class IntegrityWarning(UserWarning):
 
 
 def _checkpointer():
-  import orbax.checkpoint as ocp
   return ocp.PyTreeCheckpointer()
 
 
@@ -68,7 +63,6 @@ def restore_variables(path: str, template=None):
   except Exception as e:
     raise CheckpointError(f"{path}: cannot read orbax checkpoint ({e})") from e
   if template is not None:
-    from rcst_jax.state_dict import ConversionError, check_against_template
     try:
       check_against_template(restored, _as_dict(template))
     except ConversionError as e:
@@ -125,86 +119,7 @@ def verify_digest(directory: str, variables, metadata: dict) -> None:
 # ---------------------------------------------------------------- metadata
 
 
-def _number(meta, key, where):
-  v = meta[key]
-  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-    raise MetadataError(f"{where}: {key} must be a finite number, got {v!r}")
-  return float(v)
-
-
-def _triple(meta, key, where):
-  v = meta[key]
-  if not isinstance(v, (list, tuple)) or len(v) != 3 or any(
-      isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v):
-    raise MetadataError(f"{where}: {key} must be 3 finite numbers (one per RGB channel),"
-                        f" got {v!r}")
-  return v
-
-
-def validate_metadata(meta: Any, where: str = "metadata") -> dict:
-  """Checks every value a model's behaviour depends on; raises MetadataError naming it.
-
-  No value is defaulted here: a model that loads is one whose preprocessing and
-  labels are exactly what its metadata says.
-  """
-  if not isinstance(meta, dict):
-    raise MetadataError(f"{where}: metadata must be a JSON object, got {type(meta).__name__}")
-  missing = [k for k in REQUIRED_METADATA if k not in meta]
-  if missing:
-    raise MetadataError(f"{where}: metadata lacks {', '.join(missing)}")
-  if meta.get("format", FORMAT) != FORMAT:
-    raise MetadataError(f"{where}: format is {meta['format']!r}, expected {FORMAT!r}")
-  from rcst_jax.models import model_names
-  name = meta["timm_name"]
-  if not isinstance(name, str) or name.split(".")[0] not in model_names():
-    raise MetadataError(f"{where}: unknown timm_name {name!r}; supported: {', '.join(model_names())}")
-  n = meta["num_classes"]
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise MetadataError(f"{where}: num_classes must be a positive integer, got {n!r}")
-  size = meta["input_size"]
-  if (not isinstance(size, (list, tuple)) or len(size) != 3 or size[0] != 3
-      or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in size)
-      or size[1] != size[2]):
-    raise MetadataError(f"{where}: input_size must be [3, S, S] with a positive integer S"
-                        f" (square centre crop), got {size!r}")
-  crop_pct = _number(meta, "crop_pct", where)
-  if not 0 < crop_pct <= 1:
-    raise MetadataError(f"{where}: crop_pct must lie in (0, 1], got {meta['crop_pct']!r}")
-  from rcst_jax.data.preprocess import INTERPOLATIONS
-  if meta["interpolation"] not in INTERPOLATIONS:
-    raise MetadataError(f"{where}: unknown interpolation {meta['interpolation']!r};"
-                        f" one of {', '.join(INTERPOLATIONS)}")
-  _triple(meta, "mean", where)
-  std = _triple(meta, "std", where)
-  if any(x <= 0 for x in std):
-    raise MetadataError(f"{where}: std must be > 0 in every channel, got {std!r}")
-  names = meta.get("class_names")
-  if names is not None:
-    if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
-      raise MetadataError(f"{where}: class_names must be a list of strings")
-    if len(names) != n:
-      raise MetadataError(f"{where}: class_names has {len(names)} entries but num_classes"
-                          f" is {n}")
-  label_set = meta.get("label_set")
-  if label_set not in LABEL_SETS:
-    raise MetadataError(f"{where}: unknown label_set {label_set!r}; one of {LABEL_SETS}")
-  if label_set == "imagenet1k" and n != 1000:
-    raise MetadataError(f"{where}: label_set 'imagenet1k' needs num_classes 1000, got {n}")
-  overrides = meta.get("arch_overrides", {})
-  if not isinstance(overrides, dict):
-    raise MetadataError(f"{where}: arch_overrides must be an object, got {overrides!r}")
-  digest = meta.get("variables_digest")
-  if digest is not None and not (isinstance(digest, str) and digest.startswith("blake2b:")):
-    raise MetadataError(f"{where}: variables_digest must be 'blake2b:<hex>', got {digest!r}")
-  return meta
-
-
 # ---------------------------------------------------------------- output directories
-
-
-def _inside(path: str, root: str) -> bool:
-  """path is root or lies below it (both real paths)."""
-  return os.path.commonpath([path, root]) == root
 
 
 def is_model_dir(directory: str) -> bool:
@@ -220,49 +135,12 @@ def is_model_dir(directory: str) -> bool:
 
 
 def check_output_dir(directory: str, overwrite: bool = False, protect=()) -> str:
-  """Refuses an output directory we may not (re)place; returns its absolute path.
-
-  Runs before any work. Never replaced: the current directory or a parent of
-  it, a directory holding any path in ``protect`` (e.g. the input weights), a
-  symbolic link, a file, and, even with ``overwrite``, a non-empty directory
-  that is not a model directory written by save_model.
-  """
-  directory = os.path.abspath(directory)
-  real = os.path.realpath(directory)
-  if os.path.islink(directory):
-    raise OutputRefusedError(f"refusing to write the model to {directory}: it is a symbolic link")
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise OutputRefusedError(f"refusing to write the model to {directory}: it exists and is"
-                             " not a directory")
-  if _inside(os.path.realpath(os.getcwd()), real):
-    raise OutputRefusedError(f"refusing to write the model to {directory}: it is the current"
-                             " directory or one of its parents")
-  for p in protect:
-    if p is not None and _inside(os.path.realpath(p), real):
-      raise OutputRefusedError(f"refusing to write the model to {directory}: it contains the"
-                               f" input {p}")
-  if os.path.isdir(directory) and os.listdir(directory):
-    if not overwrite:
-      raise OutputRefusedError(f"{directory} exists and is not empty (use --overwrite to"
-                               " replace a model directory)")
-    if not is_model_dir(directory):
-      raise OutputRefusedError(
-          f"refusing to overwrite {directory}: not a model directory written by rcst (needs"
-          f" only {METADATA_FILE} with \"format\": \"{FORMAT}\" and {VARIABLES_DIR}/)")
-  return directory
-
-
-def _umask() -> int:
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("Umask:"):
-          return int(line.split()[1], 8)
-  except OSError:
-    pass
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
+  """Refuses a model directory we may not (re)place (fileio.check_output_dir);
+  only a model directory written by save_model is ever replaced."""
+  return fileio.check_output_dir(
+      directory, overwrite, protect, ours=is_model_dir, what="the model",
+      ours_means=f"a model directory written by rcst (needs only {METADATA_FILE} with "
+      f"\"format\": \"{FORMAT}\" and {VARIABLES_DIR}/)")
 
 
 def save_model(directory: str, variables, metadata: dict, overwrite: bool = False,
@@ -283,7 +161,7 @@ def save_model(directory: str, variables, metadata: dict, overwrite: bool = Fals
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
   old = None
   try:
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 is for the temporary name only
+    os.chmod(tmp, 0o777 & ~fileio.umask())  # mkdtemp's 0700 is for the temporary name only
     save_variables(os.path.join(tmp, VARIABLES_DIR), variables)
     fileio.atomic_write_text(os.path.join(tmp, METADATA_FILE),
                              fileio.dumps(metadata, indent=2, sort_keys=True) + "\n")
@@ -316,21 +194,6 @@ def _jsonable(x):
   return x
 
 
-def read_metadata(directory: str) -> dict:
-  """metadata.json of a model directory, validated (MetadataError names the bad value)."""
-  path = os.path.join(directory, METADATA_FILE)
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"{directory}: no such model directory")
-  if not os.path.isfile(path):
-    raise CheckpointError(f"{directory}: not a model directory (no {METADATA_FILE})")
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{path}: malformed metadata ({e})") from e
-  return validate_metadata(meta, path)
-
-
 @dataclasses.dataclass
 class Model:
   """A loaded model: Flax module, its variables and its metadata.
@@ -352,7 +215,6 @@ class Model:
     return self.metadata.get("class_names")
 
   def normalize(self, images):
-    from rcst_jax.data import normalize
     return normalize(images, self.metadata["mean"], self.metadata["std"])
 
   def __call__(self, images, **kwargs):
@@ -366,7 +228,6 @@ class Model:
     """
     cached = self.__dict__.get("_inference")
     if cached is None or cached[0] is not self.variables or cached[1] is not self.module:
-      from rcst_jax.models import inference_form
       module, variables = inference_form(self.module, self.variables)
       fast = self if module is self.module else Model(module, variables, self.metadata)
       self.__dict__["_inference"] = cached = (self.variables, self.module, fast)
@@ -374,7 +235,6 @@ class Model:
 
 
 def module_from_metadata(meta: dict, **overrides):
-  from rcst_jax.models import create_model
   kwargs = dict(meta.get("arch_overrides", {}))
   kwargs["num_classes"] = int(meta["num_classes"])
   kwargs.update(overrides)

@@ -41,10 +41,11 @@ from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
+from rcst_jax.stats.conformal import accepts
 
 __all__ = [
-    "decisions", "accuracy_drop", "degradation", "system_error", "edge_risk", "patch_cost",
-    "byte_cost",
+    "decisions", "accuracy_drop", "degradation", "system_error", "edge_risk", "offload_cost",
+    "patch_cost",
     "rescale_accuracy_drop", "binomial_pvalue", "hb_pvalue", "wsr_pvalue", "config_pvalues",
     "fixed_sequence", "bonferroni", "pareto_order", "LTTResult", "pareto_testing",
 ]
@@ -58,7 +59,7 @@ def decisions(p_max, edge_pred, server_pred, lambdas):
   """Algorithm 2 on the grid: (accepted [L, n], system prediction [L, T, n])."""
   if np.ndim(server_pred) != 2 or np.shape(server_pred)[1] != np.size(p_max):
     raise ValueError(f"server_pred must be [T, n], got {np.shape(server_pred)}")
-  accepted = np.asarray(p_max)[None, :] >= np.asarray(lambdas)[:, None]
+  accepted = accepts(np.asarray(p_max)[None, :], np.asarray(lambdas)[:, None])
   pred = np.where(accepted[:, None, :], np.asarray(edge_pred)[None, None, :],
                   np.asarray(server_pred)[None, :, :])
   return accepted, pred
@@ -84,26 +85,22 @@ def degradation(labels, edge_pred, p_max, server_only_pred, server_pred, lambdas
 
 def edge_risk(labels, edge_pred, p_max, lambdas, num_taus: int):
   """1{accepted and edge wrong} (the CRC loss), broadcast over tau: [L, T, n]."""
-  accepted = np.asarray(p_max)[None, :] >= np.asarray(lambdas)[:, None]
+  accepted = accepts(np.asarray(p_max)[None, :], np.asarray(lambdas)[:, None])
   loss = (accepted & (np.asarray(edge_pred) != np.asarray(labels))).astype(np.float64)
   return np.broadcast_to(loss[:, None, :], (loss.shape[0], num_taus, loss.shape[1]))
 
 
+def offload_cost(p_max, cost, lambdas, per_image: bool = False):
+  """What the grid pays: an image costs ``cost`` [T, n] (at each tau) when it is
+  offloaded (not accepted at lambda), else 0: mean [L, T] (or [L, T, n])."""
+  offload = ~accepts(np.asarray(p_max)[None, :], np.asarray(lambdas)[:, None])
+  total = offload[:, None, :] * np.asarray(cost, np.float64)[None, :, :]
+  return total if per_image else total.mean(-1)
+
+
 def patch_cost(p_max, kept, lambdas, num_patches: int, per_image: bool = False):
   """Transmitted fraction of patches, (not accepted) * kept / N: mean [L, T] (or [L, T, n])."""
-  offload = np.asarray(p_max)[None, :] < np.asarray(lambdas)[:, None]
-  cost = offload[:, None, :] * np.asarray(kept, np.float64)[None, :, :] / num_patches
-  return cost if per_image else cost.mean(-1)
-
-
-def byte_cost(p_max, kept, lambdas, geometry, per_image: bool = False):
-  """Exact payload bytes over raw image bytes, (not accepted) * payload_bytes(kept) / raw:
-  mean [L, T] (or [L, T, n]); the byte cost of rcst_jax/metrics.py per configuration."""
-  from rcst_jax import transmit
-  offload = np.asarray(p_max)[None, :] < np.asarray(lambdas)[:, None]
-  nbytes = transmit.payload_bytes(np.asarray(kept), geometry).astype(np.float64)
-  cost = offload[:, None, :] * nbytes[None, :, :] / geometry.raw_bytes
-  return cost if per_image else cost.mean(-1)
+  return offload_cost(p_max, np.asarray(kept, np.float64) / num_patches, lambdas, per_image)
 
 
 def rescale_accuracy_drop(losses, eps):

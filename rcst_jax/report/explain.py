@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax import methods, pipeline, saliency, transmit
 from rcst_jax.geometry import Geometry
+from rcst_jax.inference import edge as edge_lib
+from rcst_jax.inference import methods, payload, saliency
+from rcst_jax.inference.methods import OperatingPoint
 
 
 @dataclasses.dataclass
@@ -28,8 +31,8 @@ class Explanation:
 
 
 def explain_batch(e: dict, tau: float, geometry: Geometry) -> list[Explanation]:
-  """One Explanation per image of an edge-step batch `e` (numpy)."""
-  off, keep, _ = methods.decide(methods.PROPOSED, pipeline.edge_view(e), [tau])
+  """One Explanation per image of an edge-step batch `e` (numpy), sending at tau."""
+  off, keep, _ = methods.decide(methods.PROPOSED, edge_lib.edge_view(e), [tau])
   off, keep = off[0], keep[0]
   # An accepted image sends nothing; show what its selection would have been.
   would = np.asarray(methods.PROPOSED.select(jnp.asarray(e["patch_scores"]), tau))
@@ -44,29 +47,35 @@ def explain_batch(e: dict, tau: float, geometry: Geometry) -> list[Explanation]:
     out.append(Explanation(cams[i], keep[i] if off[i] else would[i],
                            [(int(c), float(probs[c])) for c in members], not bool(off[i]),
                            float(e["p_max"][i]), int(e["pred"][i]),
-                           int(transmit.payload_bytes(k, geometry)) if off[i] else 0))
+                           int(payload.payload_bytes(k, geometry)) if off[i] else 0))
   return out
 
 
-def explain_image(edge, image, calibration, tau: float, geometry: Geometry) -> Explanation:
-  """`rcst explain`: the edge step on one uint8 image with the calibration's layer."""
-  import jax
-  e = jax.device_get(pipeline.edge_step(edge, np.asarray(image)[None], calibration.lambda_hat,
-                                        calibration.q_hat,
-                                        layer=calibration.gradcam_layer or "features",
-                                        grid=geometry.grid))
-  return explain_batch(e, tau, geometry)[0]
+def explain_images(edge, images, point: OperatingPoint, layer: str,
+                   geometry: Geometry) -> list[Explanation]:
+  """The edge step on uint8 images at an operating point, explained."""
+  e = jax.device_get(edge_lib.edge_step(edge, np.asarray(images), point.lambda_hat, point.q_hat,
+                                        layer=layer, grid=geometry.grid))
+  return explain_batch(e, point.tau, geometry)
+
+
+def explain_image(edge, image, point: OperatingPoint, layer: str,
+                  geometry: Geometry) -> Explanation:
+  """`rcst explain`: one uint8 image."""
+  return explain_images(edge, np.asarray(image)[None], point, layer, geometry)[0]
 
 
 def namer(names: Sequence[str] | None) -> Callable[[int], str]:
   return (lambda c: names[c]) if names else str
 
 
-def decision_text(x: Explanation, lambda_hat: float, tau: float, geometry: Geometry) -> str:
+def decision_text(x: Explanation, point: OperatingPoint, geometry: Geometry) -> str:
+  where = "certified pair" if point.certified else "CRC lambda"
   if x.accepted:
-    return f"accepted on edge: p_max {x.p_max:.3f} >= lambda_hat {lambda_hat:.3f}"
-  return (f"offloaded: p_max {x.p_max:.3f} < lambda_hat {lambda_hat:.3f}; "
-          f"{int(x.keep.sum())}/{geometry.num_patches} patches at tau={tau:g}, {x.nbytes} bytes")
+    return f"accepted on edge: p_max {x.p_max:.3f} >= lambda {point.lambda_hat:.3f} ({where})"
+  return (f"offloaded: p_max {x.p_max:.3f} < lambda {point.lambda_hat:.3f} ({where}); "
+          f"{int(x.keep.sum())}/{geometry.num_patches} patches at tau={point.tau:g}, "
+          f"{x.nbytes} bytes")
 
 
 def gallery_title(x: Explanation, name: Callable[[int], str], label: int, top: int = 3) -> str:

@@ -1,14 +1,8 @@
-"""Algorithm 2: the edge step, the token-subset server, and the two together.
+"""The token-subset server of Algorithm 2: DeiT on the kept patches alone.
 
-edge_step:  uint8 images -> edge softmax, CRC acceptance (Eq. 15), APS set,
-            APS-guided Grad-CAM and P x P patch scores (one jitted function,
-            one forward and one backward pass per batch).
-Server:     (patches, idx, valid) -> DeiT on those tokens alone, batched by
-            kept-token bucket so jit compiles a few shapes only. The sweep
-            engine gathers the patches on the device; `rcst run` feeds the
-            patches it decoded from the payloads the edge encoded.
-collaborative_inference: both, with the decision of `methods.decide` and the
-            combination of `methods.combine`, i.e. the same code as the sweep.
+(patches, idx, valid) -> logits, batched by kept-token bucket so jit compiles
+a few shapes only. The sweep gathers the patches on the device from whole
+images; `rcst run` feeds the patches it decoded from the edge's payloads.
 """
 
 from __future__ import annotations
@@ -19,61 +13,12 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax import conformal, methods, patches, saliency, spmd, transmit
-from rcst_jax.checkpoints import Model
-from rcst_jax.data import normalize
 from rcst_jax.geometry import Geometry
-
-
-@functools.partial(jax.jit, static_argnames=("module", "mean", "std", "layer", "grid",
-                                             "sharding"))
-def _edge_step(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid,
-               sharding=None):
-  # Per device: the micro-batched trunk would otherwise run the whole batch on
-  # every device (see rcst_jax.spmd).
-  return spmd.per_device(functools.partial(_edge_rows, module=module, mean=mean, std=std,
-                                           layer=layer, grid=grid), sharding)(
-      variables, images, lambda_hat, q_hat)
-
-
-def _edge_rows(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid):
-  x = normalize(images, mean, std)
-  res = saliency.aps_grad_cam(module, variables, x,
-                              lambda probs: conformal.aps_set(probs, q_hat)[0],
-                              layer=layer, grid=grid)
-  probs = res["probs"]
-  p_max = probs.max(-1)
-  res.update(p_max=p_max, pred=jnp.argmax(probs, -1).astype(jnp.int32),
-             accept=p_max >= lambda_hat, aps_size=res["aps_mask"].sum(-1).astype(jnp.int32))
-  del res["logits"]
-  return res
-
-
-def edge_step(edge: Model, images, lambda_hat, q_hat, *, layer: str = "features",
-              grid: int = 14, sharding=None) -> dict:
-  """The complete edge computation for a batch of uint8 images [B, H, W, 3].
-
-  Returns probs [B,C], p_max, pred, accept (p_max >= lambda_hat, Eq. 15),
-  aps_mask [B,C] (Eqs. 17-18), aps_size, cam [B,h,w] (Eq. 22 before Up) and
-  patch_scores [B, grid*grid] (Eq. 23). ``sharding``: the NamedSharding that
-  splits ``images`` along the batch (multi-device): each device then runs its
-  own rows (:func:`rcst_jax.spmd.per_device`); the results are the same.
-  """
-  edge = edge.inference()  # e.g. BatchNorm folded; computed once per Model
-  return _edge_step(edge.variables, images, jnp.float32(lambda_hat), jnp.float32(q_hat),
-                    module=edge.module, mean=tuple(edge.metadata["mean"]),
-                    std=tuple(edge.metadata["std"]), layer=layer, grid=grid, sharding=sharding)
-
-
-def edge_view(e: dict) -> dict:
-  """The proposed edge's outputs as `methods.decide` reads them."""
-  return {"pred": e["pred"], "accept": e["accept"], "scores": e["patch_scores"]}
-
-
-# ---------------------------------------------------------------- server
+from rcst_jax.inference import patches, payload
+from rcst_jax.inference.edge import pad_rows
+from rcst_jax.models.checkpoints import Model
 
 
 def _server_tokens(variables, sent, idx, valid, module):
@@ -90,11 +35,6 @@ def _server_from_images(variables, images, idx, valid, *, module, patch):
   # Gathering on the device: only the kept patches enter the server.
   return _server_tokens(variables, patches.gather_patches(images, idx, patch), idx, valid,
                         module)
-
-
-def _pad_rows(a, rows: int):
-  a = np.asarray(a)
-  return np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
 
 
 def batch_rows(n: int, cap: int, multiple: int = 1, slack: float = 0.125,
@@ -221,7 +161,7 @@ class Server:
         t0 = time.perf_counter()
         n = min(size, len(rows) - start)
         sel, part = rows[start:start + n], slice(start, start + n)
-        args = [_pad_rows(a, size) for a in
+        args = [pad_rows(a, size) for a in
                 (inputs(rows_to_input[sel], idx[part]), idx[part], valid[part])]
         if self.sharding is not None:
           args = [jax.device_put(a, self.sharding) for a in args]
@@ -243,10 +183,10 @@ class Server:
   def logits_from_payloads(self, payloads: Sequence[bytes]) -> np.ndarray:
     """The server side of `rcst run`: decode each payload, classify its tokens."""
     geo = self.geometry
-    decoded = [transmit.decode_payload(p) for p in payloads]
+    decoded = [payload.decode_payload(p) for p in payloads]
     for _, _, grid in decoded:
       if grid != geo.grid:
-        raise transmit.PayloadError(f"payload grid {grid} does not match the server's "
+        raise payload.PayloadError(f"payload grid {grid} does not match the server's "
                                     f"{geo.grid}x{geo.grid}")
     keep = np.zeros((len(decoded), geo.num_patches), bool)
     for row, (_, idx, _) in zip(keep, decoded):
@@ -260,61 +200,3 @@ class Server:
         out[j, :len(got)] = got
       return out
     return self._run(_server_from_patches, keep, np.arange(len(decoded)), inputs)
-
-
-# ---------------------------------------------------------------- Algorithm 2
-
-
-def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, grid: int,
-                      batch_size: int, sharding=None) -> dict:
-  """`edge_step` over images in memory, `batch_size` at a time (the last batch
-  padded, so one shape compiles), as numpy arrays."""
-  parts = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    x = chunk if len(chunk) == batch_size else _pad_rows(chunk, batch_size)
-    if sharding is not None:
-      x = jax.device_put(x, sharding)
-    e = jax.device_get(edge_step(edge, x, lambda_hat, q_hat, layer=layer, grid=grid,
-                                 sharding=sharding))
-    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in e.items()})
-  if not parts:
-    raise ValueError("no images given")
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def collaborative_inference(images, edge: Model, server: Model,
-                            calibration: conformal.Calibration, tau: float, *,
-                            batch_size: int = 16, server_batch: int = 16,
-                            buckets: Sequence[int] = patches.BUCKETS) -> dict:
-  """Algorithm 2 on uint8 images [B, H, W, 3], `batch_size` images per edge call.
-
-  The edge decides with `methods.decide` (the sweep's rule), encodes each
-  offloaded image's payload, and the server classifies what it decodes.
-  The Grad-CAM layer is the one the calibration recorded. Returns final
-  predictions, acceptance, kept-patch masks (all False for accepted images)
-  and the bytes of the payloads actually encoded.
-  """
-  images = np.asarray(images, np.uint8)
-  geo = Geometry.of_server(server)
-  if images.ndim != 4 or images.shape[1:] != (geo.image_size, geo.image_size, geo.channels):
-    raise ValueError(f"images must be uint8 [B, {geo.image_size}, {geo.image_size}, "
-                     f"{geo.channels}] (the server's geometry), got {images.shape}")
-  layer = calibration.gradcam_layer or "features"
-  e = edge_step_batched(edge, images, calibration.lambda_hat, calibration.q_hat, layer=layer,
-                        grid=geo.grid, batch_size=batch_size)
-  off, keep, fallback = methods.decide(methods.PROPOSED, edge_view(e), [tau])
-  off, keep = off[0], keep[0]
-  # Edge side: one payload per offloaded image; server side: decode and classify.
-  payloads = {i: transmit.encode_image_payload(images[i], keep[i], geo)
-              for i in np.flatnonzero(off)}
-  server_pred = np.full(len(images), -1, np.int32)
-  if payloads:
-    logits = Server(server, server_batch, buckets).logits_from_payloads(list(payloads.values()))
-    server_pred[list(payloads)] = logits.argmax(-1)
-  nbytes = np.zeros(len(images), np.int64)
-  nbytes[list(payloads)] = [len(p) for p in payloads.values()]
-  return {"pred": methods.combine(off, server_pred, fallback), "accepted": ~off,
-          "offloaded": off, "edge_pred": fallback, "server_pred": server_pred, "keep": keep,
-          "kept": keep.sum(-1), "bytes": nbytes, "p_max": e["p_max"], "probs": e["probs"],
-          "aps_mask": e["aps_mask"], "patch_scores": e["patch_scores"], "cam": e["cam"]}

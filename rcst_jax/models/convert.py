@@ -11,9 +11,8 @@ import os
 import jax
 import numpy as np
 
-from rcst_jax import checkpoints
-from rcst_jax.models import create_model, default_cfg, family_of, model_names
-from rcst_jax.state_dict import ConversionError, StateDictReader, load_state_dict
+from rcst_jax.models import checkpoints, create_model, default_cfg, family_of, model_names
+from rcst_jax.models.state_dict import ConversionError, StateDictReader, load_state_dict
 
 
 def split_name(name: str) -> tuple[str, str | None]:

@@ -1,0 +1,81 @@
+"""Algorithm 1: the CRC edge threshold and the APS quantile, as a calibration artifact.
+
+`calibrate` runs the rules of `stats.conformal` on edge softmax outputs;
+`algorithm1` runs the edge over a run's calibration images first and records
+what the run used (models, transform, Grad-CAM layer, geometry). `rcst
+calibrate` calls it with the edge and only the server's metadata; the sweep
+engine with its sharded batches. Both write the same artifact.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationWarning, check_B
+from rcst_jax.data import batches
+from rcst_jax.data.sources import Sources, transform_record
+from rcst_jax.geometry import Geometry
+from rcst_jax.inference.edge import softmax_fn
+from rcst_jax.models.checkpoints import Model, variables_digest
+from rcst_jax.stats.conformal import (
+  aps_order_stat,
+  aps_rank,
+  aps_scores,
+  check_alpha,
+  crc_max_errors,
+  crc_threshold,
+  validate_calibration_inputs,
+)
+
+
+def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bool = False,
+              **record) -> Calibration:
+  """Algorithm 1 on edge softmax outputs: validates, then runs CRC and APS.
+
+  If the CRC rule cannot be met (n < B/alpha - 1) the threshold is inf and a
+  CalibrationWarning is issued; strict=True raises. `record`: the metadata
+  fields of `Calibration` (models, data, transform, layer, geometry).
+  """
+  B = check_B(B)
+  p, y = validate_calibration_inputs(probs, labels)
+  a_crc = float(check_alpha(alpha_crc, "alpha_crc"))
+  a_aps = float(check_alpha(alpha_aps, "alpha_aps"))
+  p = jnp.asarray(p, jnp.float32)
+  y = jnp.asarray(y, jnp.int32)
+  n = int(p.shape[0])
+  lam, valid = crc_threshold(p.max(-1), jnp.argmax(p, -1) != y, crc_max_errors(n, a_crc, B))
+  q = aps_order_stat(aps_scores(p, y), aps_rank(n, a_aps))
+  if not bool(valid):
+    msg = (f"CRC cannot control the risk at alpha_crc={a_crc} with n={n} calibration samples "
+           f"(needs n >= B/alpha - 1 and no wrong sample with p_max == 1); "
+           "lambda_hat = inf, the edge will accept nothing")
+    if strict:
+      raise CalibrationError(msg)
+    warnings.warn(msg, CalibrationWarning, stacklevel=2)
+  return Calibration(lambda_hat=float(lam), q_hat=float(q), alpha_crc=a_crc, alpha_aps=a_aps,
+                     n=n, lambda_valid=bool(valid), B=B, **record)
+
+
+def algorithm1(config, edge: Model, sources: Sources, transform, *, server_metadata: dict,
+               geometry: Geometry, server_digest: str | None, sharding=None, skipped=None,
+               progress: bool = True) -> Calibration:
+  probs, labels = [], []
+  fn = softmax_fn(edge, sharding)
+  for b in batches(sources.cal_source, sources.cal_indices, int(config.batch_size),
+                   skipped=skipped, progress=progress, desc="calibration"):
+    images = b.images if sharding is None else jax.device_put(b.images, sharding)
+    probs.append(np.asarray(fn(images))[b.valid])
+    labels.append(b.labels[b.valid])
+  if not probs or not sum(len(p) for p in probs):
+    raise ValueError("no usable calibration image (all were skipped as bad items)")
+  return calibrate(
+      np.concatenate(probs), np.concatenate(labels), config.alpha_crc, config.alpha_aps,
+      edge_model=edge.metadata.get("timm_name"), server_model=server_metadata.get("timm_name"),
+      dataset=sources.name, split=f"calibration:{len(sources.cal_indices)}",
+      gradcam_layer=config.gradcam_layer, edge_digest=variables_digest(edge.variables),
+      server_digest=server_digest,
+      transform=transform_record(transform) if transform else None, geometry=geometry.to_dict())

@@ -1,0 +1,105 @@
+"""The edge step of Algorithm 2: one jitted forward + backward per batch.
+
+uint8 images -> edge softmax, CRC acceptance (Eq. 15), APS set (Eqs. 17-18),
+APS-guided Grad-CAM and P x P patch scores (Eqs. 19-23). `softmax_fn` is the
+edge's forward alone (Algorithm 1's calibration pass, the baseline edge).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcst_jax import spmd
+from rcst_jax.data import normalize
+from rcst_jax.inference import saliency
+from rcst_jax.models.checkpoints import Model
+from rcst_jax.stats import conformal
+
+
+@functools.partial(jax.jit, static_argnames=("module", "mean", "std", "layer", "grid",
+                                             "sharding"))
+def _edge_step(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid,
+               sharding=None):
+  # Per device: the micro-batched trunk would otherwise run the whole batch on
+  # every device (see rcst_jax.spmd).
+  return spmd.per_device(functools.partial(_edge_rows, module=module, mean=mean, std=std,
+                                           layer=layer, grid=grid), sharding)(
+      variables, images, lambda_hat, q_hat)
+
+
+def _edge_rows(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid):
+  x = normalize(images, mean, std)
+  res = saliency.aps_grad_cam(module, variables, x,
+                              lambda probs: conformal.aps_set(probs, q_hat)[0],
+                              layer=layer, grid=grid)
+  probs = res["probs"]
+  p_max = probs.max(-1)
+  res.update(p_max=p_max, pred=jnp.argmax(probs, -1).astype(jnp.int32),
+             accept=conformal.accepts(p_max, lambda_hat), aps_size=res["aps_mask"].sum(-1).astype(jnp.int32))
+  del res["logits"]
+  return res
+
+
+def edge_step(edge: Model, images, lambda_hat, q_hat, *, layer: str = "features",
+              grid: int = 14, sharding=None) -> dict:
+  """The complete edge computation for a batch of uint8 images [B, H, W, 3].
+
+  Returns probs [B,C], p_max, pred, accept (p_max >= lambda_hat, Eq. 15),
+  aps_mask [B,C] (Eqs. 17-18), aps_size, cam [B,h,w] (Eq. 22 before Up) and
+  patch_scores [B, grid*grid] (Eq. 23). ``sharding``: the NamedSharding that
+  splits ``images`` along the batch (multi-device): each device then runs its
+  own rows (:func:`rcst_jax.spmd.per_device`); the results are the same.
+  """
+  edge = edge.inference()  # e.g. BatchNorm folded; computed once per Model
+  return _edge_step(edge.variables, images, jnp.float32(lambda_hat), jnp.float32(q_hat),
+                    module=edge.module, mean=tuple(edge.metadata["mean"]),
+                    std=tuple(edge.metadata["std"]), layer=layer, grid=grid, sharding=sharding)
+
+
+def softmax_fn(model: Model, sharding=None, with_attn: bool = False):
+  """Jitted softmax of the model's inference form (the form edge_step runs),
+  with the CLS attention (the baseline edge's patch scores) if ``with_attn``.
+  ``sharding`` splits the batch: each device runs its own rows (rcst_jax.spmd)."""
+  model = model.inference()
+  mean, std = tuple(model.metadata["mean"]), tuple(model.metadata["std"])
+  module = model.module
+
+  def rows(variables, images):
+    logits, out = module.apply(variables, normalize(images, mean, std))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
+    return (probs, out["cls_attn"].astype(jnp.float32)) if with_attn else probs
+  fn = jax.jit(spmd.per_device(rows, sharding))
+  return lambda images: fn(model.variables, images)
+
+
+def edge_view(e: dict) -> dict:
+  """The proposed edge's outputs as `methods.decide` reads them."""
+  return {"pred": e["pred"], "accept": e["accept"], "scores": e["patch_scores"]}
+
+
+def pad_rows(a, rows: int) -> np.ndarray:
+  """``a`` padded with zero rows to ``rows`` (one compiled shape per batch size)."""
+  a = np.asarray(a)
+  return np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
+
+
+def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, grid: int,
+                      batch_size: int, sharding=None) -> dict:
+  """`edge_step` over images in memory, `batch_size` at a time (the last batch
+  padded, so one shape compiles), as numpy arrays."""
+  parts = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    x = chunk if len(chunk) == batch_size else pad_rows(chunk, batch_size)
+    if sharding is not None:
+      x = jax.device_put(x, sharding)
+    e = jax.device_get(edge_step(edge, x, lambda_hat, q_hat, layer=layer, grid=grid,
+                                 sharding=sharding))
+    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in e.items()})
+  if not parts:
+    raise ValueError("no images given")
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

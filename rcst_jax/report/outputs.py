@@ -1,0 +1,106 @@
+"""Everything a sweep writes: results, Tables 1-2, Figures 1-2, gallery, per-image CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import jax
+import numpy as np
+
+from rcst_jax import __version__
+from rcst_jax.calibration.certificate import describe
+from rcst_jax.fileio import atomic_write_text, write_json
+from rcst_jax.models.predict import class_names_for
+from rcst_jax.report import explain, plots, tables
+from rcst_jax.sweep import metrics
+
+
+def gallery(batch_iter, edge, point, layer: str, geometry, count: int, class_names):
+  """The first `count` offloaded images of ``batch_iter`` at an operating point:
+  images, maps, kept patches, titles (None if no image was offloaded)."""
+  picked = []
+  for b in batch_iter:
+    for i, x in enumerate(explain.explain_images(edge, b.images, point, layer, geometry)):
+      if b.valid[i] and not x.accepted:
+        picked.append((b.images[i], x, int(b.labels[i])))
+    if len(picked) >= count:
+      break
+  if not picked:
+    return None
+  picked = picked[:count]
+  name = explain.namer(class_names)
+  return (np.stack([p[0] for p in picked]), np.stack([p[1].cam for p in picked]),
+          np.stack([p[1].keep for p in picked]),
+          [explain.gallery_title(x, name, label) for _, x, label in picked])
+
+
+def gallery_point(cal, ops: dict):
+  """What the gallery shows: the certified pair, else the CRC lambda at the
+  proposed method's chosen tau (within 1 pp of server-only, else its best)."""
+  if cal.certificate is not None and cal.certificate["certified"]:
+    return cal.operating_point()
+  prop = ops.get("proposed") or {}
+  chosen = prop.get("within_gap") or prop.get("best")
+  return None if chosen is None else cal.operating_point(chosen["param"])
+
+
+def write_per_image(path: str, arrays: dict, points, geometry) -> str:
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(metrics.PER_IMAGE_COLUMNS)
+  w.writerows(metrics.per_image_rows(arrays, points, geometry))
+  return atomic_write_text(path, buf.getvalue())
+
+
+def _tables(out: str, points, cert) -> dict:
+  paths = {}
+  paths["results_json"], paths["results_csv"] = map(str, tables.write_results(points, out))
+  note = "" if cert is None else "\n" + describe(cert) + "\n"
+  for name, text in (("table1.md", tables.table1_markdown(points) + note),
+                     ("table1_bytes.md", tables.table1_markdown(points, cost_key="cost_bytes")),
+                     ("table2.md", tables.table2_markdown(points))):
+    paths[name] = atomic_write_text(os.path.join(out, name), text + "\n")
+  return paths
+
+
+def _figures(out: str, points, ops, grid, cert) -> dict:
+  paths = {"figure1": str(plots.figure1(points, os.path.join(out, "figure1.png"))),
+           "figure2": str(plots.figure2(ops, os.path.join(out, "figure2.png")))}
+  if grid is not None:
+    paths["certification"] = str(plots.certification_figure(
+        grid["cost"], grid["risk"], grid["certified"], os.path.join(out, "certification.png"),
+        chosen=tuple(grid["chosen"]) if "chosen" in grid else None, epsilon=cert["epsilon"],
+        risk_label=f"calibration {cert['risks'][0].replace('_', ' ')}"))
+  return paths
+
+
+def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = False) -> dict:
+  """results.json/csv, Tables 1-2 (Markdown), Figures 1-2, gallery, calibration, summary."""
+  out, points, cal = ev.out_dir, result["points"], result["calibration"]
+  ops = tables.operating_points(points)
+  paths = {**_tables(out, points, cal.certificate),
+           **_figures(out, points, ops, result.get("certification_grid"), cal.certificate)}
+  if per_image:
+    paths["per_image"] = write_per_image(os.path.join(out, "per_image.csv"), result["arrays"],
+                                         ev.all_points(), ev.geometry)
+  point = gallery_point(cal, ops)
+  if gallery_size and point is not None:
+    batch_iter = ev.passes.batches(ev.sources.test_source,
+                                   ev.sources.test_indices[:32 * gallery_size], "gallery",
+                                   progress=ev.progress)
+    g = gallery(batch_iter, ev.models.edge, point, ev.config.gradcam_layer, ev.geometry,
+                gallery_size, class_names_for(ev.models.edge))
+    if g is not None:
+      paths["gallery"] = str(plots.saliency_gallery(*g, os.path.join(out, "gallery.png"),
+                                                    grid=ev.geometry.grid))
+  paths["calibration"] = os.path.join(out, "calibration.json")
+  cal.to_json(paths["calibration"])
+  summary = {k: v for k, v in result.items()
+             if k not in ("points", "calibration", "arrays", "certification_grid")}
+  summary.update(certificate=cal.certificate, rcst_jax_version=__version__,
+                 devices=int(ev.mesh.devices.size), backend=jax.default_backend(),
+                 dtype=ev.config.dtype, operating_points=ops, outputs=paths)
+  paths["summary"] = write_json(os.path.join(out, "summary.json"), summary)
+  return paths

@@ -1,0 +1,237 @@
+"""The sweep: Algorithm 1 once, then Algorithm 2 at every operating point.
+
+Flow (one way): calibration set -> edge softmax -> Algorithm 1 (lambda_hat,
+q_hat), plus the whole-system certificate when configured (`outcomes`).
+Test set, chunk by chunk: the edges once per image, every method's whole
+grid decided at once, the server once per distinct (image, kept set)
+(`passes`), Eq. 27; each finished chunk written atomically (`cache`), so a
+restarted run skips finished chunks and recomputes a corrupt one. The
+Certified row is cached per certified point, so a new certificate reruns
+only that row, on that point.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from rcst_jax import spmd
+from rcst_jax.calibration import algorithm1
+from rcst_jax.calibration.artifact import Calibration
+from rcst_jax.data.sources import Sources
+from rcst_jax.errors import ConfigError
+from rcst_jax.geometry import Geometry
+from rcst_jax.inference import methods
+from rcst_jax.models.checkpoints import variables_digest
+from rcst_jax.models.loading import Models
+from rcst_jax.sweep import cache, metrics, outcomes
+from rcst_jax.sweep.passes import Passes, point_arrays
+
+
+def check_against_geometry(config, geometry: Geometry) -> None:
+  """The config checks that need the server's patch count (config.schema does the rest)."""
+  n = geometry.num_patches
+  if max(config.buckets) < n:
+    raise ConfigError(f"config.buckets = {tuple(config.buckets)}: the largest bucket must "
+                      f"hold all {n} patches of the server's grid")
+  bad = [k for k in config.k_grid if k > n]
+  if bad:
+    raise ConfigError(f"config.k_grid = {tuple(config.k_grid)}: {bad} exceed the {n} "
+                      "patches of the server's grid")
+
+
+@dataclasses.dataclass
+class Evaluation:
+  config: object
+  models: Models
+  sources: Sources
+  out_dir: str
+  transform: object = None   # data.Preprocess the run used (recorded in the calibration)
+  progress: bool = True
+
+  def __post_init__(self):
+    self.mesh = spmd.make_mesh(self.config.get("devices", "all"))
+    ndev = self.mesh.devices.size
+    for key in ("batch_size", "server_batch"):
+      if int(self.config[key]) % ndev:
+        raise ValueError(f"{key} {self.config[key]} must be a multiple of the {ndev} devices")
+    self.geometry = Geometry.of_server(self.models.server)
+    check_against_geometry(self.config, self.geometry)
+    self.points = methods.operating_points(self.config)
+    self.fp = cache.fingerprint(self.config, self.models, self.sources)
+    self.store = cache.ChunkStore(self.out_dir, self.fp)
+    self.passes = Passes(self.config, self.models, self.mesh, self.geometry)
+    self.skipped = collections.Counter()
+    self.certificate = self.certification_grid = self.certified_point = None
+    self.timings = collections.defaultdict(float)
+
+  # -- calibration (Algorithm 1), then the certificate
+
+  def calibrate(self) -> Calibration:
+    """Algorithm 1 (cached with the chunks), plus the whole-system certificate
+    when config.certify.enabled: recomputed from the cached calibration
+    outcomes on every call, so a new epsilon, delta, risk or test runs no model."""
+    t0 = time.perf_counter()
+    cal = self.store.load_calibration()
+    if cal is None:
+      cal = algorithm1.algorithm1(
+          self.config, self.passes.edge, self.sources, self.transform,
+          server_metadata=self.models.server.metadata, geometry=self.geometry,
+          server_digest=variables_digest(self.models.server.variables),
+          sharding=self.passes.sharding, skipped=self.skipped, progress=self.progress)
+      if jax.process_index() == 0:  # one writer for shared files
+        cal.to_json(self.store.calibration_path)
+    t1 = time.perf_counter()
+    self.timings["calibration_s"] += t1 - t0
+    if self.config.get("certify") and self.config.certify.enabled:
+      cert, self.certification_grid = outcomes.certify(self, cal)
+      cal = dataclasses.replace(cal, certificate=cert)
+      self.timings["certification_s"] += time.perf_counter() - t1
+    return cal
+
+  # -- chunks of the test set
+
+  def chunks(self) -> list[np.ndarray]:
+    idx = np.asarray(self.sources.test_indices)
+    size = int(self.config.chunk_size)
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+  def _certified_key(self) -> str:
+    return cache.certified_id(self.certificate)
+
+  def load_certified(self, c: int) -> dict | None:
+    return self.store.load_chunk(c, 1, certified=self._certified_key())
+
+  def _save_certified(self, c: int, keys, row: dict) -> None:
+    self.store.save_chunk(c, {"keys": np.asarray(keys, str), **row},
+                          certified=self._certified_key())
+
+  def run_certified_chunk(self, c: int, indices: np.ndarray, main: dict) -> None:
+    """The Certified row of a chunk whose sweep is cached: server-only's row when
+    nothing was certified (lambda = inf, tau = 0 keeps every patch), else the
+    edge on the chunk's images and one server pass at the certified tau."""
+    keys = main["keys"]
+    if not self.certificate["certified"] or not len(keys):
+      j = self.points.index((methods.SERVER_ONLY, None))
+      return self._save_certified(c, keys, {k: main[k][j:j + 1] for k in cache.POINT_KEYS})
+    images, got = [], []
+    for b in self.passes.batches(self.sources.test_source, indices, f"chunk {c} certified",
+                                 progress=self.progress):
+      images.append(b.images[b.valid])
+      got.extend(k for k, ok in zip(b.keys, b.valid) if ok)
+    if list(got) != [str(k) for k in keys]:
+      raise RuntimeError(f"chunk {c}: the test images changed since the sweep was cached")
+    images = np.concatenate(images)
+    t0 = time.perf_counter()
+    row = point_arrays(*self.passes.sweep(
+        {"certified": self.passes.certified_view(images, self.certified_point)}, images,
+        [(methods.CERTIFIED, (self.certified_point.tau,))]))
+    self.timings["certified_s"] += time.perf_counter() - t0
+    self._save_certified(c, keys, row)
+
+  def _empty_chunk(self, c: int, indices) -> None:
+    """Every item of the chunk was bad: an empty chunk, so a rerun skips it."""
+    empty = {k: np.zeros((0,) if k in ("labels", "keys") else (len(self.points), 0))
+             for k in cache.CHUNK_KEYS}
+    self.store.save_chunk(c, empty)
+    if self.certificate is not None:
+      self.run_certified_chunk(c, indices, empty)
+
+  def run_chunk(self, c: int, indices: np.ndarray, cal: Calibration) -> None:
+    t0 = time.perf_counter()
+    got = self.passes.edge_pass(self.passes.batches(
+        self.sources.test_source, indices, f"chunk {c} edge", self.skipped, self.progress),
+        cal.lambda_hat, cal.q_hat)
+    self.timings["edge_s"] += time.perf_counter() - t0
+    if got is None:
+      return self._empty_chunk(c, indices)
+    views = self.passes.views(got)
+    plan = [(m, methods.grid(m, self.config)) for m in methods.METHODS]
+    certified = self.certificate is not None and self.certificate["certified"]
+    if certified:  # in the same sweep, so its rows dedup against the others'
+      t = time.perf_counter()
+      views["certified"] = self.passes.certified_view(got.images, self.certified_point)
+      self.timings["edge_s"] += time.perf_counter() - t
+      plan.append((methods.CERTIFIED, (self.certified_point.tau,)))
+    t1 = time.perf_counter()
+    rows = point_arrays(*self.passes.sweep(views, got.images, plan))
+    self.timings["server_s"] += time.perf_counter() - t1
+    p = len(self.points)
+    main = {k: v[:p] for k, v in rows.items()}
+    self.store.save_chunk(c, {
+        "labels": got.labels, "keys": np.asarray(got.keys, str), **main,
+        **{f"edge_{k}": v for k, v in got.edge.items() if k != "patch_scores"},
+        **{f"base_{k}": v for k, v in got.base.items() if k != "scores"}})
+    if certified:
+      self._save_certified(c, got.keys, {k: v[p:] for k, v in rows.items()})
+    elif self.certificate is not None:
+      self.run_certified_chunk(c, indices, {"keys": np.asarray(got.keys, str), **main})
+
+  def arrays(self) -> dict:
+    """Every finished chunk concatenated (images along the last axis), with the
+    Certified row appended when the run has a certificate."""
+    n = len(self.chunks())
+    data = [self.store.load_chunk(c, len(self.points)) for c in range(n)]
+    rows = [self.load_certified(c) for c in range(n)] if self.certificate is not None else []
+    if any(d is None for d in data + rows):
+      raise RuntimeError("some chunks are missing; run() first")
+    for d, row in zip(data, rows):
+      if not np.array_equal(row["keys"], d["keys"]):
+        raise RuntimeError("the cached Certified row does not match its chunk's images")
+      for k in cache.POINT_KEYS:
+        d[k] = np.concatenate([d[k], row[k].astype(d[k].dtype)])
+    data = [d for d in data if len(d["labels"])]
+    if not data:
+      raise ValueError("no usable test image (all were skipped as bad items)")
+    return {k: np.concatenate([d[k] for d in data], axis=-1) for k in cache.CHUNK_KEYS}
+
+  def all_points(self) -> list:
+    """The sweep's operating points, then the Certified point when there is one."""
+    if self.certificate is None:
+      return list(self.points)
+    return list(self.points) + [(methods.CERTIFIED, self.certificate["tau"])]
+
+  # -- the whole run
+
+  def run(self) -> dict:
+    # float32 matmuls on TPU default to bfloat16 passes; "highest" keeps timm parity.
+    with jax.default_matmul_precision(self.config.get("matmul_precision", "highest")):
+      return self._run()
+
+  def _run(self) -> dict:
+    t0 = time.perf_counter()
+    cal = self.calibrate()
+    if cal.certificate is not None:
+      self.certificate, self.certified_point = cal.certificate, cal.operating_point()
+    done, certified_done = self._run_chunks(cal)
+    arrays = self.arrays()
+    points = metrics.aggregate(arrays, self.all_points(), self.geometry, cal.alpha_crc)
+    self.timings["total_s"] += time.perf_counter() - t0
+    return {"calibration": cal, "points": points, "arrays": arrays, "fingerprint": self.fp,
+            "certification_grid": self.certification_grid,
+            "skipped": dict(self.skipped), "timings": dict(self.timings),
+            "chunks_computed": done, "certified_chunks_computed": certified_done}
+
+  def _run_chunks(self, cal: Calibration) -> tuple[int, int]:
+    """Runs every chunk not cached yet (this host's share); (sweeps, Certified rows) run."""
+    chunks = self.chunks()
+    done = certified_done = 0
+    pid, nproc = jax.process_index(), jax.process_count()
+    for c, idx in enumerate(tqdm(chunks, desc="test chunks", disable=not self.progress)):
+      if c % nproc != pid:
+        continue
+      if (main := self.store.load_chunk(c, len(self.points))) is None:
+        self.run_chunk(c, idx, cal)
+        done += 1
+      elif self.certificate is not None and self.load_certified(c) is None:
+        self.run_certified_chunk(c, idx, main)  # a new certified point: that row only
+        certified_done += 1
+    if nproc > 1:
+      multihost_utils.sync_global_devices("rcst_chunks_done")
+    return done, certified_done

@@ -1,0 +1,81 @@
+"""The certification's model passes: Algorithm 2 on the calibration images at every tau.
+
+The calibration images are split (seeded by ``certify.seed``): the first
+part fits the APS q_hat that shapes the Grad-CAM and orders the grid, the
+second only tests, so its losses stay exchangeable with test images. For
+each image: the edge's prediction and p_max, and the server's prediction on
+the full image and on the patches kept at each tau. A lambda grid only
+moves acceptance, so it costs no server work. The outcomes are cached by
+what they depend on (`cache.outcome_id`); the certificate itself is
+recomputed from them on every run (`calibration.certificate.certify_run`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from rcst_jax.calibration import algorithm1, certificate
+from rcst_jax.data.sources import Sources
+from rcst_jax.inference import edge as edge_lib
+from rcst_jax.inference import methods
+from rcst_jax.sweep import cache
+
+
+def certify(run, cal) -> tuple[dict, dict]:
+  """(certificate, grid arrays for the figure) of an Evaluation ``run``."""
+  taus = tuple(float(t) for t in run.config.tau_grid)
+  ident = cache.outcome_id(run.config, run.models, run.sources)
+  out = run.store.load_outcomes(ident)
+  if out is None:
+    out = _outcomes(run, taus)
+    if jax.process_index() == 0:
+      run.store.save_outcomes(ident, out)
+  out = dict(out)
+  q_hat_fit, n_fit = float(out.pop("q_hat_fit")), int(out.pop("n_fit"))
+  return certificate.certify_run(run.config, out, taus, run.geometry, q_hat_fit, n_fit)
+
+
+def split(indices: np.ndarray, fraction: float, seed: int):
+  """(fitting, testing) calibration indices, each sorted."""
+  perm = np.random.default_rng(int(seed)).permutation(len(indices))
+  n_fit = int(round(float(fraction) * len(indices)))
+  return np.sort(indices[perm[:n_fit]]), np.sort(indices[perm[n_fit:]])
+
+
+def _outcomes(run, taus) -> dict:
+  c, src = run.config.certify, run.sources
+  fit, test = split(src.cal_indices, c.split, c.seed)
+  t0 = time.perf_counter()
+  cal_fit = algorithm1.algorithm1(
+      run.config, run.passes.edge, Sources(src.cal_source, src.cal_source, fit, fit,
+                                           name=src.name),
+      run.transform, server_metadata=run.models.server.metadata, geometry=run.geometry,
+      server_digest=None, sharding=run.passes.sharding, progress=run.progress)
+  run.timings["certification_calibration_s"] += time.perf_counter() - t0
+  parts = [_part(run, name, part, cal_fit.q_hat, taus) for name, part in (("fit", fit), ("test", test))]
+  out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+  return {**out, "q_hat_fit": np.float64(cal_fit.q_hat),
+          "n_fit": np.int64(len(parts[0]["labels"]))}
+
+
+def _part(run, name: str, indices, q_hat: float, taus) -> dict:
+  t0 = time.perf_counter()
+  got = run.passes.edge_pass(
+      run.passes.batches(run.sources.cal_source, indices, f"certification {name}",
+                         run.skipped, run.progress),
+      float("inf"), q_hat, with_base=False)  # accept nothing: the server at every tau
+  run.timings["certification_edge_s"] += time.perf_counter() - t0
+  if got is None:
+    raise ValueError(f"no usable image in the certification {name} split")
+  t0 = time.perf_counter()
+  off, keep, _, server_pred = run.passes.sweep(
+      {methods.EDGE: edge_lib.edge_view(got.edge)}, got.images,
+      [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, taus)])
+  run.timings["certification_server_s"] += time.perf_counter() - t0
+  return {"labels": got.labels, "edge_pred": got.edge["pred"], "p_max": got.edge["p_max"],
+          "server_only_pred": server_pred[0], "server_pred": server_pred[1:],
+          "kept": keep[1:].sum(-1)}
+

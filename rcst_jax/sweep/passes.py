@@ -1,0 +1,142 @@
+"""The model passes of a sweep over one set of images, placed on the run's mesh.
+
+`edge_pass`: the edge step (CRC acceptance, APS Grad-CAM patch scores) and,
+for the baselines, the DeiT-Tiny edge (softmax + CLS attention), once per
+image. `sweep`: every (method, params) of a plan decided in one vmapped call
+per method (`methods.decide`), the server once per distinct (image, kept
+set) over all points. These are the functions `rcst run` uses, so the sweep
+cannot disagree with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import numpy as np
+
+from rcst_jax import spmd
+from rcst_jax.data import batches
+from rcst_jax.geometry import Geometry
+from rcst_jax.inference import edge as edge_lib
+from rcst_jax.inference import methods, selection
+from rcst_jax.inference.server import Server
+from rcst_jax.models.loading import Models
+
+
+def dedup_rows(offloaded: np.ndarray, keep: np.ndarray):
+  """Distinct (image, kept set) pairs over all points.
+
+  offloaded [P, n], keep [P, n, N] -> (image of each row [R], keep [R, N],
+  row id [P, n], -1 where not offloaded).
+  """
+  p, n, _ = keep.shape
+  image = np.broadcast_to(np.arange(n, dtype=np.uint32)[None], (p, n))[offloaded]
+  bits = np.packbits(keep[offloaded], axis=-1)
+  key = np.concatenate([image.astype(">u4").view(np.uint8).reshape(-1, 4), bits], axis=1)
+  key = np.ascontiguousarray(key).view(np.dtype((np.void, key.shape[1]))).ravel()
+  _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+  ids = np.full((p, n), -1, np.int64)
+  ids[offloaded] = inverse.ravel()
+  return image[first].astype(np.int64), keep[offloaded][first], ids
+
+
+def point_arrays(off, keep, fallback, server_pred) -> dict:
+  """What a chunk stores per operating point (cache.POINT_KEYS), Eq. 27 included."""
+  return {"offloaded": off, "kept": keep.sum(-1).astype(np.int16), "server_pred": server_pred,
+          "pred": methods.combine(off, server_pred, fallback)}
+
+
+@dataclasses.dataclass
+class EdgeOutputs:
+  edge: dict          # the proposed edge's per-image arrays
+  base: dict          # the baseline edge's (empty without it)
+  images: np.ndarray  # the usable images, uint8
+  labels: np.ndarray
+  keys: list
+
+
+class Passes:
+  """The run's models on its mesh, and the passes the sweep makes with them."""
+
+  def __init__(self, config, models: Models, mesh, geometry: Geometry):
+    self.config, self.geometry = config, geometry
+    self.sharding = spmd.batch_sharding(mesh)
+    rep = spmd.replicated(mesh)
+    put = lambda m: dataclasses.replace(m, variables=jax.device_put(m.variables, rep))
+    self.edge, self.server, self.base = (put(models.edge), put(models.server),
+                                         put(models.baseline_edge))
+    self._base_probs = edge_lib.softmax_fn(self.base, with_attn=True)
+
+  def batches(self, source, indices, desc: str, skipped=None, progress: bool = True):
+    skipped = collections.Counter() if skipped is None else skipped
+    return batches(source, indices, int(self.config.batch_size), skipped=skipped,
+                   progress=progress, desc=desc)
+
+  def edge_pass(self, batch_iter, lambda_hat: float, q_hat: float,
+                with_base: bool = True) -> EdgeOutputs | None:
+    """The edges on every usable image of ``batch_iter`` (the proposed one
+    accepting at lambda_hat, its APS sets at q_hat); None if none is usable."""
+    edge, base = collections.defaultdict(list), collections.defaultdict(list)
+    images, labels, keys = [], [], []
+    for b in batch_iter:
+      v = b.valid
+      x = jax.device_put(b.images, self.sharding)
+      e = jax.device_get(edge_lib.edge_step(
+          self.edge, x, lambda_hat, q_hat, layer=self.config.gradcam_layer,
+          grid=self.geometry.grid, sharding=self.sharding))
+      lab = b.labels[v]
+      for k in ("pred", "p_max", "accept", "aps_size", "patch_scores"):
+        edge[k].append(e[k][v])
+      edge["aps_cover"].append(e["aps_mask"][v][np.arange(v.sum()), lab])
+      images.append(b.images[v])
+      labels.append(lab)
+      keys.extend(k for k, ok in zip(b.keys, v) if ok)
+      if with_base:
+        self._base_pass(base, x, v)
+    if not labels:
+      return None
+    cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}
+    return EdgeOutputs(cat(edge), cat(base), np.concatenate(images), np.concatenate(labels),
+                       keys)
+
+  def _base_pass(self, base: dict, x, valid) -> None:
+    bp, attn = jax.device_get(self._base_probs(x))
+    base["pred"].append(bp[valid].argmax(-1).astype(np.int32))
+    base["p_max"].append(bp[valid].max(-1))
+    base["accept"].append(np.asarray(selection.min_entropy_accept(bp[valid], self.config.eta)))
+    base["scores"].append(attn[valid])
+
+  def views(self, out: EdgeOutputs) -> dict:
+    """The edges' views as `methods.decide` reads them (random ranks by image key)."""
+    return {methods.EDGE: edge_lib.edge_view(out.edge),
+            methods.BASELINE: {**out.base, "rank": selection.random_ranks(
+                out.keys, self.config.seed, self.geometry.num_patches)}}
+
+  def certified_view(self, images, point) -> dict:
+    """The certified point's own edge view: its acceptance and fitted APS q_hat."""
+    return edge_lib.edge_view(edge_lib.edge_step_batched(
+        self.edge, images, point.lambda_hat, point.q_hat, layer=self.config.gradcam_layer,
+        grid=self.geometry.grid, batch_size=int(self.config.batch_size),
+        sharding=self.sharding))
+
+  def sweep(self, views: dict, images, plan):
+    """Every (method, params) of `plan` on these images: decisions in one
+    vmapped call per method, the server once per distinct (image, kept set).
+    Returns (offloaded [P, n], keep [P, n, N], fallback [P, n], server_pred [P, n])."""
+    off, keep, fallback = [], [], []
+    for m, params in plan:
+      o, k, f = methods.decide(m, views[m.edge], params, self.config.empty_policy)
+      off.append(o)
+      keep.append(k)
+      fallback.append(np.broadcast_to(f, o.shape))
+    off, keep, fallback = map(np.concatenate, (off, keep, fallback))
+    rows_image, rows_keep, ids = dedup_rows(off, keep)
+    server_pred = np.full(off.shape, -1, np.int32)
+    if len(rows_image):
+      srv = Server(self.server, int(self.config.server_batch), tuple(self.config.buckets),
+                   self.sharding, min_batch=int(self.config.get("server_min_batch", 0)) or None)
+      row_pred = srv.logits_from_images(images, rows_keep, rows=rows_image).argmax(-1)
+      server_pred[off] = row_pred[ids[off]]
+    return off, keep, fallback, server_pred
