@@ -1,6 +1,6 @@
 """The complete edge step (EfficientNet-B0 forward + softmax + CRC acceptance
 + APS set + APS-guided Grad-CAM at the `features` tap + 14x14 patch scores):
-rcst_jax's ``edge.edge_step`` next to timm + autograd to the same tap
+rcst_jax's ``inference.edge.edge_step`` next to timm + autograd to the same tap
 (bn2 + SiLU output), default and best-tuned, interleaved in one run. Random
 fp32 weights; medians of interleaved rounds (see common.py).
 
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from torch_worker import LAMBDA_HAT, Q_HAT  # noqa: E402
 
-from rcst_jax.inference import edge  # noqa: E402
+from rcst_jax.inference import edge as edge_lib  # noqa: E402
 from rcst_jax.models.checkpoints import Model  # noqa: E402
 from rcst_jax.models import create_model, default_cfg  # noqa: E402
 
@@ -46,7 +46,7 @@ def main():
   try:
     for b in args.batches:
       imgs = np.random.default_rng(b).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8)
-      step = lambda im: edge.edge_step(edge, im, LAMBDA_HAT, Q_HAT)
+      step = lambda im: edge_lib.edge_step(edge, im, LAMBDA_HAT, Q_HAT)
       common.run_case("edge step (features tap)", b, step, (imgs,), workers, "edge",
                       args.repeats, args.inner, args.rounds)
   finally:

@@ -44,14 +44,16 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rcst_jax.sweep import engine  # noqa: E402
-from rcst_jax.inference import methods
-from rcst_jax.inference import patches
-from rcst_jax.inference import edge
-from rcst_jax.inference import server
-from rcst_jax.data.sources import load_sources, run_transform  # noqa: E402
-from rcst_jax.models.loading import load_models  # noqa: E402
+from rcst_jax import xla_cpu  # noqa: E402
 from rcst_jax.cli import parse_config  # noqa: E402
+from rcst_jax.data.sources import load_sources, run_transform  # noqa: E402
+from rcst_jax.inference import edge as edge_lib  # noqa: E402
+from rcst_jax.inference import methods, patches  # noqa: E402
+from rcst_jax.inference import server as server_lib  # noqa: E402
+from rcst_jax.models.loading import load_models  # noqa: E402
+from rcst_jax.sweep import engine, passes  # noqa: E402
+
+xla_cpu.tune()  # as `rcst` does, before any computation
 
 
 def main():
@@ -73,16 +75,17 @@ def main():
     transform = run_transform(models.edge.metadata)
     sources = load_sources(config, transform)
     ev = engine.Evaluation(config, models, sources, out, transform, progress=False)
-    # Keep every Server the engine makes (one per chunk) for its token stats.
-    servers, server_cls = [], server.Server
-    server.Server = lambda *a, **k: servers.append(server_cls(*a, **k)) or servers[-1]
+    # Keep every Server the sweep makes (one per chunk) for its token stats:
+    # sweep.passes instantiates the class by this name.
+    servers, server_cls = [], server_lib.Server
+    passes.Server = lambda *a, **k: servers.append(server_cls(*a, **k)) or servers[-1]
     try:
       t0 = time.perf_counter()
       res = ev.run()
       total = time.perf_counter() - t0
     finally:
-      server.Server = server_cls
-    stats = functools.reduce(lambda a, s: a.merge(s.stats), servers, server.ServerStats())
+      passes.Server = server_cls
+    stats = functools.reduce(lambda a, s: a.merge(s.stats), servers, server_lib.ServerStats())
     # What padding every bucket's last batch to server_batch rows (before) cost.
     batch = int(config.server_batch)
     fixed = sum(-(-b["rows"] // batch) * batch * (bucket + 1)
@@ -115,10 +118,10 @@ def main():
     # Server alone per tau: time against kept tokens, and bucket padding.
     images = np.stack([sources.test_source[i].image for i in range(args.n)])
     cal = res["calibration"]
-    e = jax.device_get(edge.edge_step(models.edge, images, cal.lambda_hat, cal.q_hat))
+    e = jax.device_get(edge_lib.edge_step(models.edge, images, cal.lambda_hat, cal.q_hat))
     off = ~e["accept"]
-    server = server.Server(models.server, int(config.server_batch), tuple(config.buckets),
-                             min_batch=args.min_batch or None)
+    server = server_lib.Server(models.server, int(config.server_batch), tuple(config.buckets),
+                               min_batch=args.min_batch or None)
     full = np.ones((off.sum(), 196), bool)
     server.logits_from_images(images[off], full)  # compile the full bucket once
     print(f"\n{'tau':>5} {'offloaded':>9} {'kept/img':>9} {'tokens':>8} {'server s':>9} "
@@ -128,7 +131,7 @@ def main():
       kept = keep.sum(-1)
       padded = sum(patches.bucket_for(k, config.buckets) for k in kept)
       server.logits_from_images(images[off], keep)  # compile this tau's buckets
-      server.stats = server.ServerStats()
+      server.stats = server_lib.ServerStats()
       t0 = time.perf_counter()
       server.logits_from_images(images[off], keep)
       dt = time.perf_counter() - t0

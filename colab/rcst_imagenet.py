@@ -146,6 +146,9 @@ if CLONE and REPO_DIR not in sys.path:  # an editable install is only seen after
   sys.path.insert(0, REPO_DIR)
 os.makedirs(WORKDIR, exist_ok=True)
 import rcst_jax
+from rcst_jax import xla_cpu
+
+xla_cpu.tune()  # the `rcst` command's XLA:CPU settings; must precede any computation
 print("rcst_jax from", os.path.dirname(rcst_jax.__file__))
 
 

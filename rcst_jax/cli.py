@@ -186,7 +186,8 @@ def _cmd_explain(args, extra):
   if not images:
     return 1
   geometry = cal.patch_geometry()
-  x = explain.explain_image(edge, images[0], point, cal.gradcam_layer or "features", geometry)
+  x = explain.explain_image(edge, images[0], point, cal.gradcam_layer or "features", geometry,
+                            args.batch_size)
   name = explain.namer(class_names_for(edge))
   decision = explain.decision_text(x, point, geometry)
   path = plots.explain_figure(images[0], x.cam, x.keep, [(name(c), p) for c, p in x.aps],
@@ -238,8 +239,6 @@ def _add_run_commands(sub) -> None:
               "same for run and explain")
   p = sub.add_parser("run", help="Algorithm 2 on image files: per-image decisions, JSON lines")
   p.add_argument("--server", required=True)
-  p.add_argument("--batch-size", type=_positive_int, default=16,
-                 help="images per edge/server call")
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_run)
   q = sub.add_parser("explain", help="PNG: image, APS set, Grad-CAM, patches that would be sent")
@@ -247,6 +246,8 @@ def _add_run_commands(sub) -> None:
   q.add_argument("image")
   q.set_defaults(func=_cmd_explain)
   for p in (p, q):
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="images per edge/server call (explain pads to it, as run does)")
     p.add_argument("--edge", required=True)
     p.add_argument("--calibration", required=True)
     p.add_argument("--tau", type=_finite_float, default=None, help=tau_help)

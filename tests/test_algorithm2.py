@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcst_jax import cli
-from rcst_jax import evaluate
-from rcst_jax.sweep import metrics
-from rcst_jax.inference import methods
-from rcst_jax.inference import patches
-from rcst_jax.inference import edge
-from rcst_jax.inference import collaborative
-from rcst_jax.inference import selection
+import paper_rules
+from rcst_jax import cli, evaluate
+from rcst_jax.inference import collaborative, methods, patches
+from rcst_jax.inference import edge as edge_lib
+from rcst_jax.inference.selection import random_ranks
 from rcst_jax.models.checkpoints import load_model
+from rcst_jax.sweep import metrics
 from rcst_jax.data import ImageFolder, batches
 from rcst_jax.data.sources import run_transform
 from rcst_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
@@ -121,9 +119,11 @@ def _server_argmax(server, images, keep):
   return np.asarray(apply(server.variables, sent, idx, keep)).argmax(-1)
 
 
-def test_engine_equals_each_methods_rule(run):
+def test_engine_equals_a_hand_transcription_of_each_methods_rule(run):
   """Every method and grid value: offload flag, kept count and final prediction
-  per image equal a transcription of the method's rule on one edge pass."""
+  per image equal the method's rule written out here in plain numpy (Eq. 15,
+  Eqs. 24-25, Im et al.'s min-entropy, top-k and attention-sum rules, Eq. 27)
+  on one edge pass, not the selection functions the method table binds."""
   config, cal = run["config"], run["result"]["calibration"]
   edge, server = load_model(f"{WEIGHTS}/demo_edge"), load_model(f"{WEIGHTS}/demo_server")
   base = load_model(f"{WEIGHTS}/demo_baseline_edge")
@@ -134,7 +134,7 @@ def test_engine_equals_each_methods_rule(run):
   e, b_probs, attn, images = [], [], [], []
   for batch in batches(folder, [index[k] for k in keys], 64, progress=False):
     v = batch.valid
-    out = jax.device_get(edge.edge_step(edge, batch.images, cal.lambda_hat, cal.q_hat))
+    out = jax.device_get(edge_lib.edge_step(edge, batch.images, cal.lambda_hat, cal.q_hat))
     e.append({k: np.asarray(x)[v] for k, x in out.items()})
     logits, o = base(batch.images)
     b_probs.append(np.asarray(jax.nn.softmax(logits))[v])
@@ -142,17 +142,18 @@ def test_engine_equals_each_methods_rule(run):
     images.append(batch.images[v])
   e = {k: np.concatenate([x[k] for x in e]) for k in e[0]}
   b_probs, attn, images = map(np.concatenate, (b_probs, attn, images))
+  assert config.empty_policy == "cls_only"
   b_pred = b_probs.argmax(-1)
   b_off = ~(-np.log2(b_probs.max(-1)) < config.eta)  # Im et al.: offload unless entropy < eta
-  ranks = selection.random_ranks(keys, config.seed, 196)
-  e_off = ~(e["p_max"] >= np.float32(cal.lambda_hat))  # Eq. 15, from the edge's own p_max
+  # Random-k: each image's seeded permutation of the patches; keep rank < k.
+  ranks = random_ranks(keys, config.seed, 196)
+  e_off = ~paper_rules.accepts(e["p_max"], cal.lambda_hat)  # Eq. 15, the edge's own p_max
   rules = {
-      "proposed": lambda t: (e_off, np.asarray(selection.select_threshold(e["patch_scores"], t)),
-                             e["pred"]),
+      "proposed": lambda t: (e_off, paper_rules.threshold_keep(e["patch_scores"], t), e["pred"]),
       "random": lambda k: (b_off, ranks < k, b_pred),
-      "topk": lambda k: (b_off, np.asarray(selection.select_topk(attn, int(k))), b_pred),
-      "attention_sum": lambda d: (b_off, np.asarray(selection.select_attention_sum(attn, d)),
-                                  b_pred),
+      "topk": lambda k: (b_off, paper_rules.topk_keep(attn, k), b_pred),
+      # An empty attention-sum selection is still offloaded ("cls_only").
+      "attention_sum": lambda d: (b_off, paper_rules.attention_sum_keep(attn, d), b_pred),
       "server_only": lambda _: (np.ones(len(keys), bool), np.ones((len(keys), 196), bool),
                                 e["pred"]),
       "edge_only": lambda _: (np.zeros(len(keys), bool), np.zeros((len(keys), 196), bool),
@@ -188,7 +189,8 @@ def test_collaborative_inference_equals_engine(run):
   prep = run_transform(edge.metadata)
   images = np.stack([prep(str(run["root"] / k)) for k in keys])
   for tau in TAUS:
-    out = collaborative.collaborative_inference(images, edge, server, cal, tau, batch_size=24)
+    out = collaborative.collaborative_inference(images, edge, server, cal.operating_point(tau),
+                                                layer=cal.gradcam_layer, batch_size=24)
     want = _rows(run["rows"], "proposed", f"{tau:g}")
     for i, key in enumerate(keys):
       assert (int(out["pred"][i]), int(out["offloaded"][i]), int(out["kept"][i]),

@@ -8,29 +8,50 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import paper_rules
 from rcst_jax import cli
-from rcst_jax.inference import payload
+from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.data.synthetic import SyntheticShapes
+from rcst_jax.inference import payload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(REPO, "weights")
+
+
+def _refuse_model_calls(m):
+  """Every model call `rcst calibrate` could make, refused where the library
+  looks it up: Algorithm 1 (sweep.engine and sweep.outcomes call
+  `algorithm1.algorithm1` on the module), the edge step (sweep.passes calls
+  `edge_lib.edge_step`, and `edge_step_batched` for a certified view) and the
+  server (`Server.logits_from_images`, the class sweep.passes instantiates)."""
+  from rcst_jax.calibration import algorithm1
+  from rcst_jax.inference import server
+  from rcst_jax.sweep import engine, outcomes, passes
+
+  def refuse(*a, **k):
+    raise AssertionError("rcst calibrate ran a model although the evaluation cache has it all")
+  assert engine.algorithm1 is algorithm1 and outcomes.algorithm1 is algorithm1
+  assert passes.Server is server.Server
+  for obj, name in ((algorithm1, "algorithm1"), (passes.edge_lib, "edge_step"),
+                    (passes.edge_lib, "edge_step_batched"),
+                    (server.Server, "logits_from_images")):
+    m.setattr(obj, name, refuse)
 
 
 @pytest.fixture(scope="module")
 def calibration(demo_smoke, tmp_path_factory):
   """`rcst calibrate` on the smoke demo's cache: Algorithm 1 and the certificate's
   calibration outcomes are cached there, so no model may run."""
-  from rcst_jax.sweep import engine
-
-  def refuse(*a, **k):
-    raise AssertionError("rcst calibrate ran a model although the evaluation cache has it all")
   path = tmp_path_factory.mktemp("cal") / "cal.json"
   with pytest.MonkeyPatch.context() as m:
-    for obj, name in ((engine.offline, "algorithm1"), (engine.pipeline, "edge_step"),
-                      (engine.pipeline.Server, "logits_from_images")):
-      m.setattr(obj, name, refuse)
+    _refuse_model_calls(m)
     assert cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={demo_smoke[0]}",
                      "--out", str(path)]) == 0
+    # The refusals bite: without the cache, Algorithm 1 is the first model call.
+    empty = tmp_path_factory.mktemp("nocache")
+    with pytest.raises(AssertionError, match="ran a model"):
+      cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={empty}",
+                "--out", str(empty / "cal.json")])
   return path
 
 
@@ -67,11 +88,12 @@ def test_run_prints_per_image_decisions(calibration, tmp_path, capsys):
   lam = json.loads(calibration.read_text())["lambda_hat"]
   for p in paths:
     r = by_image[p]
-    assert r["accepted_on_edge"] == (r["p_max"] >= lam)
+    assert r["accepted_on_edge"] == bool(paper_rules.accepts(r["p_max"], lam))
     if r["accepted_on_edge"]:
-      assert r["patches_sent"] == 0 and r["bytes_sent"] == 0
+      assert r["patches_sent"] == 0 and r["bytes_sent"] == 0 and r["sent_indices"] == []
     else:
-      assert r["patches_sent"] >= 1
+      assert r["patches_sent"] >= 1 and len(r["sent_indices"]) == r["patches_sent"]
+      assert r["sent_indices"] == sorted(set(r["sent_indices"]))
       assert r["bytes_sent"] == payload.payload_bytes(r["patches_sent"])
     assert 0 <= r["prediction"] < 12 and isinstance(r["label"], str) and r["aps_set"]
 
@@ -85,3 +107,51 @@ def test_explain_writes_png(calibration, tmp_path, capsys):
   assert record["out"] == str(out) and ("offloaded" in record["decision"] or
                                          "accepted" in record["decision"])
   assert Image.open(out).size[0] > 300 and np.asarray(Image.open(out)).std() > 0
+
+
+def _json_lines(capsys):
+  return [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+
+
+def test_run_and_explain_without_tau_take_the_certified_decision(calibration, tmp_path,
+                                                                   capsys):
+  """A calibration whose certificate certifies (lambda, tau) with tau > 0: `rcst
+  run` and `rcst explain` without --tau both apply that pair (and its q_hat),
+  not the CRC lambda: the same acceptance and the same sent patch indices per
+  image, some images offloaded and some accepted."""
+  paths = _files(tmp_path, 8)
+  edge = ["--edge", f"{WEIGHTS}/demo_edge"]
+  # p_max does not depend on the thresholds: one run to place lambda among them.
+  assert cli.main(["run", *edge, "--server", f"{WEIGHTS}/demo_server", "--calibration",
+                   str(calibration), "--tau", "0.5", *paths]) == 0
+  p_max = sorted(r["p_max"] for r in _json_lines(capsys))
+  assert p_max[2] < p_max[-3], p_max  # distinct enough to split
+  lam = float((p_max[2] + p_max[-3]) / 2)
+  d = Calibration.from_json(calibration).to_dict()
+  assert d["certificate"] is not None and lam != d["lambda_hat"]
+  d["certificate"] = {**d["certificate"], "certified": True, "lambda_hat": lam, "tau": 0.4,
+                      "q_hat": 0.5, "p_value": 0.01}
+  certified = tmp_path / "certified.json"
+  Calibration.from_dict(d).to_json(certified)
+  point = Calibration.from_json(certified).operating_point()
+  assert (point.lambda_hat, point.q_hat, point.tau, point.certified) == (lam, 0.5, 0.4, True)
+
+  assert cli.main(["run", *edge, "--server", f"{WEIGHTS}/demo_server", "--calibration",
+                   str(certified), *paths]) == 0
+  ran = {r["image"]: r for r in _json_lines(capsys)}
+  explained = {}
+  for i, path in enumerate(paths):
+    assert cli.main(["explain", *edge, "--calibration", str(certified), "--out",
+                     str(tmp_path / f"x{i}.png"), path]) == 0
+    explained[path] = _json_lines(capsys)[-1]
+  for path in paths:
+    r, x = ran[path], explained[path]
+    assert x["p_max"] == r["p_max"]
+    assert x["accepted_on_edge"] == r["accepted_on_edge"] == bool(
+        paper_rules.accepts(r["p_max"], lam)), path
+    assert x["sent_indices"] == r["sent_indices"], path
+    assert len(r["sent_indices"]) == r["patches_sent"]
+    assert ("certified pair" in x["decision"]) and ("tau=0.4" in x["decision"]
+                                                    or x["accepted_on_edge"])
+  decisions = [r["accepted_on_edge"] for r in ran.values()]
+  assert any(decisions) and not all(decisions)

@@ -22,6 +22,8 @@ def no_models(monkeypatch):
     raise AssertionError("models or data loaded before the config was validated")
   for module in (rcst_jax.models.loading, rcst_jax.evaluate):
     monkeypatch.setattr(module, "load_models", refuse)
+  # `calibrate` without the certificate loads the edge alone.
+  monkeypatch.setattr(rcst_jax.evaluate, "load_model", refuse)
   monkeypatch.setattr(rcst_jax.evaluate, "load_sources", refuse)
 
 

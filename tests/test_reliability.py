@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcst_jax.models import checkpoints
-from rcst_jax import cli
-from rcst_jax.stats import conformal
-from rcst_jax import fileio
+from rcst_jax import cli, fileio
+from rcst_jax.calibration.algorithm1 import calibrate
+from rcst_jax.calibration.artifact import CalibrationError
 from rcst_jax.data import preprocess
-from rcst_jax.models import create_model
+from rcst_jax.errors import OutputRefusedError
+from rcst_jax.models import checkpoints, create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("deit_tiny_patch16_224", dict(embed_dim=16, depth=1, num_heads=2))
@@ -128,7 +128,7 @@ def test_overwrite_replaces_our_model_dir_with_normal_permissions(tmp_path):
   try:
     path = tiny_model_dir(tmp_path / "m")
     assert checkpoints.is_model_dir(path)
-    with pytest.raises(checkpoints.OutputRefusedError, match="not empty"):
+    with pytest.raises(OutputRefusedError, match="not empty"):
       tiny_model_dir(tmp_path / "m")
     model = checkpoints.load_model(path)
     checkpoints.save_model(path, model.variables, {**model.metadata, "crop_pct": 0.5},
@@ -325,14 +325,14 @@ def test_error_boundary(monkeypatch, capsys, exc, code, message):
 
   def fail(*a, **k):
     raise exc
-  monkeypatch.setattr(rcst_jax.convert, "convert", fail)
+  monkeypatch.setattr(rcst_jax.models.convert, "convert", fail)  # cli imports it when run
   got, _, err = run(["convert", "--timm", "efficientnet_b0", "--out", "x"], capsys)
   assert got == code and message in err and "Traceback" not in err
 
 
 def test_bugs_keep_their_traceback(monkeypatch):
   import rcst_jax.models.convert
-  monkeypatch.setattr(rcst_jax.convert, "convert", lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(rcst_jax.models.convert, "convert", lambda *a, **k: 1 / 0)
   with pytest.raises(ZeroDivisionError):
     cli.main(["convert", "--timm", "efficientnet_b0", "--out", "x"])
 
@@ -340,8 +340,8 @@ def test_bugs_keep_their_traceback(monkeypatch):
 @pytest.mark.parametrize("B", [0.5, 0.0, -1.0, float("nan"), float("inf")])
 def test_calibrate_refuses_bad_loss_bound(B):
   p = np.full((20, 2), 0.5, np.float32)
-  with pytest.raises(conformal.CalibrationError, match="B \\(the loss bound\\)"):
-    conformal.calibrate(p, np.zeros(20, np.int64), 0.1, 0.1, B=B)
+  with pytest.raises(CalibrationError, match="B \\(the loss bound\\)"):
+    calibrate(p, np.zeros(20, np.int64), 0.1, 0.1, B=B)
 
 
 # ---------------------------------------------------------------- concurrent writers

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from rcst_jax.errors import ConfigError, RcstError
 
@@ -292,7 +293,6 @@ def batches(source: ImageSource, indices: Iterable[int] | None = None, batch_siz
   """
   indices = list(range(len(source)) if indices is None else indices)
   skipped = collections.Counter() if skipped is None else skipped
-  from tqdm.auto import tqdm
   items = tqdm(_fetch_all(source, indices, 2 * batch_size, workers), total=len(indices),
                desc=desc, disable=not progress, leave=False)
   buf: list[Example] = []

@@ -50,18 +50,6 @@ def gather_patches(images, idx, p: int = 16):
   return jnp.take_along_axis(all_patches, jnp.asarray(idx)[:, :, None, None, None], axis=1)
 
 
-def paste_patches(patches, idx, valid, image_hw: tuple[int, int], fill=0):
-  """Received patches back on a canvas (for visualisation); missing ones get ``fill``."""
-  b, k, p, _, c = patches.shape
-  gh, gw = image_hw[0] // p, image_hw[1] // p
-  canvas = jnp.full((b, gh * gw, p, p, c), fill, dtype=patches.dtype)
-  # Route padding slots to an extra dummy row so they overwrite nothing.
-  target = jnp.where(jnp.asarray(valid), jnp.asarray(idx), gh * gw)
-  canvas = jnp.concatenate([canvas, canvas[:, :1]], axis=1)
-  canvas = canvas.at[jnp.arange(b)[:, None], target].set(patches)
-  return unpatchify(canvas[:, :-1], (gh, gw))
-
-
 def bucket_for(k: int, buckets: Sequence[int] = BUCKETS) -> int:
   """Smallest bucket >= k (k = 0 uses the smallest bucket, all slots padding)."""
   k = int(k)

@@ -115,20 +115,15 @@ class Server:
 
   Each bucket runs in batches of at most ``batch_size`` rows and at most
   ``token_budget`` tokens (CLS included; default: no limit below
-  ``batch_size``), the remainder in power-of-two batches (:func:`batch_rows`),
-  no smaller than ``min_batch`` rows, so padding rows cost about 1/8 of the
-  last batch of a bucket, or fewer than ``min_batch`` rows. Compiled shapes:
-  per bucket the full batch and powers of two (times the device count) from
-  ``min_batch`` up, at most ``len(buckets) * (1 + log2(batch_size /
-  min_batch))``. Each shape is one more compilation (~0.5 s for the demo
-  server on CPU), which the whole demo sweep does not win back (its buckets
-  get hundreds of rows per chunk: 1.125 processed/useful tokens with full
-  batches only), so ``min_batch`` defaults to ``batch_size``: the last
-  batch of a bucket padded to a full one, as before. Lower it (e.g.
-  ``batch_size // 8``) for a long-lived server fed small calls.
-  ``sharding``: optional NamedSharding for the batch axis (multi-device);
-  every batch is then a multiple of its mesh size. ``stats`` accumulates the
-  processed and useful tokens of every call (:class:`ServerStats`).
+  ``batch_size``), the remainder in power-of-two batches (:func:`batch_rows`)
+  no smaller than ``min_batch`` rows. Compiled shapes per bucket: the full
+  batch and powers of two (times the device count) from ``min_batch`` up.
+  Every shape is one more compilation, so ``min_batch`` defaults to
+  ``batch_size`` (the last batch of a bucket padded to a full one), which
+  suits a sweep's large buckets; lower it (e.g. ``batch_size // 8``) for a
+  long-lived server fed small calls. ``sharding``: optional NamedSharding
+  for the batch axis (every batch then a multiple of its mesh size).
+  ``stats`` accumulates the processed and useful tokens of every call.
   """
   model: Model
   batch_size: int = 64

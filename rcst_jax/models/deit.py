@@ -14,7 +14,6 @@ concatenated first and pos_embed added after.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -22,11 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from rcst_jax.models import variants
 from rcst_jax.models.state_dict import StateDictReader, check_against_template
 from rcst_jax.spmd import map_chunks, on_cpu
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Masked attention logits. Finite so a row whose keys are all masked stays
 # NaN-free; exp(-1e9 - max) is exactly 0 in float32.
@@ -304,17 +302,10 @@ VARIANTS = {
 def create(name: str, **overrides) -> VisionTransformer:
   """Module for a variant; any field may be overridden (num_classes, depth, dtype...)."""
   name = name.split(".")[0]
-  if name not in VARIANTS:
-    raise ValueError(f"unknown DeiT variant {name!r}; supported: {', '.join(VARIANTS)}")
-  fields = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name"}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise TypeError(f"unknown DeiT option(s) {unknown}; fields are {sorted(fields)}")
-  cfg = VARIANTS[name]["cfg"]
-  kwargs = dict(VARIANTS[name]["arch"], num_classes=cfg["num_classes"],
-                img_size=cfg["input_size"][-1], mean=cfg["mean"], std=cfg["std"])
-  kwargs.update(overrides)
-  return VisionTransformer(**kwargs)
+  cfg = VARIANTS[name]["cfg"] if name in VARIANTS else {}
+  defaults = dict(num_classes=cfg["num_classes"], img_size=cfg["input_size"][-1],
+                  mean=cfg["mean"], std=cfg["std"]) if cfg else {}
+  return variants.build(VisionTransformer, VARIANTS, "DeiT", name, defaults, overrides)
 
 
 def from_timm(reader: StateDictReader, module: VisionTransformer) -> dict:

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from rcst_jax.models import variants
 from rcst_jax.models.state_dict import StateDictReader, check_against_template
 from rcst_jax.spmd import map_chunks, on_cpu
 
@@ -69,7 +71,6 @@ _ACT_CODES = {"re": "relu", "r6": "relu6", "hs": "hard_swish", "sw": "swish"}
 # 'conv_head' submodule's name, since Flax scopes share one namespace).
 TAPS = {"conv_head": "conv_head_tap", "features": "features_tap"}
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
@@ -525,13 +526,7 @@ class _Trunk(EfficientNet):
 
 def create(name: str, **overrides) -> EfficientNet:
   """Module for a timm name; overrides set any EfficientNet field (num_classes, ...)."""
-  if name not in VARIANTS:
-    raise ValueError(f"unknown EfficientNet {name!r}; known: {', '.join(VARIANTS)}")
-  fields = {f.name for f in dataclasses.fields(EfficientNet)} - {"parent", "name"}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f"unknown EfficientNet option(s) {unknown}; valid: {sorted(fields)}")
-  return EfficientNet(**{**VARIANTS[name]["arch"], **overrides})
+  return variants.build(EfficientNet, VARIANTS, "EfficientNet", name, {}, overrides)
 
 
 def fold_batchnorm(module: EfficientNet, variables) -> tuple[EfficientNet, dict]:

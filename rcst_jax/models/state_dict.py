@@ -10,6 +10,7 @@ import os
 from typing import Mapping
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from rcst_jax.errors import RcstError
 
@@ -24,7 +25,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise ConversionError(f"weights file not found: {path}")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
     try:
       return dict(load_file(path))
     except Exception as e:  # safetensors raises its own error types

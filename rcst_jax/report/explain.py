@@ -7,9 +7,9 @@ picture shows exactly what Algorithm 2 did.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -51,18 +51,20 @@ def explain_batch(e: dict, tau: float, geometry: Geometry) -> list[Explanation]:
   return out
 
 
-def explain_images(edge, images, point: OperatingPoint, layer: str,
-                   geometry: Geometry) -> list[Explanation]:
-  """The edge step on uint8 images at an operating point, explained."""
-  e = jax.device_get(edge_lib.edge_step(edge, np.asarray(images), point.lambda_hat, point.q_hat,
-                                        layer=layer, grid=geometry.grid))
+def explain_images(edge, images, point: OperatingPoint, layer: str, geometry: Geometry,
+                   batch_size: int = 16) -> list[Explanation]:
+  """The edge step on uint8 images at an operating point, explained. Batches
+  of ``batch_size`` (the last one padded), as `rcst run` makes them, so the
+  same image gets the same p_max to the last bit in both."""
+  e = edge_lib.edge_step_batched(edge, np.asarray(images), point.lambda_hat, point.q_hat,
+                                 layer=layer, grid=geometry.grid, batch_size=batch_size)
   return explain_batch(e, point.tau, geometry)
 
 
-def explain_image(edge, image, point: OperatingPoint, layer: str,
-                  geometry: Geometry) -> Explanation:
+def explain_image(edge, image, point: OperatingPoint, layer: str, geometry: Geometry,
+                  batch_size: int = 16) -> Explanation:
   """`rcst explain`: one uint8 image."""
-  return explain_images(edge, np.asarray(image)[None], point, layer, geometry)[0]
+  return explain_images(edge, np.asarray(image)[None], point, layer, geometry, batch_size)[0]
 
 
 def namer(names: Sequence[str] | None) -> Callable[[int], str]:
@@ -70,7 +72,8 @@ def namer(names: Sequence[str] | None) -> Callable[[int], str]:
 
 
 def decision_text(x: Explanation, point: OperatingPoint, geometry: Geometry) -> str:
-  where = "certified pair" if point.certified else "CRC lambda"
+  where = ("certified pair" if point.certified else "server-only: nothing certified"
+           if math.isinf(point.lambda_hat) and point.tau == 0 else "CRC lambda")
   if x.accepted:
     return f"accepted on edge: p_max {x.p_max:.3f} >= lambda {point.lambda_hat:.3f} ({where})"
   return (f"offloaded: p_max {x.p_max:.3f} < lambda {point.lambda_hat:.3f} ({where}); "

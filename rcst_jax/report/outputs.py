@@ -17,12 +17,14 @@ from rcst_jax.report import explain, plots, tables
 from rcst_jax.sweep import metrics
 
 
-def gallery(batch_iter, edge, point, layer: str, geometry, count: int, class_names):
+def gallery(batch_iter, edge, point, layer: str, geometry, count: int, class_names,
+            batch_size: int = 16):
   """The first `count` offloaded images of ``batch_iter`` at an operating point:
   images, maps, kept patches, titles (None if no image was offloaded)."""
   picked = []
   for b in batch_iter:
-    for i, x in enumerate(explain.explain_images(edge, b.images, point, layer, geometry)):
+    for i, x in enumerate(explain.explain_images(edge, b.images, point, layer, geometry,
+                                                      batch_size)):
       if b.valid[i] and not x.accepted:
         picked.append((b.images[i], x, int(b.labels[i])))
     if len(picked) >= count:
@@ -91,7 +93,7 @@ def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = Fal
                                    ev.sources.test_indices[:32 * gallery_size], "gallery",
                                    progress=ev.progress)
     g = gallery(batch_iter, ev.models.edge, point, ev.config.gradcam_layer, ev.geometry,
-                gallery_size, class_names_for(ev.models.edge))
+                gallery_size, class_names_for(ev.models.edge), int(ev.config.batch_size))
     if g is not None:
       paths["gallery"] = str(plots.saliency_gallery(*g, os.path.join(out, "gallery.png"),
                                                     grid=ev.geometry.grid))

@@ -259,26 +259,6 @@ def write_results(points, out_dir) -> tuple[Path, Path]:
   return json_path, csv_path
 
 
-def _parse_cell(s: str):
-  if s == "":
-    return None
-  for cast in (int, float):
-    try:
-      return cast(s)
-    except ValueError:
-      pass
-  return s
-
-
-def read_results(path) -> list[dict]:
-  """Reads results.json or results.csv (cells typed back: int, float, str, None)."""
-  path = Path(path)
-  if path.suffix == ".csv":
-    with path.open(newline="") as f:
-      return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
-  return json.loads(path.read_text())
-
-
 def dtype_comparison(points_a, points_b, name_a: str, name_b: str) -> str:
   """Markdown: accuracy and cost of every operating point under two compute dtypes."""
   lines = [f"| method | param | acc {name_a} (%) | acc {name_b} (%) | diff (pp) | "

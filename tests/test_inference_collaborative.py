@@ -4,14 +4,14 @@ import jax
 import numpy as np
 import pytest
 
+import paper_rules
 import small_models
-from rcst_jax.stats import conformal
-from rcst_jax.inference import patches
-from rcst_jax.inference import edge
-from rcst_jax.inference import server
-from rcst_jax.inference import collaborative
-from rcst_jax.inference import selection
-from rcst_jax.inference import payload
+from rcst_jax.calibration.artifact import Calibration
+from rcst_jax.inference import collaborative, patches, payload
+from rcst_jax.inference import edge as edge_lib
+from rcst_jax.inference import server as server_lib
+from rcst_jax.inference.edge import softmax_fn
+from rcst_jax.inference.methods import OperatingPoint
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,13 @@ def _images(n, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
 
 
-def _calibration(lam, q):
-  return conformal.Calibration(lambda_hat=lam, q_hat=q, alpha_crc=0.1, alpha_aps=0.1, n=100,
-                               lambda_valid=np.isfinite(lam))
+def _point(lam, q, tau):
+  """The CRC operating point of a calibration with these thresholds, at tau."""
+  cal = Calibration(lambda_hat=lam, q_hat=q, alpha_crc=0.1, alpha_aps=0.1, n=100,
+                    lambda_valid=bool(np.isfinite(lam)))
+  point = cal.operating_point(tau)
+  assert point == OperatingPoint(lam, q, tau, certified=False)
+  return point
 
 
 def _unpadded_server(server, image, keep):
@@ -42,17 +46,17 @@ def test_server_buckets_equal_unpadded_runs(models):
   keep = np.zeros((5, 196), bool)
   for i, k in enumerate([1, 7, 30, 120, 196]):
     keep[i, rng.choice(196, k, replace=False)] = True
-  got = server.Server(server, batch_size=4).logits_from_images(images, keep)
+  got = server_lib.Server(server, batch_size=4).logits_from_images(images, keep)
   for i in range(5):
     np.testing.assert_allclose(got[i], _unpadded_server(server, images[i], keep[i]),
                                rtol=1e-5, atol=1e-5)
   # `rows` lets several keep masks share one image.
-  again = server.Server(server, batch_size=4).logits_from_images(images[[3]], keep[[3, 3]],
+  again = server_lib.Server(server, batch_size=4).logits_from_images(images[[3]], keep[[3, 3]],
                                                                    rows=np.array([0, 0]))
   np.testing.assert_allclose(again[0], got[3], rtol=1e-5, atol=1e-5)
   # The server side of `rcst run`: the same logits from encoded payloads.
   payloads = [payload.encode_image_payload(images[i], keep[i]) for i in range(5)]
-  np.testing.assert_allclose(server.Server(server, batch_size=4).logits_from_payloads(payloads),
+  np.testing.assert_allclose(server_lib.Server(server, batch_size=4).logits_from_payloads(payloads),
                              got, rtol=1e-5, atol=1e-5)
 
 
@@ -60,7 +64,7 @@ def test_server_buckets_equal_unpadded_runs(models):
                                              (63, 64, 1), (3, 64, 8), (100, 64, 8), (200, 48, 8)])
 @pytest.mark.parametrize("smallest", [1, 8])
 def test_batch_rows(n, cap, multiple, smallest):
-  rows = server.batch_rows(n, cap, multiple, smallest=smallest)
+  rows = server_lib.batch_rows(n, cap, multiple, smallest=smallest)
   assert sum(rows) >= n and all(r % multiple == 0 and smallest <= r <= cap for r in rows)
   assert sum(rows) - n <= max(multiple - 1, smallest - 1, rows[-1] // 8 if rows else 0)
   # Shapes: the full batch plus powers of two (times the device count).
@@ -77,10 +81,10 @@ def test_server_sharded_equals_unsharded(models):
   for i, k in enumerate(rng.choice([1, 5, 7, 30, 196], 21)):
     keep[i, rng.choice(196, k, replace=False)] = True
   rows = rng.integers(0, 3, 21)
-  plain = server.Server(server, batch_size=16, min_batch=1)
+  plain = server_lib.Server(server, batch_size=16, min_batch=1)
   want = plain.logits_from_images(images, keep, rows=rows)
   sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("batch",)), PartitionSpec("batch"))
-  sharded = server.Server(server, batch_size=16, sharding=sharding, min_batch=1)
+  sharded = server_lib.Server(server, batch_size=16, sharding=sharding, min_batch=1)
   got = sharded.logits_from_images(images, keep, rows=rows)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert all(r % 8 == 0 for _, r in sharded.stats.shapes())
@@ -97,7 +101,6 @@ def test_edge_step_sharded_runs_per_device(models):
   all-gathered the batch and ran all of it on every device), the same outputs."""
   import re
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  from rcst_jax.calibration import algorithm1
   from rcst_jax.models.checkpoints import Model
   assert jax.device_count() == 8  # tests/conftest.py forces 8 host devices
   edge, _ = models
@@ -105,39 +108,42 @@ def test_edge_step_sharded_runs_per_device(models):
   sharding, rep = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
   assert edge.module.inference_chunk == -1  # auto: micro-batches of 2 images on CPU
   images = _images(16, 3)
-  want = jax.device_get(edge.edge_step(edge, images, 0.3, 0.5))
+  want = jax.device_get(edge_lib.edge_step(edge, images, 0.3, 0.5))
   x = jax.device_put(images, sharding)
   placed = Model(edge.module, jax.device_put(edge.variables, rep), edge.metadata)
-  got = jax.device_get(edge.edge_step(placed, x, 0.3, 0.5, sharding=sharding))
+  got = jax.device_get(edge_lib.edge_step(placed, x, 0.3, 0.5, sharding=sharding))
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
   np.testing.assert_array_equal(got["aps_mask"], want["aps_mask"])
-  np.testing.assert_allclose(algorithm1.probs_fn(placed, sharding)(x), want["probs"],
+  np.testing.assert_allclose(softmax_fn(placed, sharding)(x), want["probs"],
                              rtol=1e-6, atol=1e-6)
   inf = placed.inference()
   static = dict(module=inf.module, mean=tuple(inf.metadata["mean"]),
                 std=tuple(inf.metadata["std"]), layer="features", grid=14, sharding=sharding)
-  hlo = edge._edge_step.lower(inf.variables, x, np.float32(0.3), np.float32(0.5),
+  hlo = edge_lib._edge_step.lower(inf.variables, x, np.float32(0.3), np.float32(0.5),
                                   **static).compile().as_text()
   collectives = r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\("
   assert not re.findall(collectives, hlo)
 
 
 @pytest.mark.parametrize("lam", [np.inf, 0.0, "median"])
-def test_collaborative_inference(models, lam):
+def test_collaborative_inference_follows_eqs_15_24_25_and_27(models, lam):
+  """Acceptance, kept patches, payload bytes and final predictions of
+  `collaborative_inference` equal the paper's rules written out by hand
+  (Eq. 15 in float32, Eqs. 24-25 per patch, Eq. 27) and the unpadded server."""
   edge, server = models
   images = _images(6)
-  e = jax.device_get(edge.edge_step(edge, images, 0.0, 0.5))
+  e = jax.device_get(edge_lib.edge_step(edge, images, 0.0, 0.5))
   if lam == "median":
     lam = float(np.median(e["p_max"]))
-  out = collaborative.collaborative_inference(images, edge, server, _calibration(lam, 0.5), tau=0.6,
-                                         server_batch=4)
+  out = collaborative.collaborative_inference(images, edge, server, _point(lam, 0.5, 0.6),
+                                              server_batch=4)
   accepted = out["accepted"]
-  np.testing.assert_array_equal(accepted, e["p_max"] >= np.float32(lam))
+  np.testing.assert_array_equal(accepted, paper_rules.accepts(e["p_max"], lam))
   np.testing.assert_array_equal(out["pred"][accepted], e["pred"][accepted])
   assert not out["keep"][accepted].any() and (out["bytes"][accepted] == 0).all()
-  expected_keep = np.asarray(selection.select_threshold(e["patch_scores"], 0.6))
+  expected_keep = paper_rules.threshold_keep(e["patch_scores"], 0.6)
   for i in np.flatnonzero(~accepted):
     np.testing.assert_array_equal(out["keep"][i], expected_keep[i])
     assert out["keep"][i].any()  # Eq. 25: never an empty transmission

@@ -280,7 +280,7 @@ def test_create_overrides_and_small_server():
   assert lo16.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(lo16, np.float32)))
   assert max_rel_err(np.asarray(lo16, np.float32), logits) < 0.1
 
-  with pytest.raises(TypeError, match="widht"):
+  with pytest.raises(ValueError, match="unknown DeiT option.*widht"):
     deit.create(TINY, widht=3)
   with pytest.raises(ValueError, match="unknown DeiT variant"):
     deit.create("deit_huge_patch16_224")

@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 
 import small_models
-from rcst_jax.sweep import engine
 from rcst_jax import evaluate
-from rcst_jax.inference import server
-from rcst_jax.data.sources import Sources
-from rcst_jax.models.loading import Models
+from rcst_jax.calibration import algorithm1
 from rcst_jax.cli import parse_config
 from rcst_jax.data import BadImageError, Example
+from rcst_jax.data.sources import Sources
 from rcst_jax.data.synthetic import SyntheticShapes
+from rcst_jax.inference import server
+from rcst_jax.models.loading import Models
+from rcst_jax.sweep import cache, engine, outcomes, passes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _config(tmp_path, *overrides):
   return parse_config("imagenet:smoke", [f"--config.output_dir={tmp_path}",
                                          "--config.chunk_size=2048", *overrides])
@@ -88,7 +91,7 @@ def test_server_min_batch_pads_fewer_rows_with_the_same_results(tmp_path, models
   # batches (fewer padding rows processed), and no prediction changes.
   sources = _synthetic_sources()
   made, server_cls = [], server.Server
-  monkeypatch.setattr(pipeline, "Server",
+  monkeypatch.setattr(passes, "Server",  # the name sweep.passes instantiates
                       lambda *a, **k: made.append(server_cls(*a, **k)) or made[-1])
   tokens = {}
   for mb in (0, 2):
@@ -103,18 +106,41 @@ def test_server_min_batch_pads_fewer_rows_with_the_same_results(tmp_path, models
   assert tokens[2][1] < tokens[0][1]       # fewer processed
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path, models12):
+class _Interrupt(Exception):
+  """Stands for a killed run (Ctrl-C, preemption) between two chunks."""
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, models12, monkeypatch):
   sources = _synthetic_sources()
   opts = ("--config.chunk_size=8",)
   _, clean = _points(tmp_path / "clean", models12, sources, *opts)
-  with pytest.raises(engine.Interrupted):
-    _points(tmp_path / "resumed", models12, sources, *opts, stop_after=1)
-  ev, resumed = _points(tmp_path / "resumed", models12, sources, *opts)
+  run_chunk, ran = engine.Evaluation.run_chunk, []
+
+  def interrupted_after_one(self, c, *a, **k):
+    if ran:
+      raise _Interrupt(f"interrupted before chunk {c}")
+    ran.append(c)
+    return run_chunk(self, c, *a, **k)
+  with monkeypatch.context() as m:
+    m.setattr(engine.Evaluation, "run_chunk", interrupted_after_one)
+    with pytest.raises(_Interrupt):
+      _points(tmp_path / "resumed", models12, sources, *opts)
+  assert ran == [0]
+  # The rerun computes only the chunks the interrupted run did not finish.
+  recomputed = []
+
+  def recording(self, c, *a, **k):
+    recomputed.append(c)
+    return run_chunk(self, c, *a, **k)
+  with monkeypatch.context() as m:
+    m.setattr(engine.Evaluation, "run_chunk", recording)
+    ev, resumed = _points(tmp_path / "resumed", models12, sources, *opts)
+  assert recomputed == [1, 2]
   assert resumed["chunks_computed"] == 2 and clean["chunks_computed"] == 3
   assert resumed["points"] == clean["points"]
   for c in range(3):
     a, b = np.load(tmp_path / "clean" / "cache" / ev.fp / f"chunk_{c:05d}.npz"), \
-        np.load(ev._chunk_path(c))
+        np.load(ev.store.chunk_path(c))
     assert set(a.files) == set(b.files)
     for k in a.files:
       np.testing.assert_array_equal(a[k], b[k])
@@ -158,7 +184,7 @@ def test_bad_items_are_counted_and_skipped(tmp_path, models12):
 
 def test_fingerprint_covers_config_data_and_models(tmp_path, models12):
   sources = _synthetic_sources(8, 8)
-  fp = lambda *o, models=models12, sources=sources: engine.fingerprint(
+  fp = lambda *o, models=models12, sources=sources: cache.fingerprint(
       _config(tmp_path, *o), models, sources)
   base = fp()
   changed = ["--config.data.split_seed=3", "--config.data.folder_root=/x", "--config.data.label_map=/y",
@@ -181,9 +207,9 @@ def test_corrupt_chunk_and_calibration_are_recomputed(tmp_path, models12):
   sources = _synthetic_sources()
   opts = ("--config.chunk_size=8",)
   ev, clean = _points(tmp_path, models12, sources, *opts)
-  with open(ev._chunk_path(1), "r+b") as f:
+  with open(ev.store.chunk_path(1), "r+b") as f:
     f.truncate(100)
-  with open(os.path.join(ev.cache_dir, "calibration.json"), "w") as f:
+  with open(ev.store.calibration_path, "w") as f:
     f.write("{trunc")
   with pytest.warns(UserWarning, match="corrupt|unreadable"):
     _, again = _points(tmp_path, models12, sources, *opts)
@@ -200,7 +226,7 @@ def test_recertifying_reuses_the_calibration_outcomes(tmp_path, models12, monkey
 
   def no_server(*a, **k):
     raise AssertionError("the server ran again")
-  monkeypatch.setattr(engine.pipeline.Server, "logits_from_images", no_server)
+  monkeypatch.setattr(passes.Server, "logits_from_images", no_server)
   again = engine.Evaluation(_config(tmp_path, *on, "--config.certify.epsilon=0.2",
                                     "--config.certify.test=hb"), models12, sources,
                             str(tmp_path), progress=False).calibrate().certificate
@@ -230,10 +256,15 @@ def test_certification_runs_from_an_existing_evaluation_cache(tmp_path, models12
   assert reused["points"][:-1] == plain_run["points"]
 
   # A request nothing meets: the server-only fallback, and no model runs at all.
+  # Refused where they are looked up: sweep.passes calls edge_lib.edge_step (and
+  # edge_step_batched for a certified view) and instantiates Server; sweep.engine
+  # and sweep.outcomes call algorithm1.algorithm1 on the module.
+  assert engine.algorithm1 is algorithm1 and outcomes.algorithm1 is algorithm1
+  assert passes.Server is server.Server
   for name in ("edge_step", "edge_step_batched"):
-    monkeypatch.setattr(engine.pipeline, name, refuse(name))
-  monkeypatch.setattr(engine.pipeline.Server, "logits_from_images", refuse("the server"))
-  monkeypatch.setattr(engine.offline, "algorithm1", refuse("Algorithm 1"))
+    monkeypatch.setattr(passes.edge_lib, name, refuse(name))
+  monkeypatch.setattr(passes.Server, "logits_from_images", refuse("the server"))
+  monkeypatch.setattr(algorithm1, "algorithm1", refuse("Algorithm 1"))
   _, strict = _points(tmp_path / "a", models12, sources, *base, "--config.certify.enabled=True",
                       "--config.certify.epsilon=0.001", "--config.certify.test=hb")
   assert strict["calibration"].certificate["certified"] is False

@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import paper_rules
+from rcst_jax.calibration.algorithm1 import calibrate
+from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationWarning
+from rcst_jax.inference.methods import OperatingPoint
 from rcst_jax.stats import conformal as cf
+from rcst_jax.stats import ltt
 
 
 def _softmax(z):
@@ -73,28 +78,14 @@ def test_aps_scores_match_loop(rng):
     assert got[i] == acc
 
 
-def _aps_set_loop(p, q):
-  order = np.argsort(-p, kind="stable")
-  acc, k = np.float32(0), len(p)
-  for j, c in enumerate(order):
-    acc = np.float32(acc + p[c])
-    if acc > q:
-      k = j + 1
-      break
-  mask = np.zeros(len(p), bool)
-  mask[order[:k]] = True
-  return mask, k
-
-
-def test_aps_set_matches_loop(rng):
+def test_aps_set_equals_the_hand_written_aps_rule(rng):
   probs, _ = _synthetic(rng, 300, C=8)
   probs[:30] = _softmax(np.round(rng.normal(size=(30, 8)), 0))
   qs = np.concatenate([rng.random(290), [0.0, 1.0, np.inf, 0.5, 0.9, 0.99, 1.5, 0.3, 0.7, 0.8]])
   mask, k = cf.aps_set(probs, jnp.asarray(qs, jnp.float32))
-  for i in range(len(qs)):
-    want_mask, want_k = _aps_set_loop(probs[i], np.float32(qs[i]))
-    np.testing.assert_array_equal(mask[i], want_mask)
-    assert int(k[i]) == want_k
+  want_mask, want_k = paper_rules.aps_set(probs, qs)
+  np.testing.assert_array_equal(np.asarray(mask), want_mask)
+  np.testing.assert_array_equal(np.asarray(k), want_k)
   assert np.all(np.asarray(k)[qs == np.inf] == 8)
   assert np.all(np.asarray(k)[qs == 0.0] == 1)
 
@@ -309,7 +300,7 @@ def test_validation_rejects_alpha(rng, alpha):
   with pytest.raises(ValueError, match=r"\(0, 1\)|one number|must be a number"):
     cf.validate_calibration_inputs(p, y, alpha)
   with pytest.raises(ValueError, match="alpha_crc"):
-    cf.calibrate(p, y, alpha, 0.1)
+    calibrate(p, y, alpha, 0.1)
 
 
 # ---------------------------------------------------------------------------
@@ -318,7 +309,7 @@ def test_validation_rejects_alpha(rng, alpha):
 
 def test_calibrate_and_json_round_trip(rng, tmp_path):
   p, y = _synthetic(rng, 400)
-  cal = cf.calibrate(p, y, 0.05, 0.1, edge_model="efficientnet_b0", server_model="deit_base",
+  cal = calibrate(p, y, 0.05, 0.1, edge_model="efficientnet_b0", server_model="deit_base",
                      dataset="synthetic", split="cal", gradcam_layer="features",
                      transform={"resize_size": 256, "crop_size": 224, "interpolation": "bicubic"},
                      geometry={"image_size": 224, "patch": 16, "channels": 3})
@@ -328,25 +319,25 @@ def test_calibrate_and_json_round_trip(rng, tmp_path):
   assert cal.n == 400
   path = tmp_path / "cal.json"
   cal.to_json(path)
-  assert cf.Calibration.from_json(path) == cal
+  assert Calibration.from_json(path) == cal
 
   # An unsatisfiable CRC rule (inf) survives JSON as the string "inf".
-  with pytest.warns(cf.CalibrationWarning, match="accept nothing"):
-    never = cf.calibrate(p, y, 0.001, 0.001)
+  with pytest.warns(CalibrationWarning, match="accept nothing"):
+    never = calibrate(p, y, 0.001, 0.001)
   assert never.lambda_hat == math.inf and not never.lambda_valid and never.q_hat == math.inf
   never.to_json(path)
   text = path.read_text()
   assert '"inf"' in text and "Infinity" not in text
-  assert cf.Calibration.from_json(path) == never
+  assert Calibration.from_json(path) == never
 
 
 def test_calibrate_strict_raises(rng):
   p, y = _synthetic(rng, 10)
-  with pytest.raises(cf.CalibrationError, match="cannot control"):
-    cf.calibrate(p, y, 0.05, 0.1, strict=True)
+  with pytest.raises(CalibrationError, match="cannot control"):
+    calibrate(p, y, 0.05, 0.1, strict=True)
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore", cf.CalibrationWarning)
-    assert cf.calibrate(p, y, 0.05, 0.1).lambda_hat == math.inf
+    warnings.simplefilter("ignore", CalibrationWarning)
+    assert calibrate(p, y, 0.05, 0.1).lambda_hat == math.inf
 
 
 @pytest.mark.parametrize("edit, msg", [
@@ -371,10 +362,97 @@ def test_calibrate_strict_raises(rng):
     (lambda d: json.dumps({**d, "certificate": {"certified": True}}), "certificate must be"),
 ])
 def test_from_json_rejects_malformed(tmp_path, edit, msg):
-  good = cf.Calibration(lambda_hat=0.9, q_hat=0.95, alpha_crc=0.05, alpha_aps=0.05, n=100,
+  good = Calibration(lambda_hat=0.9, q_hat=0.95, alpha_crc=0.05, alpha_aps=0.05, n=100,
                         lambda_valid=True).to_dict()
   path = tmp_path / "bad.json"
   path.write_text(edit(good))
-  with pytest.raises(cf.CalibrationError, match=msg) as e:
-    cf.Calibration.from_json(path)
+  with pytest.raises(CalibrationError, match=msg) as e:
+    Calibration.from_json(path)
   assert str(path) in str(e.value)
+
+
+# ---------------------------------------------------------------------------
+# The one acceptance rule (Eq. 15) at the float32 boundary.
+
+
+LAM = 0.7  # not a float32: float32(0.7) = 0.699999988... < 0.7
+
+
+def _every_acceptance_path(p):
+  """Whether p_max = p is accepted at lambda = LAM by each path that decides it:
+  numpy (metrics), jnp inside jit as the edge step calls it (with x64 on too,
+  where a float64 lambda would otherwise win), and Learn-then-Test's grid
+  (decisions, edge_risk, patch_cost, offload_cost)."""
+  p32 = np.float32(p)
+  got = {"numpy": bool(cf.accepts(p32, LAM)),
+         "numpy, p_max as float64": bool(cf.accepts(np.float64(p32), np.float64(LAM)))}
+  edge_style = jax.jit(lambda p_max, lam: cf.accepts(p_max, lam))
+  got["jnp under jit"] = bool(edge_style(jnp.float32(p32), jnp.float32(LAM)))
+  with jax.enable_x64(True):
+    got["jnp under jit, x64"] = bool(jax.jit(lambda p_max: cf.accepts(p_max, np.float64(LAM)))(
+        jnp.asarray(p32, jnp.float32)))
+  # One image, wrong on the edge, 10 of 20 patches kept at the one tau.
+  p_max, lambdas = np.asarray([p32], np.float64), np.asarray([LAM])
+  accepted, pred = ltt.decisions(p_max, np.asarray([1]), np.asarray([[2]]), lambdas)
+  got["ltt.decisions"] = bool(accepted[0, 0])
+  assert pred[0, 0, 0] == (1 if accepted[0, 0] else 2)
+  risk = ltt.edge_risk(np.asarray([0]), np.asarray([1]), p_max, lambdas, num_taus=1)
+  got["ltt.edge_risk"] = bool(risk[0, 0, 0] == 1.0)
+  cost = ltt.patch_cost(p_max, np.asarray([[10]]), lambdas, num_patches=20)
+  got["ltt.patch_cost"] = bool(cost[0, 0] == 0.0)
+  assert cost[0, 0] in (0.0, 0.5)
+  got["ltt.offload_cost"] = bool(ltt.offload_cost(p_max, np.asarray([[1.0]]), lambdas)[0, 0] == 0)
+  return got
+
+
+def test_accepts_is_a_float32_comparison_on_every_path():
+  """p_max == float32(lambda) is accepted everywhere (a float64 lambda of 0.7 would
+  reject it), and the next float32 below it is rejected everywhere."""
+  at = np.float32(LAM)
+  assert np.float64(at) < LAM  # the case a float64 comparison gets wrong
+  below = np.nextafter(at, np.float32(0))
+  assert all(_every_acceptance_path(at).values()), _every_acceptance_path(at)
+  assert not any(_every_acceptance_path(below).values()), _every_acceptance_path(below)
+  assert bool(paper_rules.accepts(at, LAM)) and not bool(paper_rules.accepts(below, LAM))
+  # Broadcasting, and jnp in -> jnp out.
+  np.testing.assert_array_equal(cf.accepts(np.asarray([below, at, 1.0], np.float32), LAM),
+                                [False, True, True])
+  assert isinstance(cf.accepts(jnp.float32(at), LAM), jax.Array)
+
+
+def test_the_hand_written_aps_rule_on_a_hand_example():
+  """The transcription the APS tests compare against, checked by hand: ties go to
+  the lower class index, the crossing class is included, inf keeps every class."""
+  p = np.asarray([[0.1, 0.4, 0.4, 0.1]], np.float32)
+  for q, want in [(0.0, [False, True, False, False]), (0.39, [False, True, False, False]),
+                  (0.4, [False, True, True, False]), (0.85, [True, True, True, False]),
+                  (np.inf, [True, True, True, True])]:
+    mask, k = paper_rules.aps_set(p, q)
+    assert mask[0].tolist() == want and k[0] == sum(want), q
+    got, gk = cf.aps_set(p, q)
+    assert np.asarray(got)[0].tolist() == want and int(gk[0]) == sum(want), q
+
+
+# ---------------------------------------------------------------------------
+# Where Algorithm 2 runs: the calibration's operating point.
+
+
+def test_operating_point_is_the_certified_pair_or_the_crc_lambda_at_a_tau():
+  base = dict(lambda_hat=0.9, q_hat=0.95, alpha_crc=0.05, alpha_aps=0.05, n=100,
+              lambda_valid=True)
+  cert = {"certified": True, "lambda_hat": 0.6, "tau": 0.4, "q_hat": 0.8,
+          "risks": ["accuracy_drop"], "epsilon": 0.02, "delta": 0.1, "test": "wsr",
+          "n_fit": 50, "n_test": 50, "p_value": 0.01}
+  cal = Calibration(**base, certificate=cert)
+  assert cal.operating_point() == OperatingPoint(0.6, 0.8, 0.4, certified=True)
+  assert cal.operating_point(0.3) == OperatingPoint(0.9, 0.95, 0.3, certified=False)
+  # Nothing certified: server-only's pair (accept nothing, keep every patch).
+  none = Calibration(**base, certificate={**cert, "certified": False, "lambda_hat": "inf",
+                                          "tau": 0.0})
+  assert none.operating_point() == OperatingPoint(math.inf, 0.8, 0.0, certified=False)
+  # A grid lambda above 1 accepts nothing, as inf does.
+  above = Calibration(**base, certificate={**cert, "lambda_hat": 1.01})
+  assert above.operating_point().lambda_hat == math.inf
+  with pytest.raises(CalibrationError, match="no certified"):
+    Calibration(**base).operating_point()
+  assert Calibration(**base).operating_point(0.5) == OperatingPoint(0.9, 0.95, 0.5)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import paper_rules
 from conftest import randomize_batchnorm, timm_state_dict_numpy
-from rcst_jax.stats import conformal
-from rcst_jax.inference import edge
+from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import saliency
 from rcst_jax.models.checkpoints import Model
 from rcst_jax.models.convert import convert_state_dict
@@ -72,21 +72,26 @@ def test_conv_head_layer_matches_torch_autograd(b0, inference_form):
   assert np.max(np.abs(norm(res["cam"]) - norm(ref))) <= 1e-4
 
 
-def test_multi_class_equals_weighted_sum_before_relu(b0):
+def test_aps_weighted_cam_is_the_eq19_weighted_sum_of_class_maps_before_relu(b0):
+  """One backward pass with the APS weights (Eq. 19) gives the w-weighted sum of
+  the per-class Grad-CAM maps before the ReLU (Eqs. 20-22). The APS set and
+  the weights of the expected value are written out by hand."""
   _, model, images, _ = b0
   x = _jx(model, images)
   with jax.default_matmul_precision("highest"):
     logits, fmap, vjp = saliency.forward_with_taps(model.module, model.variables, x, "features")
     probs = jax.nn.softmax(logits)
-    mask, _ = conformal.aps_set(probs, 0.02)  # a few classes per image
+    mask, _ = paper_rules.aps_set(np.asarray(probs), 0.02)  # a few classes per image
     assert int(mask.sum(-1).min()) >= 2
-    w = saliency.aps_weights(probs, mask)
-    agg = saliency.grad_cam(fmap, vjp(w))
+    w = paper_rules.aps_weights(np.asarray(probs), mask)
+    np.testing.assert_allclose(np.asarray(saliency.aps_weights(probs, jnp.asarray(mask))), w,
+                               rtol=1e-5, atol=1e-7)
+    agg = saliency.grad_cam(fmap, vjp(saliency.aps_weights(probs, jnp.asarray(mask))))
     per_class = jnp.zeros(fmap.shape[:3])
-    for c in np.flatnonzero(np.asarray(mask).any(0)):
+    for c in np.flatnonzero(mask.any(0)):
       g = vjp(jax.nn.one_hot(jnp.full((2,), c), probs.shape[-1]))
       pre = (g.mean((1, 2), keepdims=True) * fmap).sum(-1)
-      per_class = per_class + w[:, c][:, None, None] * pre
+      per_class = per_class + jnp.asarray(w[:, c], jnp.float32)[:, None, None] * pre
   np.testing.assert_allclose(np.asarray(agg), np.asarray(jax.nn.relu(per_class)),
                              rtol=1e-4, atol=1e-6 * float(jnp.abs(per_class).max()))
 
@@ -131,15 +136,18 @@ def test_upsample_matches_torch_bilinear():
                              ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_edge_step_is_consistent(b0):
+def test_edge_step_accepts_by_eq15_and_builds_the_eq17_18_aps_set(b0):
+  """The edge step's acceptance is float32(p_max) >= float32(lambda) and its APS
+  set and size are the hand-written APS rule on its own softmax."""
   _, model, images, _ = b0
   with jax.default_matmul_precision("highest"):
-    e = jax.device_get(edge.edge_step(model, images, lambda_hat=0.0015, q_hat=0.05))
+    e = jax.device_get(edge_lib.edge_step(model, images, lambda_hat=0.0015, q_hat=0.05))
   probs = e["probs"]
   np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
-  np.testing.assert_array_equal(e["accept"], probs.max(-1) >= np.float32(0.0015))
-  mask, k = conformal.aps_set(probs, 0.05)
-  np.testing.assert_array_equal(e["aps_mask"], np.asarray(mask))
-  np.testing.assert_array_equal(e["aps_size"], np.asarray(k))
+  np.testing.assert_array_equal(e["p_max"], probs.max(-1))
+  np.testing.assert_array_equal(e["accept"], paper_rules.accepts(probs.max(-1), 0.0015))
+  mask, k = paper_rules.aps_set(probs, 0.05)
+  np.testing.assert_array_equal(e["aps_mask"], mask)
+  np.testing.assert_array_equal(e["aps_size"], k)
   assert e["patch_scores"].shape == (2, 196)
   assert (e["patch_scores"] >= 0).all() and (e["patch_scores"] <= 1).all()

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rcst_jax.inference import selection
-from rcst_jax.inference import payload
+import paper_rules
 from rcst_jax.geometry import Geometry
+from rcst_jax.inference import payload, selection
 
 N = 196
 
@@ -43,20 +43,8 @@ def test_select_threshold_and_argmax_fallback(rng):
   assert np.flatnonzero(np.asarray(selection.select_threshold(z, 0.5))[0]).tolist() == [7]
 
 
-def _attention_sum_loop(a, delta):
-  """Direct transcription of sel_sum_th: sorted descending, float32 running sum, keep cum <= delta."""
-  order = np.argsort(-a, kind="stable")
-  keep = np.zeros(len(a), bool)
-  acc = np.float32(0)
-  for j in order:
-    acc = np.float32(acc + a[j])
-    if acc <= np.float32(delta):
-      keep[j] = True
-  return keep
-
-
 @pytest.mark.parametrize("ties", [False, True])
-def test_attention_sum_matches_loop(rng, ties):
+def test_attention_sum_equals_the_hand_written_float32_prefix_rule(rng, ties):
   a = _attention(rng, 200, ties=ties)
   deltas = [0.0, 1e-4, 0.05, 0.5, 0.9, 0.97, 0.999, 1.0]
   # Boundary deltas exactly equal to a float32 prefix sum of some row.
@@ -70,7 +58,7 @@ def test_attention_sum_matches_loop(rng, ties):
   zero_rows = 0
   for d in deltas:
     keep = np.asarray(sel(a, d))
-    want = np.stack([_attention_sum_loop(row, d) for row in a])
+    want = paper_rules.attention_sum_keep(a, d)
     np.testing.assert_array_equal(keep, want, err_msg=f"delta={d}")
     zero_rows += int((~keep.any(-1)).sum())
   assert zero_rows > 0  # small deltas exercise the zero-patch case
@@ -78,9 +66,26 @@ def test_attention_sum_matches_loop(rng, ties):
 
 def test_attention_sum_excludes_crossing_patch():
   a = np.array([[0.5, 0.3, 0.2]], np.float32)
-  assert np.asarray(selection.select_attention_sum(a, 0.79)).tolist() == [[True, False, False]]
-  assert np.asarray(selection.select_attention_sum(a, 0.8)).tolist() == [[True, True, False]]
-  assert np.asarray(selection.select_attention_sum(a, 0.49)).tolist() == [[False, False, False]]
+  for delta, want in [(0.79, [[True, False, False]]), (0.8, [[True, True, False]]),
+                      (0.49, [[False, False, False]])]:
+    assert np.asarray(selection.select_attention_sum(a, delta)).tolist() == want
+    assert paper_rules.attention_sum_keep(a, delta).tolist() == want  # the transcription too
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_threshold_and_topk_equal_the_hand_written_rules(rng, ties):
+  """Eqs. 24-25 and Im et al.'s top-k against plain-numpy transcriptions, with
+  rows where nothing reaches tau and (ties=True) many equal scores."""
+  s = rng.random((40, N)).astype(np.float32)
+  if ties:
+    s = np.round(s * 4) / 4
+  s[:6] *= 0.3
+  for tau in (0.0, 0.25, 0.5, 0.6, 0.75, 1.0, 1.5):
+    np.testing.assert_array_equal(np.asarray(selection.select_threshold(s, tau)),
+                                  paper_rules.threshold_keep(s, tau), err_msg=f"tau={tau}")
+  for k in (0, 1, 7, 50, N):
+    np.testing.assert_array_equal(np.asarray(selection.select_topk(s, k)),
+                                  paper_rules.topk_keep(s, k), err_msg=f"k={k}")
 
 
 def test_topk_and_random_k(rng):
