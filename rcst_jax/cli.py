@@ -18,7 +18,7 @@ from rcst_jax.config import files
 from rcst_jax.config.schema import validate
 from rcst_jax.data.preprocess import BadItemError
 from rcst_jax.data.sources import transform_from_record
-from rcst_jax.evaluate import calibrate_config, evaluate_config
+from rcst_jax.evaluate import calibrate_config, evaluate_config, verify_calibration
 from rcst_jax.fileio import dumps
 from rcst_jax.inference.collaborative import collaborative_inference
 from rcst_jax.models.checkpoints import load_model
@@ -59,14 +59,14 @@ def _positive_int(text: str) -> int:
   return value
 
 
-def _finite_float(text: str) -> float:
-  """argparse type: a finite number (no nan/inf)."""
+def _unit_float(text: str) -> float:
+  """argparse type: a number in [0, 1] (a patch threshold on min-max normalised saliency)."""
   try:
     value = float(text)
   except ValueError:
     value = math.nan
-  if not math.isfinite(value):
-    raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+  if not 0.0 <= value <= 1.0:
+    raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
   return value
 
 
@@ -90,13 +90,13 @@ def _cmd_train(args, extra):
 
 
 def _cmd_evaluate(args, extra):
-  _print_run(evaluate_config(parse_config(args.config, extra)))
+  _print_run(evaluate_config(parse_config(args.config, extra), overwrite=args.overwrite))
 
 
 def _cmd_demo(args, extra):
   t0 = time.time()
   config = parse_config(args.config, extra)
-  _print_run(evaluate_config(config))
+  _print_run(evaluate_config(config, overwrite=args.overwrite))
   print(f"demo finished in {time.time() - t0:.0f} s; outputs in "
         f"{os.path.abspath(config.output_dir)}")
 
@@ -119,9 +119,14 @@ def _print_run(out):
 
 def _cmd_calibrate(args, extra):
   config = parse_config(args.config, extra)
-  cal = calibrate_config(config)
-  out = args.out or os.path.join(config.output_dir, "calibration.json")
-  cal.to_json(out)
+  if args.verify:
+    diffs = verify_calibration(config, args.verify)
+    print(dumps({"calibration": args.verify, "verified": not diffs, "differences": diffs}))
+    if diffs:
+      raise errors.RcstError(f"{args.verify} does not match its recomputation: "
+                             + "; ".join(diffs))
+    return 0
+  cal, out = calibrate_config(config, args.out, args.overwrite)
   print(dumps({"calibration": out, **cal.to_dict()}))
 
 
@@ -136,6 +141,9 @@ def _load_run(args, with_server: bool):
                   "its whole-system certificate does not apply")
   if args.tau is None and cal.certificate is None:
     raise errors.RcstError(f"{args.calibration} has no certified (lambda, tau); pass --tau")
+  if args.tau is None and not cal.certificate["certified"]:
+    warnings.warn(f"{args.calibration}: nothing was certified, so the run is server-only "
+                  "(every image offloaded with all its patches)")
   return edge, server, cal, cal.operating_point(args.tau)
 
 
@@ -229,6 +237,13 @@ def _add_config_commands(sub) -> None:
     p.add_argument("--config", required=default is None, default=default, help=what)
     if name == "calibrate":
       p.add_argument("--out", help="calibration JSON path (default: <output_dir>/calibration.json)")
+      p.add_argument("--verify", metavar="FILE",
+                     help="recompute the calibration FILE records (its certificate's request) "
+                          "from the config's data and models; exit 2 if anything differs")
+    if name != "train":
+      p.add_argument("--overwrite", action="store_true",
+                     help="replace outputs rcst wrote even if they changed since (rcst never "
+                          "replaces files it did not write)")
     p.set_defaults(func=func, takes_overrides=True)
   p = sub.add_parser("configs", help="list the shipped configs and their variants")
   p.set_defaults(func=_cmd_configs)
@@ -250,7 +265,7 @@ def _add_run_commands(sub) -> None:
                    help="images per edge/server call (explain pads to it, as run does)")
     p.add_argument("--edge", required=True)
     p.add_argument("--calibration", required=True)
-    p.add_argument("--tau", type=_finite_float, default=None, help=tau_help)
+    p.add_argument("--tau", type=_unit_float, default=None, help=tau_help)
     p.add_argument("--allow-other-weights", action="store_true",
                    help="use a calibration made for other weights (no guarantee)")
 
@@ -270,6 +285,8 @@ def main(argv=None) -> int:
   with a reason (one line on stderr, no traceback), 130 interrupted. Any other
   exception is a bug and keeps its traceback."""
   xla_cpu.tune()  # before any computation starts a backend
+  for stream in (sys.stdout, sys.stderr):  # file names need not be UTF-8: never crash on one
+    getattr(stream, "reconfigure", lambda **k: None)(errors="backslashreplace")
   args, extra = build_parser().parse_known_args(argv)
   if extra and not getattr(args, "takes_overrides", False):
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")

@@ -9,6 +9,7 @@ hosts on one shared filesystem, never write the same temporary file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -74,6 +75,8 @@ def plain(x: Any) -> Any:
     x = x.item()
   if isinstance(x, float) and not math.isfinite(x):
     return None
+  if isinstance(x, str) and not x.isascii():  # a non-UTF-8 file name: its bytes, escaped
+    return os.fsencode(x).decode("utf-8", "backslashreplace")
   return x
 
 
@@ -136,3 +139,86 @@ def umask() -> int:
   mask = os.umask(0o022)
   os.umask(mask)
   return mask
+
+
+# ---------------------------------------------------------------- a run's output directory
+
+MARKER = ".rcst_outputs.json"
+_MARKER_FORMAT = "rcst_outputs"
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(1 << 20):
+      h.update(block)
+  return h.hexdigest()
+
+
+class OutputDir:
+  """A directory rcst writes results into, and never a user's files.
+
+  It must be new, empty, or created by rcst (the `MARKER` file, which
+  records the sha256 of every output rcst wrote). `claim` runs before any
+  work: an output name that holds a file rcst did not write is refused, and
+  one rcst wrote but that changed since is refused unless ``overwrite``.
+  Names are marked as pending before they are written, so an interrupted
+  write leaves nothing that looks foreign to the next run.
+  """
+
+  def __init__(self, directory: str):
+    self.dir = os.path.abspath(directory)
+    self.marker = os.path.join(self.dir, MARKER)
+
+  def _entries(self) -> dict | None:
+    """The marker's records; None when there is no readable marker."""
+    try:
+      with open(self.marker, encoding="utf-8") as f:
+        d = json.load(f)
+    except (OSError, ValueError):
+      return None
+    if not isinstance(d, dict) or d.get("format") != _MARKER_FORMAT \
+        or not isinstance(d.get("files"), dict):
+      return None
+    return d["files"]
+
+  def _write(self, entries: dict) -> None:
+    atomic_write_text(self.marker, json.dumps({"format": _MARKER_FORMAT, "files": entries},
+                                              indent=1, sort_keys=True) + "\n")
+
+  def claim(self, names, overwrite: bool = False) -> "OutputDir":
+    """Checks that ``names`` (paths relative to the directory) may be written."""
+    d, refuse = self.dir, f"refusing to write results to {self.dir}"
+    if os.path.islink(d):
+      raise OutputRefusedError(f"{refuse}: it is a symbolic link")
+    if os.path.exists(d) and not os.path.isdir(d):
+      raise OutputRefusedError(f"{refuse}: it exists and is not a directory")
+    if _inside(os.path.realpath(os.getcwd()), os.path.realpath(d)):
+      raise OutputRefusedError(f"{refuse}: it is the current directory or one of its parents")
+    entries = self._entries()
+    if entries is None:
+      if os.path.isdir(d) and os.listdir(d):
+        raise OutputRefusedError(
+            f"{refuse}: it is not empty and was not created by rcst (no {MARKER}); choose a "
+            "new or empty output_dir (rcst never replaces files it did not write)")
+      os.makedirs(d, exist_ok=True)
+      entries = {}
+    for name in names:
+      path = os.path.join(d, name)
+      if not os.path.lexists(path):
+        continue
+      if name not in entries or os.path.islink(path) or not os.path.isfile(path):
+        raise OutputRefusedError(f"{refuse}: {path} was not written by rcst; move it away "
+                                 "(rcst never replaces files it did not write)")
+      if entries[name] is not None and entries[name] != _file_sha256(path) and not overwrite:
+        raise OutputRefusedError(f"{refuse}: {path} changed since rcst wrote it; move it away, "
+                                 "or pass --overwrite to replace it")
+    self._write({**entries, **{n: entries.get(n) for n in names}})  # pending until written
+    return self
+
+  def record(self, path: str) -> str:
+    """Notes a file just written (its sha256) as rcst's own; returns the path."""
+    entries = self._entries() or {}
+    entries[os.path.relpath(os.path.abspath(path), self.dir)] = _file_sha256(path)
+    self._write(entries)
+    return path

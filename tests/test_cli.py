@@ -10,6 +10,7 @@ from PIL import Image
 
 import paper_rules
 from rcst_jax import cli
+from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference import payload
@@ -129,8 +130,10 @@ def test_run_and_explain_without_tau_take_the_certified_decision(calibration, tm
   lam = float((p_max[2] + p_max[-3]) / 2)
   d = Calibration.from_json(calibration).to_dict()
   assert d["certificate"] is not None and lam != d["lambda_hat"]
-  d["certificate"] = {**d["certificate"], "certified": True, "lambda_hat": lam, "tau": 0.4,
-                      "q_hat": 0.5, "p_value": 0.01}
+  d["certificate"] = certificate.seal({  # a consistent certificate of a one-point grid
+      **d["certificate"], "certified": True, "lambda_hat": lam, "tau": 0.4, "q_hat": 0.5,
+      "p_value": 0.01, "lambda_grid": [lam], "tau_grid": [0.4], "grid_size": 1,
+      "certified_count": 1})
   certified = tmp_path / "certified.json"
   Calibration.from_dict(d).to_json(certified)
   point = Calibration.from_json(certified).operating_point()

@@ -45,6 +45,8 @@ BAD = [
     ("tau_grid", "()"), ("tau_grid", "(0.1,nan)"), ("tau_grid", "abc"),
     ("k_grid", "(-1,10)"), ("k_grid", "(0.5,2)"),
     ("delta_sum_grid", "(-0.1,0.5)"),
+    ("tau_grid", "(0.1,1.5)"), ("tau_grid", "(-0.1,0.5)"), ("delta_sum_grid", "(0.5,1.2)"),
+    ("certify.lambda_grid", "(0.5,50)"), ("certify.lambda_grid", "(-0.1,)"),
     ("empty_policy", "bogus"), ("gradcam_layer", "nope"),
     ("dtype", "float16"), ("matmul_precision", "fastest"), ("compare_dtype", "float16"),
     ("batch_size", "0"), ("server_batch", "-1"), ("server_min_batch", "-2"), ("chunk_size", "0"),
@@ -93,6 +95,29 @@ def test_library_callers_are_validated_too(no_models):
     rcst_jax.evaluate.evaluate_config(config)
 
 
+@pytest.mark.parametrize("key,value,allowed", [
+    ("tau_grid", (0.1, 1.5), "each a number in [0, 1]; 1.5 is not"),
+    ("tau_grid", (-0.2, 0.5), "each a number in [0, 1]; -0.2 is not"),
+    ("delta_sum_grid", (0.5, 1.2), "each a number in [0, 1.1] (one above 1 keeps every patch); "
+     "1.2 is not"),
+    ("certify.lambda_grid", (0.5, 50), "each a number in [0, 1.1] (one above 1 accepts "
+     "nothing); 50 is not"),
+])
+def test_grid_value_out_of_range_names_key_value_and_range(key, value, allowed):
+  config = cli.parse_config(DEMO, [f"--config.{key}={value}"], check=False)
+  with pytest.raises(ConfigError) as e:
+    schema.validate(config)
+  assert str(e.value) == (f"config.{key} = {value!r}: must be a tuple of at least 1 value(s), "
+                          f"{allowed}")
+
+
+def test_grid_ends_that_mean_all_or_nothing_pass():
+  config = cli.parse_config(DEMO, ["--config.tau_grid=(0.0,1.0)",
+                                   "--config.delta_sum_grid=(0,1.01)",
+                                   "--config.certify.lambda_grid=(0.0,0.5,1.0,1.01)"])
+  assert tuple(config.tau_grid) == (0.0, 1.0)
+
+
 def test_unknown_key_in_a_config_file_is_refused():
   config = cli.parse_config(DEMO, [])
   with config.unlocked():
@@ -110,10 +135,12 @@ def test_synthetic_data_needs_n_test():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["run", "--tau", "nan"], "--tau: must be a finite number"),
-    (["run", "--tau", "inf"], "--tau: must be a finite number"),
+    (["run", "--tau", "nan"], "--tau: must be a number in \\[0, 1\\]"),
+    (["run", "--tau", "inf"], "--tau: must be a number in \\[0, 1\\]"),
+    (["run", "--tau", "1.7"], "--tau: must be a number in \\[0, 1\\]"),
+    (["run", "--tau", "-0.1"], "--tau: must be a number in \\[0, 1\\]"),
     (["run", "--tau", "0.5", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
-    (["explain", "--tau=-inf", "--out", "x.png"], "--tau: must be a finite number"),
+    (["explain", "--tau=-inf", "--out", "x.png"], "--tau: must be a number in \\[0, 1\\]"),
     (["predict", "--model", "m", "--batch-size=-1"], "--batch-size: must be an integer"),
 ])
 def test_run_explain_predict_refuse_bad_numbers(argv, message, capsys):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import paper_rules
+from rcst_jax.calibration import certificate
 from rcst_jax.calibration.algorithm1 import calibrate
 from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationWarning
 from rcst_jax.inference.methods import OperatingPoint
@@ -343,7 +344,7 @@ def test_calibrate_strict_raises(rng):
 @pytest.mark.parametrize("edit, msg", [
     (lambda d: "{not json", "not valid JSON"),
     (lambda d: json.dumps([1, 2]), "JSON object"),
-    (lambda d: json.dumps({**d, "version": 1}), "v2"),
+    (lambda d: json.dumps({**d, "version": 2}), "v3"),
     (lambda d: json.dumps({k: v for k, v in d.items() if k != "q_hat"}), "missing"),
     (lambda d: json.dumps({**d, "lamda_hat": 0.5}), "unknown"),
     (lambda d: json.dumps({**d, "lambda_hat": "0.5"}), "number or the string 'inf'"),
@@ -440,18 +441,22 @@ def test_the_hand_written_aps_rule_on_a_hand_example():
 def test_operating_point_is_the_certified_pair_or_the_crc_lambda_at_a_tau():
   base = dict(lambda_hat=0.9, q_hat=0.95, alpha_crc=0.05, alpha_aps=0.05, n=100,
               lambda_valid=True)
-  cert = {"certified": True, "lambda_hat": 0.6, "tau": 0.4, "q_hat": 0.8,
-          "risks": ["accuracy_drop"], "epsilon": 0.02, "delta": 0.1, "test": "wsr",
-          "n_fit": 50, "n_test": 50, "p_value": 0.01}
+  cert = certificate.seal({
+      "certified": True, "lambda_hat": 0.6, "tau": 0.4, "q_hat": 0.8,
+      "risks": ["accuracy_drop"], "levels": {"accuracy_drop": 0.02}, "epsilon": 0.02,
+      "delta": 0.1, "test": "wsr", "multiple_testing": "pareto", "cost": "patches",
+      "n_fit": 50, "n_test": 50, "split_seed": 0, "order_seed": 1, "p_value": 0.01,
+      "lambda_grid": [0.6, 1.01], "tau_grid": [0.0, 0.4], "grid_size": 4, "certified_count": 2,
+      "cost_calibration": 0.5})
   cal = Calibration(**base, certificate=cert)
   assert cal.operating_point() == OperatingPoint(0.6, 0.8, 0.4, certified=True)
   assert cal.operating_point(0.3) == OperatingPoint(0.9, 0.95, 0.3, certified=False)
   # Nothing certified: server-only's pair (accept nothing, keep every patch).
-  none = Calibration(**base, certificate={**cert, "certified": False, "lambda_hat": "inf",
-                                          "tau": 0.0})
+  none = Calibration(**base, certificate=certificate.seal(
+      {**cert, "certified": False, "lambda_hat": "inf", "tau": 0.0}))
   assert none.operating_point() == OperatingPoint(math.inf, 0.8, 0.0, certified=False)
   # A grid lambda above 1 accepts nothing, as inf does.
-  above = Calibration(**base, certificate={**cert, "lambda_hat": 1.01})
+  above = Calibration(**base, certificate=certificate.seal({**cert, "lambda_hat": 1.01}))
   assert above.operating_point().lambda_hat == math.inf
   with pytest.raises(CalibrationError, match="no certified"):
     Calibration(**base).operating_point()

@@ -289,3 +289,113 @@ def test_byte_cost_is_the_reported_byte_cost():
       off = p_max < lam
       want = payload.byte_ratio(off, metrics.point_bytes(off, kept[t], g), g)
       assert abs(got[l, t] - want) < 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Order: the betting test needs exchangeable order; pareto_testing supplies it.
+
+
+def _class_sorted_draws(draws, n, seed=0):
+  """Calibration sets listed class by class (as a folder source lists them), H0 true.
+
+  10 classes; the 3 listed last carry most of the loss: mean 0.12 > eps = 0.1.
+  Each half of a sorted-index split then arrives sorted by label.
+  """
+  rng = np.random.default_rng(seed)
+  rates = np.array([0.02] * 7 + [(0.12 - 0.7 * 0.02) / 0.3] * 3)
+  labels = np.sort(rng.integers(0, 10, (draws, n)), -1)
+  x = (rng.random((draws, n)) < rates[labels]).astype(float)
+  fit = np.sort(rng.permuted(np.tile(np.arange(n), (draws, 1)), axis=1)[:, :n // 2], -1)
+  test = np.array([np.setdiff1d(np.arange(n), f) for f in fit])   # sorted, like outcomes.split
+  return x, fit, test, float(rates[labels].mean())
+
+
+def _sorted_order_violations(x, test, eps, delta):
+  """The betting test on the testing half in the caller's (label-sorted) order."""
+  return np.mean(ltt.wsr_pvalue(np.take_along_axis(x, test, -1), eps, delta) <= delta)
+
+
+def test_betting_test_in_sorted_order_is_invalid_and_pareto_testing_permutes():
+  draws, n, eps, delta = 600, 400, 0.1, 0.1
+  x, fit, test, mean = _class_sorted_draws(draws, n)
+  assert abs(mean - 0.12) < 0.005   # every "within eps" claim is false
+  slack = _slack(delta, draws)
+  # Without the permutation the test has no validity: it rejects a false H0 most of the time.
+  unpermuted = _sorted_order_violations(x, test, eps, delta)
+  shuffled = np.mean(ltt.wsr_pvalue(np.random.default_rng(1).permuted(
+      np.take_along_axis(x, test, -1), axis=1), eps, delta) <= delta)
+  cost = np.zeros((1, 1))
+  fixed = [ltt.pareto_testing(x[d][None, None], cost, eps, delta, split_indices=(fit[d], test[d]))
+           for d in range(draws)]
+  seeded = [ltt.pareto_testing(x[d][None, None], cost, eps, delta,
+                               split_indices=(fit[d], test[d]), order_seed=d) for d in range(draws)]
+  got = {k: np.mean([r.certified.any() for r in v]) for k, v in (("fixed", fixed),
+                                                                   ("seeded", seeded))}
+  print(f"violations: sorted {unpermuted:.3f}, shuffled {shuffled:.3f}, pareto_testing "
+        f"order_seed=0 {got['fixed']:.3f}, order_seed=draw {got['seeded']:.3f}")
+  assert unpermuted > 0.5 > delta + slack
+  assert shuffled <= delta + slack
+  assert got["seeded"] <= delta + slack and got["fixed"] <= delta + slack
+  assert all(r.order_seed == d for d, r in enumerate(seeded))
+
+
+def test_order_depends_on_the_index_sets_and_seed_only():
+  x, fit, test, _ = _class_sorted_draws(1, 400, seed=3)
+  losses, cost = np.broadcast_to(x[0], (2, 3, 400)), np.arange(6.0).reshape(2, 3)
+  rng = np.random.default_rng(4)
+  kw = dict(test="wsr", order_by="pvalue")
+  a = ltt.pareto_testing(losses, cost, 0.1, 0.1, split_indices=(fit[0], test[0]), **kw)
+  b = ltt.pareto_testing(losses, cost, 0.1, 0.1, split_indices=(rng.permutation(fit[0]),
+                                                                test[0][::-1]), **kw)
+  np.testing.assert_array_equal(a.pvalues, b.pvalues)
+  c = ltt.pareto_testing(losses, cost, 0.1, 0.1, split_indices=(fit[0], test[0]), order_seed=5,
+                         **kw)
+  assert not np.array_equal(a.pvalues, c.pvalues)   # the seed does reorder the betting test
+  assert (a.order_seed, c.order_seed) == (0, 5)
+
+
+@pytest.mark.parametrize("test", ["binomial", "hb"])
+def test_order_seed_changes_nothing_for_order_invariant_pvalues(test):
+  rng = np.random.default_rng(8)
+  rates = np.linspace(0.0, 0.3, 12).reshape(3, 4)
+  losses = (rng.random((3, 4, 300)) < rates[..., None]).astype(float)
+  costs = rng.random((3, 4))
+  split = (np.arange(100), np.arange(100, 300))
+  res = [ltt.pareto_testing(losses, costs, 0.1, 0.1, test=test, split_indices=split,
+                            order_seed=s) for s in (0, 1, 12345)]
+  for r in res[1:]:
+    np.testing.assert_allclose(r.pvalues, res[0].pvalues, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(r.certified, res[0].certified)
+    np.testing.assert_array_equal(r.order, res[0].order)
+    assert r.chosen == res[0].chosen
+  assert [r.order_seed for r in res] == [0, 1, 12345]
+
+
+def test_adjusted_pvalues_by_hand():
+  # Binary losses on a 2 x 2 grid, testing split of 20: exact binomial p-values.
+  ones = np.array([[6, 1], [0, 3]])           # losses among the 20 testing images
+  losses = np.zeros((2, 2, 30))
+  for (l, t), k in np.ndenumerate(ones):
+    losses[l, t, 10:10 + k] = 1.0
+  costs = np.array([[0.9, 0.1], [0.4, 0.6]])
+  split = (np.arange(10), np.arange(10, 30))    # fitting split all zeros: order = by cost
+  res = ltt.pareto_testing(losses, costs, 0.2, 0.1, test="binomial", split_indices=split)
+  p = np.array([[_exact_binom_cdf(int(k), 20, Fraction(1, 5)) for k in row] for row in ones])
+  np.testing.assert_allclose(res.pvalues, p, rtol=1e-9)
+  np.testing.assert_array_equal(res.order, [1, 2, 3, 0])  # costs 0.1, 0.4, 0.6, 0.9
+  # Fixed sequence: running max along the order (0,1) -> (1,0) -> (1,1) -> (0,0).
+  want = np.empty(4)
+  running = 0.0
+  for flat in res.order:
+    running = max(running, p.ravel()[flat])
+    want[flat] = running
+  np.testing.assert_allclose(res.adjusted.ravel(), want, rtol=1e-9)
+  assert res.adjusted[1, 0] == pytest.approx(p[0, 1]) and p[1, 0] < p[0, 1]  # earlier max
+  np.testing.assert_array_equal(res.certified, [[False, True], [True, False]])
+  np.testing.assert_array_equal(res.certified, res.adjusted <= 0.1)
+  assert res.certified.sum() == ltt.fixed_sequence(p.ravel()[res.order], 0.1)
+  bf = ltt.pareto_testing(losses, costs, 0.2, 0.1, test="binomial", split_indices=split,
+                          multiple_testing="bonferroni")
+  np.testing.assert_allclose(bf.adjusted, np.minimum(1.0, 4 * p), rtol=1e-9)
+  np.testing.assert_array_equal(bf.certified, [[False, False], [True, False]])
+  np.testing.assert_array_equal(bf.certified, bf.adjusted <= 0.1)

@@ -1,7 +1,10 @@
 """The calibration artifact: Algorithm 1's output plus what the run used, as JSON.
 
 Validated on load (a named CalibrationError for every malformed field), so a
-hand-edited or truncated file never reaches `rcst run` silently.
+hand-edited or truncated file never reaches `rcst run` silently: strict JSON
+(UTF-8, no repeated key, no NaN or Infinity), a transform that fits the
+recorded patch geometry, and a certificate whose digest matches its fields
+and whose fields are consistent with a Learn-then-Test run that certified.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rcst_jax.errors import RcstError
+from rcst_jax.calibration import certificate
+from rcst_jax.data.preprocess import Preprocess
+from rcst_jax.errors import ConfigError, RcstError
 from rcst_jax.fileio import atomic_write_text
 from rcst_jax.geometry import Geometry
 from rcst_jax.inference.methods import OperatingPoint
@@ -31,7 +36,7 @@ class CalibrationWarning(UserWarning):
 
 _META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer", "edge_digest",
          "server_digest")
-_FORMAT, _VERSION = "rcst_calibration", 2
+_FORMAT, _VERSION = "rcst_calibration", 3
 
 
 def encode_float(x: float):
@@ -70,27 +75,35 @@ def _check_record(d, keys: dict, name: str):
                              f"got {d[k]!r}")
 
 
-_CERT_KEYS = ("certified", "lambda_hat", "tau", "q_hat", "risks", "epsilon", "delta", "test",
-              "n_fit", "n_test", "p_value")
+def _check_fit(transform, geometry) -> None:
+  """What `rcst run` needs: a whole patch grid, RGB, and an edge crop of exactly
+  the server's image size (collaborative_inference refuses any other shape)."""
+  try:
+    geo = Geometry.from_dict(geometry) if geometry else Geometry()
+  except ValueError as e:
+    raise CalibrationError(f"geometry {geometry}: {e}") from e
+  if geo.channels != 3:
+    raise CalibrationError(f"geometry.channels={geo.channels}: images are RGB (3 channels)")
+  if transform is None:
+    return
+  try:
+    Preprocess(**transform)
+  except ConfigError as e:
+    raise CalibrationError(f"transform {transform}: {e}") from e
+  if transform["crop_size"] != geo.image_size:
+    raise CalibrationError(
+        f"transform.crop_size={transform['crop_size']} differs from geometry.image_size="
+        f"{geo.image_size}: the edge's crop is what the server's patches are cut from")
 
 
-def _check_certificate(c):
+def _check_certificate(c, n: int):
+  """The certificate's own checks (certificate.check), as a CalibrationError."""
   if c is None:
     return
-  if not isinstance(c, dict) or any(k not in c for k in _CERT_KEYS):
-    raise CalibrationError(f"certificate must be an object with keys {list(_CERT_KEYS)}")
-  for k in ("lambda_hat", "q_hat"):
-    if c[k] != "inf" and (isinstance(c[k], bool) or not isinstance(c[k], (int, float))
-                          or not c[k] >= 0):
-      raise CalibrationError(f"certificate.{k} must be a number >= 0 or 'inf', got {c[k]!r}")
-  for k in ("epsilon", "delta"):
-    if isinstance(c[k], bool) or not isinstance(c[k], (int, float)) or not 0 < c[k] < 1:
-      raise CalibrationError(f"certificate.{k} must lie in (0, 1), got {c[k]!r}")
-  if isinstance(c["tau"], bool) or not isinstance(c["tau"], (int, float)) \
-      or not math.isfinite(c["tau"]):
-    raise CalibrationError(f"certificate.tau must be a finite number, got {c['tau']!r}")
-  if not isinstance(c["certified"], bool):
-    raise CalibrationError("certificate.certified must be a boolean")
+  try:
+    certificate.check(c, n)
+  except ValueError as e:
+    raise CalibrationError(str(e)) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,25 +156,29 @@ class Calibration:
       if v is not None and not isinstance(v, str):
         raise CalibrationError(f"{name} must be a string or null, got {v!r}")
     _check_record(self.transform, _TRANSFORM_KEYS, "transform")
-    _check_certificate(self.certificate)
     _check_record(self.geometry, _GEOMETRY_KEYS, "geometry")
+    _check_fit(self.transform, self.geometry)
+    _check_certificate(self.certificate, int(self.n))
 
   def operating_point(self, tau: float | None = None) -> OperatingPoint:
     """Where Algorithm 2 runs with this calibration.
 
     No ``tau``: the certified (lambda, tau) and the q_hat fitted with it (a
-    lambda above 1 accepts nothing, as inf does; an uncertified certificate
-    holds server-only's pair). With ``tau``: the CRC lambda_hat and APS
-    q_hat at that tau, outside any whole-system certificate.
+    lambda above 1 accepts nothing, as inf does); an uncertified certificate
+    is server-only (accept nothing, keep every patch), whatever pair it holds.
+    With ``tau``: the CRC lambda_hat and APS q_hat at that tau, outside any
+    whole-system certificate.
     """
     if tau is not None:
       return OperatingPoint(self.lambda_hat, self.q_hat, float(tau))
     cert = self.certificate
     if cert is None:
       raise CalibrationError("this calibration has no certified (lambda, tau); give a tau")
+    q_hat = decode_float(cert["q_hat"], "certificate.q_hat")
+    if not cert["certified"]:
+      return OperatingPoint(math.inf, q_hat, 0.0, certified=False)
     lam = decode_float(cert["lambda_hat"], "certificate.lambda_hat")
-    return OperatingPoint(math.inf if lam > 1 else lam, decode_float(cert["q_hat"], "certificate.q_hat"),
-                          float(cert["tau"]), certified=bool(cert["certified"]))
+    return OperatingPoint(math.inf if lam > 1 else lam, q_hat, float(cert["tau"]), certified=True)
 
   def check_models(self, where: str, edge, server=None, allow_other_weights: bool = False):
     """Refuses models this calibration was not made for: a server whose patch
@@ -224,15 +241,45 @@ class Calibration:
 
   @classmethod
   def from_json(cls, path) -> "Calibration":
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CalibrationError(f"{path}: not valid JSON ({e})") from e
+    d = read_strict_json(path)
     try:
       return cls.from_dict(d)
     except CalibrationError as e:
       raise CalibrationError(f"{path}: malformed calibration file: {e}") from e
+
+
+def _unique_keys(pairs):
+  d = {}
+  for k, v in pairs:
+    if k in d:  # json would keep the last value silently
+      raise CalibrationError(f"duplicate key {k!r}")
+    d[k] = v
+  return d
+
+
+def _finite(text: str) -> float:
+  """NaN, Infinity, -Infinity and overflowing literals (1e999) are refused."""
+  x = float(text)
+  if not math.isfinite(x):
+    raise CalibrationError(f"non-finite number {text} (strict JSON has none; write 'inf')")
+  return x
+
+
+def read_strict_json(path):
+  """Strict JSON: UTF-8, no repeated key at any level, no NaN or Infinity."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise CalibrationError(f"{path}: not a UTF-8 JSON file ({e})") from e
+  try:
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_finite,
+                      parse_constant=_finite)
+  except json.JSONDecodeError as e:
+    raise CalibrationError(f"{path}: not valid JSON ({e})") from e
+  except CalibrationError as e:
+    raise CalibrationError(f"{path}: not strict JSON: {e}") from e
 
 
 def check_B(B) -> float:

@@ -68,6 +68,21 @@ def open_unit(v):
   return None if _is_real(v) and 0 < v < 1 else "a number in the open interval (0, 1)"
 
 
+def in_range(low: float, high: float, note: str = "") -> Checker:
+  """A finite number in the closed interval [low, high]."""
+  want = f"a number in [{low:g}, {high:g}]{note}"
+  return lambda v: None if _is_real(v) and low <= v <= high else want
+
+
+# Saliency is min-max normalised to [0, 1]: a tau outside it is a slip (e.g. a percentage).
+unit_interval = in_range(0, 1)
+# p_max (lambda) and the cumulative CLS attention (delta_sum) lie in [0, 1]; a value just
+# above 1 (1.01, despite rounding) means "accept nothing" / "keep every patch". All values
+# above 1 mean the same, so one beyond 1.1 is far likelier a percentage than intended.
+lambda_value = in_range(0, 1.1, " (one above 1 accepts nothing)")
+delta_sum_value = in_range(0, 1.1, " (one above 1 keeps every patch)")
+
+
 def one_of(*choices) -> Checker:
   return lambda v: None if isinstance(v, str) and v in choices else f"one of {list(choices)}"
 
@@ -93,8 +108,9 @@ def grid_of(item: Checker, min_len: int = 1, increasing: bool = False) -> Checke
             + (", strictly increasing" if increasing else ""))
     if not isinstance(v, (tuple, list)) or len(v) < min_len:
       return want
-    if any(item(x) is not None for x in v):
-      return want
+    bad = [x for x in v if item(x) is not None]
+    if bad:
+      return f"{want}; {bad[0]!r} is not"
     if increasing and any(a >= b for a, b in zip(v, v[1:])):
       return want
     return None
@@ -151,9 +167,9 @@ SCHEMA: dict[str, Checker] = {
     "alpha_crc": open_unit,
     "alpha_aps": open_unit,
     "eta": positive,
-    "tau_grid": grid_of(finite),
+    "tau_grid": grid_of(unit_interval),
     "k_grid": grid_of(non_negative_int),      # <= number of patches: checked with the model
-    "delta_sum_grid": grid_of(non_negative),
+    "delta_sum_grid": grid_of(delta_sum_value),
     "empty_policy": empty_policy,
     "gradcam_layer": one_of(*GRADCAM_LAYERS),
     "seed": integer,
@@ -174,7 +190,7 @@ SCHEMA: dict[str, Checker] = {
     "certify.delta": open_unit,
     "certify.risks": grid_of(one_of("accuracy_drop", "degradation", "system_error", "edge_risk")),
     "certify.test": one_of("wsr", "hb", "binomial"),
-    "certify.lambda_grid": grid_of(non_negative),
+    "certify.lambda_grid": grid_of(lambda_value),
     "certify.split": open_unit,
     "certify.seed": integer,
     "certify.cost": one_of("patches", "bytes"),

@@ -24,41 +24,64 @@ def read_label_map(path: str | os.PathLike) -> dict[str, int]:
   """Folder name -> class index from a file.
 
   ``.json``: an object ``{"n01440764": 0, ...}``. Text: one folder name per line
-  (index = line number), or ``<name> <index>`` per line.
+  (index = line number), or ``<name> <index>`` per line. A name given twice, or
+  one class index given to two names, is refused: either is a slip that would
+  silently drop or merge a class.
   """
   path = os.fspath(path)
-  with open(path) as f:
-    if path.endswith(".json"):
-      try:
-        obj = json.load(f)
-        if not isinstance(obj, dict):
-          raise ValueError(f"expected an object, got {type(obj).__name__}")
-        return _checked_map({str(k): _index(v) for k, v in obj.items()}, path)
-      except ValueError as e:
-        raise ConfigError(f"{path}: not a label map ({e})") from e
-    rows = [line.split() for line in f if line.strip()]
+  # surrogateescape: a name may hold a folder's raw non-UTF-8 bytes, as os.listdir gives them
+  with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    text = f.read()
+  try:
+    pairs = _json_pairs(text) if path.endswith(".json") else _text_pairs(text)
+  except ValueError as e:
+    raise ConfigError(f"{path}: not a label map ({e})") from e
+  return _checked_map(pairs, path)
+
+
+class _Pairs(list):
+  """A JSON object as its (key, value) pairs, duplicates kept (json keeps the last)."""
+
+
+def _json_pairs(text: str) -> list[tuple[str, int]]:
+  obj = json.loads(text, object_pairs_hook=_Pairs)
+  if not isinstance(obj, _Pairs):
+    raise ValueError(f"expected an object, got {type(obj).__name__}")
+  return [(str(k), _index(v)) for k, v in obj]
+
+
+def _text_pairs(text: str) -> list[tuple[str, int]]:
+  rows = [line.split() for line in text.splitlines() if line.strip()]
   if all(len(r) == 1 for r in rows):
-    return _checked_map({r[0]: i for i, r in enumerate(rows)}, path, len(rows))
+    return [(r[0], i) for i, r in enumerate(rows)]
   if all(len(r) == 2 for r in rows):
-    try:
-      return _checked_map({r[0]: _index(r[1]) for r in rows}, path, len(rows))
-    except ValueError as e:
-      raise ConfigError(f"{path}: not a label map ({e})") from e
-  raise ConfigError(f"{path}: expected '<name>' or '<name> <index>' on every line")
+    return [(r[0], _index(r[1])) for r in rows]
+  raise ValueError("expected '<name>' or '<name> <index>' on every line")
 
 
 def _index(v) -> int:
-  if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+  if isinstance(v, float) and v.is_integer():
+    v = int(v)
+  if isinstance(v, bool) or not isinstance(v, (int, str)):
     raise ValueError(f"class index {v!r} is not an integer")
-  i = int(v)
+  i = int(v)  # a str that is not an integer raises ValueError
   if i < 0:
     raise ValueError(f"class index {i} is negative")
   return i
 
 
-def _checked_map(m: dict[str, int], path: str, rows: int | None = None) -> dict[str, int]:
-  if rows is not None and len(m) != rows:
-    raise ConfigError(f"{path}: a folder name appears on more than one line")
+def _checked_map(pairs: list[tuple[str, int]], path: str) -> dict[str, int]:
+  if not pairs:
+    raise ConfigError(f"{path}: the label map names no folder")
+  m, owner = {}, {}
+  for name, index in pairs:
+    if name in m:
+      raise ConfigError(f"{path}: folder name {name!r} is given twice "
+                        f"(class {m[name]} and class {index})")
+    if index in owner:
+      raise ConfigError(f"{path}: class index {index} is given to both {owner[index]!r} "
+                        f"and {name!r}")
+    m[name], owner[index] = index, name
   return m
 
 

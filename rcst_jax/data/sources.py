@@ -18,9 +18,11 @@ import numpy as np
 
 from rcst_jax.data import imagenet
 from rcst_jax.data.folder import ImageFolder
+from rcst_jax.data.identity import source_identity
 from rcst_jax.data.imagenet import calibration_test_split
 from rcst_jax.data.preprocess import Preprocess
 from rcst_jax.data.synthetic import SyntheticShapes
+from rcst_jax.errors import ConfigError
 
 _TRANSFORM_KEYS = ("input_size", "crop_pct", "interpolation")
 
@@ -68,11 +70,22 @@ class Sources:
     self.test_indices = np.asarray(self.test_indices, np.int64)
 
   def identity(self) -> dict:
-    """What the cache fingerprint needs to know about the data."""
+    """What the cache fingerprint needs to know about the data as a whole;
+    what each image holds is identified apart (data.identity.item_digests)."""
     digest = lambda a: hashlib.sha1(np.asarray(a, np.int64).tobytes()).hexdigest()
-    return {"name": self.name, "n_cal_source": len(self.cal_source),
-            "n_test_source": len(self.test_source), "cal": digest(self.cal_indices),
+    return {"name": self.name, "cal_source": source_identity(self.cal_source),
+            "test_source": source_identity(self.test_source), "cal": digest(self.cal_indices),
             "test": digest(self.test_indices)}
+
+  def label_bound(self) -> int:
+    """One more than the largest class index an image of the run can carry."""
+    bound = 0
+    for src in {id(self.cal_source): self.cal_source, id(self.test_source): self.test_source}.values():
+      if isinstance(src, ImageFolder):  # the labels actually used, not the whole map
+        bound = max([bound] + [label + 1 for _, label in src.items])
+      else:
+        bound = max(bound, int(getattr(src, "num_classes", 0)))
+    return bound
 
 
 def load_sources(config, transform: Preprocess) -> Sources:
@@ -100,5 +113,9 @@ def load_sources(config, transform: Preprocess) -> Sources:
       raise ValueError(f"unknown data.name {d.name!r}; one of synthetic, folder, imagenet2012, "
                        "imagenet_v2, imagenette")
   n = len(source) if not d.get("limit") else min(len(source), int(d.limit))
-  split = calibration_test_split(n, min(int(d.n_cal), n - 1) if n > 1 else 0, d.split_seed)
+  if int(d.n_cal) >= n:  # never shrink silently: the user asked for this many
+    limit = " (after data.limit)" if d.get("limit") else ""
+    raise ConfigError(f"data.n_cal={int(d.n_cal)} leaves no test image: {d.name} has {n} "
+                      f"images{limit}; use data.n_cal <= {n - 1}")
+  split = calibration_test_split(n, int(d.n_cal), d.split_seed)
   return Sources(source, source, split.cal_idx, split.test_idx, name=f"{d.name}/{d.split}")

@@ -17,6 +17,7 @@ the image counts as accepted and costs nothing).
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Sequence
 
@@ -56,15 +57,26 @@ def min_entropy_accept(probs: jax.Array, eta) -> jax.Array:
   return -jnp.log2(jnp.max(probs, axis=-1)) < eta
 
 
-def random_ranks(keys: Sequence[str], seed: int, num_patches: int) -> np.ndarray:
+def key_bytes(key: str | bytes) -> bytes:
+  """The raw bytes of an image key: a file name's own bytes, undecodable ones
+  included (os.fsdecode keeps them as surrogate escapes); UTF-8 for others."""
+  if isinstance(key, bytes):
+    return key
+  try:
+    return os.fsencode(key)
+  except UnicodeEncodeError:  # a lone surrogate that no file system produced
+    return key.encode("utf-8", "surrogatepass")
+
+
+def random_ranks(keys: Sequence[str | bytes], seed: int, num_patches: int) -> np.ndarray:
   """Per image, the rank of each patch in a random permutation [n, N].
 
-  Seeded by (seed, the image's key), so an image keeps its permutation
-  whatever the chunking, sharding or bad items elsewhere; and nested across
-  k: the k patches of select_random_k(k) are among those of k + 1.
+  Seeded by (seed, the raw bytes of the image's key), so an image keeps its
+  permutation whatever the chunking, sharding or bad items elsewhere; and
+  nested across k: the k patches of select_random_k(k) are among those of k + 1.
   """
   key = jax.random.PRNGKey(int(seed))
-  ids = jnp.asarray([zlib.crc32(k.encode()) for k in keys], jnp.uint32)
+  ids = jnp.asarray([zlib.crc32(key_bytes(k)) for k in keys], jnp.uint32)
   perm = jax.vmap(lambda i: jax.random.permutation(jax.random.fold_in(key, i), num_patches))(ids)
   return np.asarray(jnp.argsort(perm, axis=-1)).astype(np.int32)
 

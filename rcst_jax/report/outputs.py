@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from rcst_jax import __version__
 from rcst_jax.calibration.certificate import describe
-from rcst_jax.fileio import atomic_write_text, write_json
+from rcst_jax.fileio import OutputDir, atomic_write_bytes, atomic_write_text, write_json
 from rcst_jax.models.predict import class_names_for
 from rcst_jax.report import explain, plots, tables
 from rcst_jax.sweep import metrics
@@ -78,8 +79,24 @@ def _figures(out: str, points, ops, grid, cert) -> dict:
   return paths
 
 
-def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = False) -> dict:
-  """results.json/csv, Tables 1-2 (Markdown), Figures 1-2, gallery, calibration, summary."""
+# Every file a sweep may write into its output directory (fileio.OutputDir).
+OUTPUT_NAMES = ("results.json", "results.csv", "table1.md", "table1_bytes.md", "table2.md",
+                "figure1.png", "figure2.png", "certification.png", "per_image.csv",
+                "gallery.png", "calibration.json", "summary.json", "dtype_comparison.md")
+
+
+def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = False,
+                  claimed: OutputDir | None = None) -> dict:
+  """results.json/csv, Tables 1-2 (Markdown), Figures 1-2, gallery, calibration,
+  summary; each recorded as rcst's own in ``claimed`` (the output directory)."""
+  paths = _write_outputs(ev, result, gallery_size, per_image)
+  claimed = claimed or OutputDir(ev.out_dir).claim(OUTPUT_NAMES)
+  for path in paths.values():
+    claimed.record(path)
+  return paths
+
+
+def _write_outputs(ev, result: dict, gallery_size: int, per_image: bool) -> dict:
   out, points, cal = ev.out_dir, result["points"], result["calibration"]
   ops = tables.operating_points(points)
   paths = {**_tables(out, points, cal.certificate),
@@ -97,10 +114,13 @@ def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = Fal
     if g is not None:
       paths["gallery"] = str(plots.saliency_gallery(*g, os.path.join(out, "gallery.png"),
                                                     grid=ev.geometry.grid))
-  paths["calibration"] = os.path.join(out, "calibration.json")
-  cal.to_json(paths["calibration"])
+  # The artifact that produced these numbers, byte for byte as the cache holds it.
+  with open(ev.published_calibration, "rb") as f:
+    paths["calibration"] = atomic_write_bytes(os.path.join(out, "calibration.json"), f.read())
   summary = {k: v for k, v in result.items()
              if k not in ("points", "calibration", "arrays", "certification_grid")}
+  with open(paths["calibration"], "rb") as f:
+    summary["calibration_sha256"] = hashlib.sha256(f.read()).hexdigest()
   summary.update(certificate=cal.certificate, rcst_jax_version=__version__,
                  devices=int(ev.mesh.devices.size), backend=jax.default_backend(),
                  dtype=ev.config.dtype, operating_points=ops, outputs=paths)

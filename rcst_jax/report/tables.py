@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rcst_jax.fileio import atomic_open, atomic_write_text
 from rcst_jax.geometry import Geometry
 from rcst_jax.inference import methods
 
@@ -251,9 +252,9 @@ def write_results(points, out_dir) -> tuple[Path, Path]:
   cols = result_columns(points)
   rows = [{k: _plain(p.get(k)) for k in cols} for p in points]
   json_path, csv_path = out / "results.json", out / "results.csv"
-  json_path.write_text(json.dumps(rows, indent=1) + "\n")
-  with csv_path.open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=cols)
+  atomic_write_text(str(json_path), json.dumps(rows, indent=1) + "\n")
+  with atomic_open(str(csv_path), "w") as f:
+    writer = csv.DictWriter(f, fieldnames=cols, lineterminator="\r\n")
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
   return json_path, csv_path

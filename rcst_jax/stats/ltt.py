@@ -10,10 +10,15 @@ testing along a Pareto order fitted on a separate split, or Bonferroni).
 
 What is guaranteed. Assume the n calibration images and the test image are
 i.i.d. from one distribution, and the split (or the caller's split_indices) and
-the grid do not depend on the calibration losses. Each p-value is then valid
-(P(p <= u) <= u when R(theta) > eps), fixed-sequence testing along an order
-fitted on the first split (or Bonferroni) controls the family-wise error, and
-over the draw of the calibration set (and of the split)
+the grid do not depend on the calibration losses. The betting p-value reads
+its samples in order and is valid only when that order is exchangeable; the
+caller's order may not be (sorted indices, a folder listed class by class), so
+`pareto_testing` permutes both splits with a permutation seeded by
+`order_seed`, chosen in advance and never from the data. Each p-value is then
+valid (P(p <= u) <= u when R(theta) > eps), fixed-sequence testing along an
+order fitted on the first split (or Bonferroni) controls the family-wise
+error, and over the draw of the calibration set (and of the split, and of
+the permutation: a seed fixed in advance is one draw of it)
     P( R(theta) <= eps for every certified theta simultaneously ) >= 1 - delta,
 hence P( R(theta_hat) <= eps ) >= 1 - delta for the cheapest certified
 theta_hat, or for any other rule that picks among the certified ones. Here R is
@@ -47,7 +52,8 @@ __all__ = [
     "decisions", "accuracy_drop", "degradation", "system_error", "edge_risk", "offload_cost",
     "patch_cost",
     "rescale_accuracy_drop", "binomial_pvalue", "hb_pvalue", "wsr_pvalue", "config_pvalues",
-    "fixed_sequence", "bonferroni", "pareto_order", "LTTResult", "pareto_testing",
+    "fixed_sequence", "bonferroni", "fixed_sequence_adjusted", "bonferroni_adjusted",
+    "pareto_order", "LTTResult", "pareto_testing",
 ]
 
 
@@ -165,7 +171,9 @@ def wsr_pvalue(losses, eps: float, delta: float, c: float = 0.75):
   mean bounds b by 1/(1-eps); 1/eps is the bound for the opposite direction.)
   b_t = min(c/(1-eps), sqrt(2 log(1/delta) / (n sigma2_{t-1}))) with the
   regularised running mean and variance of X_1..X_{t-1} (as in RCPS).
-  p = min(1, 1 / max_t K_t); the samples are taken in the order given.
+  p = min(1, 1 / max_t K_t); the samples are taken in the order given, so the
+  p-value is valid only if that order is exchangeable (i.i.d. samples in an
+  order that does not depend on their values, or randomly permuted).
   """
   x = _check(losses, eps)
   n = x.shape[-1]
@@ -222,19 +230,75 @@ def pareto_order(cost, margin):
   return rank, front
 
 
+def fixed_sequence_adjusted(pvals_in_order):
+  """Adjusted p-values of fixed-sequence testing: max_{i<=j} p_(i) at position j.
+
+  The j-th hypothesis is rejected iff its adjusted p-value is <= delta, i.e.
+  iff it and every one before it has p <= delta (what `fixed_sequence` counts).
+  """
+  p = np.asarray(pvals_in_order, np.float64)
+  return np.maximum.accumulate(p) if p.size else p
+
+
+def bonferroni_adjusted(pvals):
+  """Adjusted p-values of Bonferroni over m hypotheses: min(1, m p)."""
+  p = np.asarray(pvals, np.float64)
+  return np.minimum(1.0, max(p.size, 1) * p)
+
+
 @dataclasses.dataclass
 class LTTResult:
-  certified: np.ndarray           # [L, T] bool
+  certified: np.ndarray           # [L, T] bool: adjusted <= delta
   chosen: Optional[Tuple[int, int]]  # cheapest certified (l, t); None -> server-only, cost 1
-  pvalues: np.ndarray             # [L, T] on the testing split
+  pvalues: np.ndarray             # [L, T] on the testing split, read in permuted order
   order: np.ndarray               # flat indices in testing order
   n_test: int
   n_opt: int
+  adjusted: np.ndarray            # [L, T] multiplicity-adjusted p-values (what the FWER controls)
+  order_seed: int                 # seed of the permutation applied before any p-value
+
+
+def _split(n: int, split: float, seed, split_indices, order_seed: int):
+  """(fitting, testing) indices, each permuted by a data-independent seeded permutation.
+
+  The betting p-value reads its samples in order, and callers' indices may
+  be sorted (by index, hence by class for a folder source). Each set is
+  sorted, then permuted: the order depends on the seed and the set only, not
+  on the order the indices came in, and is exchangeable for i.i.d. images.
+  """
+  if split_indices is None:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_opt = int(round(split * n))
+    split_indices = (perm[:n_opt], perm[n_opt:])
+  opt_idx, test_idx = (np.sort(np.asarray(i, np.int64)) for i in split_indices)
+  fit_rng, test_rng = (np.random.default_rng(s)
+                       for s in np.random.SeedSequence(int(order_seed)).spawn(2))
+  return fit_rng.permutation(opt_idx), test_rng.permutation(test_idx)
+
+
+def _order_key(xs, es, opt_idx, delta, test, order_by):
+  if order_by == "pvalue":
+    return config_pvalues({i: x[..., opt_idx] for i, x in enumerate(xs)}, dict(enumerate(es)),
+                          delta, test)
+  if order_by == "margin":
+    return np.max(np.stack([x[..., opt_idx].mean(-1) - e for x, e in zip(xs, es)]), 0)
+  raise ValueError(f"order_by must be 'pvalue' or 'margin', got {order_by!r}")
+
+
+def _adjust(pvals, order, multiple_testing: str):
+  """Adjusted p-values [L, T] of the chosen multiple-testing procedure."""
+  if multiple_testing == "pareto":
+    adjusted = np.empty(pvals.size)
+    adjusted[order] = fixed_sequence_adjusted(pvals.ravel()[order])
+    return adjusted.reshape(pvals.shape)
+  if multiple_testing == "bonferroni":
+    return bonferroni_adjusted(pvals)
+  raise ValueError(f"multiple_testing must be 'pareto' or 'bonferroni', got {multiple_testing!r}")
 
 
 def pareto_testing(losses, costs, eps, delta: float, split: float = 0.5, test: str = "wsr",
                    seed=0, split_indices=None, order_by: str = "pvalue",
-                   multiple_testing: str = "pareto") -> LTTResult:
+                   multiple_testing: str = "pareto", order_seed: int = 0) -> LTTResult:
   """Pareto Testing (Laufer-Goldshtein et al., ICLR 2023) over a [L, T] grid.
 
   losses: [L, T, n] in [0, 1], or a mapping name -> [L, T, n] with eps a float
@@ -247,39 +311,28 @@ def pareto_testing(losses, costs, eps, delta: float, split: float = 0.5, test: s
   "margin" by the estimated risk margin. multiple_testing="bonferroni" tests
   every configuration at delta / |grid| on the same second split instead
   (the first split still fits what the caller fitted on it).
+
+  Assumes i.i.d. calibration images. The betting ("wsr") p-value is valid
+  only for samples in exchangeable order, so both splits are permuted with
+  a permutation seeded by ``order_seed`` (fixed in advance, never from the
+  data) before any p-value, whatever order the indices came in; binomial
+  and hb p-values do not depend on the order. A configuration is certified
+  iff its adjusted p-value (``LTTResult.adjusted``) is <= delta.
   """
   xs, es = _as_risks(losses, eps)
-  n = xs[0].shape[-1]
-  if split_indices is None:
-    perm = np.random.default_rng(seed).permutation(n)
-    n_opt = int(round(split * n))
-    split_indices = (perm[:n_opt], perm[n_opt:])
-  opt_idx, test_idx = (np.asarray(i) for i in split_indices)
+  opt_idx, test_idx = _split(xs[0].shape[-1], split, seed, split_indices, order_seed)
   costs = np.asarray(costs, np.float64)
   cost_opt = costs[..., opt_idx].mean(-1) if costs.ndim == 3 else costs
   cost_all = costs.mean(-1) if costs.ndim == 3 else costs
-  if order_by == "pvalue":
-    key = config_pvalues({i: x[..., opt_idx] for i, x in enumerate(xs)}, dict(enumerate(es)),
-                         delta, test)
-  elif order_by == "margin":
-    key = np.max(np.stack([x[..., opt_idx].mean(-1) - e for x, e in zip(xs, es)]), 0)
-  else:
-    raise ValueError(f"order_by must be 'pvalue' or 'margin', got {order_by!r}")
-  order, _ = pareto_order(cost_opt, key)
+  order, _ = pareto_order(cost_opt, _order_key(xs, es, opt_idx, delta, test, order_by))
   test_losses = {i: x[..., test_idx] for i, x in enumerate(xs)}
   pvals = config_pvalues(test_losses, dict(enumerate(es)), delta, test)
-  if multiple_testing == "pareto":
-    k = fixed_sequence(pvals.ravel()[order], delta)
-    certified = np.zeros(pvals.size, bool)
-    certified[order[:k]] = True
-    certified = certified.reshape(pvals.shape)
-  elif multiple_testing == "bonferroni":
-    certified = bonferroni(pvals, delta)
-  else:
-    raise ValueError(f"multiple_testing must be 'pareto' or 'bonferroni', got {multiple_testing!r}")
+  adjusted = _adjust(pvals, order, multiple_testing)
+  certified = adjusted <= delta
   chosen = None
   if certified.any():
     flat = np.flatnonzero(certified.ravel())
     chosen = tuple(int(i) for i in np.unravel_index(flat[np.argmin(cost_all.ravel()[flat])],
                                                      pvals.shape))
-  return LTTResult(certified, chosen, pvals, order, int(test_idx.size), int(opt_idx.size))
+  return LTTResult(certified, chosen, pvals, order, int(test_idx.size), int(opt_idx.size),
+                   adjusted, int(order_seed))

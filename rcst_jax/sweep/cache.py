@@ -1,18 +1,26 @@
-"""What a sweep keeps on disk, and the identity that keys it.
+"""What a sweep keeps on disk, the identity that keys it, and the manifest that vouches for it.
 
 A run's finished work lives under ``<output_dir>/cache/<fingerprint>/``: the
 calibration artifact, one npz per chunk of test images, and the Certified
-row per certified point (``certified_<id>/``). The fingerprint hashes the
-whole resolved config except `NOT_RESULTS` and `certify`, each model's
-weights and preprocessing metadata, the data's identity and `CACHE_VERSION`,
-so a stale cache is never reused. Calibration outcomes for the certificate
-are keyed apart (`outcome_id`), by what they depend on only, so a new
-certificate request reruns no model.
+row per certified point (``certified_<id>/``, with the certified
+calibration it was run with). The fingerprint hashes the whole resolved
+config except `NOT_RESULTS` and `certify`, each model's weights and
+preprocessing metadata, the data sources' identity and `CACHE_VERSION`.
+What the data *hold* is checked per file: every cached file has an entry in
+the directory's `Manifest` with the sha256 of its bytes, the digest of the
+input images it was computed from (data.identity) and the calibration it
+used. A file is reused only when all three match; otherwise it is reported
+(when its bytes were edited or damaged) and recomputed. Calibration
+outcomes for the certificate are keyed apart (`outcome_id`), by what they
+depend on only, so a new certificate request reruns no model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -20,10 +28,10 @@ import warnings
 import numpy as np
 
 from rcst_jax.calibration.artifact import Calibration, CalibrationError
-from rcst_jax.fileio import atomic_savez, plain
+from rcst_jax.fileio import atomic_write_bytes, plain
 from rcst_jax.models.checkpoints import variables_digest
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 # Config keys that cannot change any cached number: where outputs go, how
 # much is printed or drawn, how models are found (they are identified by
 # content below), how many devices share the work. Everything else is hashed.
@@ -46,6 +54,10 @@ def _digest(ident) -> str:
   return hashlib.sha1(json.dumps(plain(ident), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
 def fingerprint(config, models, sources) -> str:
   """The identity of a sweep's results (see the module docstring)."""
   cfg = {k: v for k, v in plain(config).items() if k not in NOT_RESULTS + (CERTIFY_KEY,)}
@@ -55,12 +67,13 @@ def fingerprint(config, models, sources) -> str:
                              for name, m in models.named().items()}})
 
 
-def outcome_id(config, models, sources) -> str:
-  """The identity of the certification's calibration outcomes."""
+def outcome_id(config, models, sources, cal_inputs: str) -> str:
+  """The identity of the certification's calibration outcomes (``cal_inputs``:
+  the digest of the calibration images' content)."""
   cfg = plain(config)
   return _digest({"version": CACHE_VERSION, "config": {k: cfg.get(k) for k in OUTCOME_KEYS},
                   "split": [cfg["certify"]["split"], cfg["certify"]["seed"]],
-                  "data": sources.identity(),
+                  "data": sources.identity(), "inputs": cal_inputs,
                   "models": [variables_digest(m.variables) for m in (models.edge, models.server)]})
 
 
@@ -69,68 +82,153 @@ def certified_id(certificate: dict) -> str:
   return _digest({k: certificate[k] for k in ("certified", "lambda_hat", "tau", "q_hat")})
 
 
+class Manifest:
+  """``manifest.json`` of one cache directory: file name -> {"sha256", and what
+  it was computed from}. Each update re-reads the file under an exclusive
+  lock and replaces it atomically, so concurrent runs never lose an entry."""
+
+  def __init__(self, directory: str):
+    self.path = os.path.join(directory, "manifest.json")
+    self.lock_path = os.path.join(directory, ".manifest.lock")
+
+  def read(self) -> dict:
+    try:
+      with open(self.path, encoding="utf-8") as f:
+        entries = json.load(f)
+      return entries if isinstance(entries, dict) else {}
+    except FileNotFoundError:
+      return {}
+    except (OSError, ValueError) as e:
+      warnings.warn(f"cache manifest {self.path} is unreadable ({e}); its files are recomputed")
+      return {}
+
+  @contextlib.contextmanager
+  def _locked(self):
+    with open(self.lock_path, "a") as lock:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+      except OSError:  # a filesystem without locks: still atomic, last writer wins
+        pass
+      yield
+
+  def record(self, name: str, data: bytes, **inputs) -> None:
+    with self._locked():
+      entries = self.read()
+      entries[name] = {"sha256": sha256(data), **inputs}
+      atomic_write_bytes(self.path, (json.dumps(entries, indent=1, sort_keys=True) + "\n")
+                         .encode())
+
+  def matches(self, name: str, data: bytes, **inputs) -> bool | None:
+    """True: the bytes are what was recorded, from these inputs. False: the
+    inputs changed (stale, recompute quietly). None: the bytes differ from the
+    record, or there is none (edited, damaged or foreign: report)."""
+    entry = self.read().get(name)
+    if not isinstance(entry, dict) or entry.get("sha256") != sha256(data):
+      return None
+    return all(entry.get(k) == v for k, v in inputs.items())
+
+
 class ChunkStore:
-  """The files of one fingerprint's cache directory. A file that cannot be
-  read back whole is reported, removed and treated as missing (recomputed)."""
+  """The files of one fingerprint's cache directory, each checked against the
+  manifest before it is believed. A file that is not what the manifest
+  recorded, or that cannot be read back whole, is reported and treated as
+  missing (recomputed); one computed from other inputs is recomputed quietly."""
 
   def __init__(self, out_dir: str, fp: str):
     self.root = os.path.join(out_dir, "cache")
     self.dir = os.path.join(self.root, fp)
     os.makedirs(self.dir, exist_ok=True)
+    self.manifest = Manifest(self.dir)
+    os.makedirs(os.path.join(self.root, "outcomes"), exist_ok=True)
+    self.outcomes_manifest = Manifest(os.path.join(self.root, "outcomes"))
+
+  def _read(self, path: str, manifest: Manifest, what: str, **inputs) -> bytes | None:
+    """The bytes of a cached file if the manifest vouches for them, else None."""
+    if not os.path.exists(path):
+      return None
+    with open(path, "rb") as f:
+      data = f.read()
+    ok = manifest.matches(os.path.relpath(path, os.path.dirname(manifest.path)), data, **inputs)
+    if ok is None:
+      warnings.warn(f"cached {what} {path} does not match its manifest entry (edited, damaged "
+                    "or not written by this cache); recomputing")
+    return data if ok else None
+
+  def _write(self, path: str, data: bytes, manifest: Manifest, **inputs) -> str:
+    atomic_write_bytes(path, data)
+    manifest.record(os.path.relpath(path, os.path.dirname(manifest.path)), data, **inputs)
+    return sha256(data)
 
   def chunk_path(self, c: int, certified: str | None = None) -> str:
     sub = (f"certified_{certified}",) if certified else ()
     return os.path.join(self.dir, *sub, f"chunk_{c:05d}.npz")
 
-  def load_chunk(self, c: int, points: int, certified: str | None = None) -> dict | None:
-    """A finished chunk's arrays (the sweep's, or a certified point's one row)."""
+  def load_chunk(self, c: int, points: int, certified: str | None = None, **inputs) -> dict | None:
+    """A finished chunk's arrays (the sweep's, or a certified point's one row),
+    if it was computed from ``inputs`` (image digest, calibration)."""
+    path = self.chunk_path(c, certified)
+    data = self._read(path, self.manifest, "chunk", **inputs)
     keys = ("keys",) + POINT_KEYS if certified else CHUNK_KEYS
-    return _load(self.chunk_path(c, certified), keys, points)
+    return None if data is None else _arrays(path, data, keys, points)
 
-  def save_chunk(self, c: int, arrays: dict, certified: str | None = None) -> None:
+  def save_chunk(self, c: int, arrays: dict, certified: str | None = None, **inputs) -> None:
     path = self.chunk_path(c, certified)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_savez(path, **arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    self._write(path, buf.getvalue(), self.manifest, **inputs)
 
-  @property
-  def calibration_path(self) -> str:
-    return os.path.join(self.dir, "calibration.json")
+  def calibration_path(self, certified: str | None = None) -> str:
+    sub = (f"certified_{certified}",) if certified else ()
+    return os.path.join(self.dir, *sub, "calibration.json")
 
-  def load_calibration(self) -> Calibration | None:
-    path = self.calibration_path
-    if not os.path.exists(path):
+  def load_calibration(self, inputs: str) -> tuple[Calibration, str] | None:
+    """(calibration, sha256 of its file) if cached for these calibration images."""
+    path = self.calibration_path()
+    data = self._read(path, self.manifest, "calibration", inputs=inputs)
+    if data is None:
       return None
     try:
-      return Calibration.from_json(path)
-    except (CalibrationError, OSError, UnicodeDecodeError) as e:
+      return Calibration.from_dict(json.loads(data.decode("utf-8"))), sha256(data)
+    except (CalibrationError, ValueError) as e:
       warnings.warn(f"cached calibration {path} is unreadable ({e}); recomputing")
       return None
+
+  def save_calibration(self, cal: Calibration, certified: str | None = None, **inputs) -> str:
+    """Writes the artifact; returns the sha256 of its bytes."""
+    path = self.calibration_path(certified)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return self._write(path, calibration_bytes(cal), self.manifest, **inputs)
 
   def outcomes_path(self, ident: str) -> str:
     return os.path.join(self.root, "outcomes", f"{ident}.npz")
 
   def load_outcomes(self, ident: str) -> dict | None:
     path = self.outcomes_path(ident)
-    if not os.path.exists(path):
+    data = self._read(path, self.outcomes_manifest, "certification outcomes")
+    if data is None:
       return None
     try:
-      with np.load(path, allow_pickle=False) as z:
+      with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
     except (OSError, ValueError, KeyError) as e:
       warnings.warn(f"cached certification outcomes {path} are unreadable ({e}); recomputing")
       return None
 
   def save_outcomes(self, ident: str, arrays: dict) -> None:
-    path = self.outcomes_path(ident)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_savez(path, **arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    self._write(self.outcomes_path(ident), buf.getvalue(), self.outcomes_manifest)
 
 
-def _load(path: str, keys, points: int) -> dict | None:
-  if not os.path.exists(path):
-    return None
+def calibration_bytes(cal: Calibration) -> bytes:
+  """The artifact as written (Calibration.to_json's format)."""
+  return (json.dumps(cal.to_dict(), indent=2, allow_nan=False) + "\n").encode()
+
+
+def _arrays(path: str, data: bytes, keys, points: int) -> dict | None:
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
       d = {k: z[k] for k in keys}
     n = len(d["keys"])
     if d["pred"].shape != (points, n) or d["kept"].shape != (points, n):
@@ -138,5 +236,4 @@ def _load(path: str, keys, points: int) -> dict | None:
     return d
   except Exception as e:  # zip CRC, truncation, missing keys: all mean recompute
     warnings.warn(f"cached chunk {path} is corrupt ({type(e).__name__}: {e}); recomputing")
-    os.unlink(path)
     return None

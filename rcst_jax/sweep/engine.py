@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
 
 import jax
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from rcst_jax import spmd
 from rcst_jax.calibration import algorithm1
 from rcst_jax.calibration.artifact import Calibration
+from rcst_jax.data import identity
 from rcst_jax.data.sources import Sources
 from rcst_jax.errors import ConfigError
 from rcst_jax.geometry import Geometry
@@ -66,10 +68,26 @@ class Evaluation:
     self.points = methods.operating_points(self.config)
     self.fp = cache.fingerprint(self.config, self.models, self.sources)
     self.store = cache.ChunkStore(self.out_dir, self.fp)
+    self._identify_inputs()
     self.passes = Passes(self.config, self.models, self.mesh, self.geometry)
     self.skipped = collections.Counter()
     self.certificate = self.certification_grid = self.certified_point = None
     self.timings = collections.defaultdict(float)
+
+  def _identify_inputs(self) -> None:
+    """Digests of what the images hold: the calibration set's, and each test chunk's."""
+    digests = identity.DigestCache(os.path.join(self.store.root, "file_digests.json"))
+    src = self.sources
+    self.cal_inputs = identity.combine(identity.item_digests(
+        src.cal_source, src.cal_indices, digests, self.progress))
+    tests = identity.item_digests(src.test_source, src.test_indices, digests, self.progress)
+    size = int(self.config.chunk_size)
+    self.chunk_inputs = [identity.combine(tests[i:i + size]) for i in range(0, len(tests), size)]
+    digests.save()
+    self.cal_sha = self.published_calibration = None
+
+  def _chunk_inputs(self, c: int) -> dict:
+    return {"inputs": self.chunk_inputs[c], "calibration": self.cal_sha}
 
   # -- calibration (Algorithm 1), then the certificate
 
@@ -78,20 +96,30 @@ class Evaluation:
     when config.certify.enabled: recomputed from the cached calibration
     outcomes on every call, so a new epsilon, delta, risk or test runs no model."""
     t0 = time.perf_counter()
-    cal = self.store.load_calibration()
-    if cal is None:
+    cached = self.store.load_calibration(self.cal_inputs)
+    if cached is None:
       cal = algorithm1.algorithm1(
           self.config, self.passes.edge, self.sources, self.transform,
           server_metadata=self.models.server.metadata, geometry=self.geometry,
           server_digest=variables_digest(self.models.server.variables),
           sharding=self.passes.sharding, skipped=self.skipped, progress=self.progress)
+      self.cal_sha = cache.sha256(cache.calibration_bytes(cal))
       if jax.process_index() == 0:  # one writer for shared files
-        cal.to_json(self.store.calibration_path)
+        self.store.save_calibration(cal, inputs=self.cal_inputs)
+    else:
+      cal, self.cal_sha = cached
+    self.published_calibration = self.store.calibration_path()
     t1 = time.perf_counter()
     self.timings["calibration_s"] += t1 - t0
     if self.config.get("certify") and self.config.certify.enabled:
       cert, self.certification_grid = outcomes.certify(self, cal)
       cal = dataclasses.replace(cal, certificate=cert)
+      # The artifact published with the results is this file, byte for byte.
+      key = cache.certified_id(cert)
+      if jax.process_index() == 0:
+        self.store.save_calibration(cal, certified=key, inputs=self.cal_inputs,
+                                    calibration=self.cal_sha)
+      self.published_calibration = self.store.calibration_path(key)
       self.timings["certification_s"] += time.perf_counter() - t1
     return cal
 
@@ -105,12 +133,16 @@ class Evaluation:
   def _certified_key(self) -> str:
     return cache.certified_id(self.certificate)
 
+  def load_main(self, c: int) -> dict | None:
+    return self.store.load_chunk(c, len(self.points), **self._chunk_inputs(c))
+
   def load_certified(self, c: int) -> dict | None:
-    return self.store.load_chunk(c, 1, certified=self._certified_key())
+    return self.store.load_chunk(c, 1, certified=self._certified_key(),
+                                 **self._chunk_inputs(c))
 
   def _save_certified(self, c: int, keys, row: dict) -> None:
     self.store.save_chunk(c, {"keys": np.asarray(keys, str), **row},
-                          certified=self._certified_key())
+                          certified=self._certified_key(), **self._chunk_inputs(c))
 
   def run_certified_chunk(self, c: int, indices: np.ndarray, main: dict) -> None:
     """The Certified row of a chunk whose sweep is cached: server-only's row when
@@ -139,7 +171,7 @@ class Evaluation:
     """Every item of the chunk was bad: an empty chunk, so a rerun skips it."""
     empty = {k: np.zeros((0,) if k in ("labels", "keys") else (len(self.points), 0))
              for k in cache.CHUNK_KEYS}
-    self.store.save_chunk(c, empty)
+    self.store.save_chunk(c, empty, **self._chunk_inputs(c))
     if self.certificate is not None:
       self.run_certified_chunk(c, indices, empty)
 
@@ -167,7 +199,8 @@ class Evaluation:
     self.store.save_chunk(c, {
         "labels": got.labels, "keys": np.asarray(got.keys, str), **main,
         **{f"edge_{k}": v for k, v in got.edge.items() if k != "patch_scores"},
-        **{f"base_{k}": v for k, v in got.base.items() if k != "scores"}})
+        **{f"base_{k}": v for k, v in got.base.items() if k != "scores"}},
+        **self._chunk_inputs(c))
     if certified:
       self._save_certified(c, got.keys, {k: v[p:] for k, v in rows.items()})
     elif self.certificate is not None:
@@ -177,7 +210,7 @@ class Evaluation:
     """Every finished chunk concatenated (images along the last axis), with the
     Certified row appended when the run has a certificate."""
     n = len(self.chunks())
-    data = [self.store.load_chunk(c, len(self.points)) for c in range(n)]
+    data = [self.load_main(c) for c in range(n)]
     rows = [self.load_certified(c) for c in range(n)] if self.certificate is not None else []
     if any(d is None for d in data + rows):
       raise RuntimeError("some chunks are missing; run() first")
@@ -226,7 +259,7 @@ class Evaluation:
     for c, idx in enumerate(tqdm(chunks, desc="test chunks", disable=not self.progress)):
       if c % nproc != pid:
         continue
-      if (main := self.store.load_chunk(c, len(self.points))) is None:
+      if (main := self.load_main(c)) is None:
         self.run_chunk(c, idx, cal)
         done += 1
       elif self.certificate is not None and self.load_certified(c) is None:

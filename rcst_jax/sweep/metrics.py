@@ -9,14 +9,29 @@ risk and APS statistics from `conformal`.
 
 from __future__ import annotations
 
+import codecs
+
 import numpy as np
 
 from rcst_jax.geometry import Geometry
-from rcst_jax.inference import methods, payload
+from rcst_jax.inference import methods, payload, selection
 from rcst_jax.stats import conformal
 
 PER_IMAGE_COLUMNS = ("key", "label", "method", "param", "offloaded", "kept", "bytes",
                      "edge_pred", "p_max", "server_pred", "pred")
+
+
+def key_text(key) -> str:
+  """An image key as printable, reversible text: its raw bytes as UTF-8, with
+  undecodable bytes as \\xNN and a literal backslash doubled (key_from_text
+  undoes it), so a file name that is not UTF-8 never breaks a text output."""
+  raw = selection.key_bytes(key if isinstance(key, bytes) else str(key))
+  return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def key_from_text(text: str) -> bytes:
+  """The raw bytes of a key written by key_text."""
+  return codecs.escape_decode(text.encode("utf-8"))[0]
 
 
 def _edge_arrays(arrays: dict, method: methods.Method):
@@ -63,6 +78,6 @@ def per_image_rows(arrays: dict, points, geometry: Geometry):
     nbytes = point_bytes(off, kept, geometry)
     edge_pred, p_max = _edge_arrays(arrays, method)
     for i in range(len(labels)):
-      yield (str(keys[i]), int(labels[i]), method.name, "" if param is None else f"{param:g}",
+      yield (key_text(keys[i]), int(labels[i]), method.name, "" if param is None else f"{param:g}",
              int(off[i]), int(kept[i]), int(nbytes[i]), int(edge_pred[i]), f"{p_max[i]:.6g}",
              int(arrays["server_pred"][j][i]), int(arrays["pred"][j][i]))

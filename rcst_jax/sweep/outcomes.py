@@ -27,7 +27,7 @@ from rcst_jax.sweep import cache
 def certify(run, cal) -> tuple[dict, dict]:
   """(certificate, grid arrays for the figure) of an Evaluation ``run``."""
   taus = tuple(float(t) for t in run.config.tau_grid)
-  ident = cache.outcome_id(run.config, run.models, run.sources)
+  ident = cache.outcome_id(run.config, run.models, run.sources, run.cal_inputs)
   out = run.store.load_outcomes(ident)
   if out is None:
     out = _outcomes(run, taus)

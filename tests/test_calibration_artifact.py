@@ -1,0 +1,233 @@
+"""The calibration artifact's certificate: what `certify_run` records, what loading
+refuses (strict JSON, a transform that fits the geometry, a sealed and consistent
+certificate), `verify`, `describe`, and `rcst run` on an uncertified certificate."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+from PIL import Image
+
+from rcst_jax import cli
+from rcst_jax.calibration import certificate
+from rcst_jax.calibration.artifact import Calibration, CalibrationError
+from rcst_jax.data.synthetic import SyntheticShapes
+from rcst_jax.geometry import Geometry
+from rcst_jax.inference.methods import OperatingPoint
+from rcst_jax.stats import ltt
+
+WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+TAUS = (0.2, 0.6)
+N, N_FIT = 600, 200
+
+
+def _config(**certify):
+  c = {"epsilon": 0.05, "delta": 0.1, "risks": ("accuracy_drop", "edge_risk"), "test": "wsr",
+       "lambda_grid": tuple(round(0.1 * i, 1) for i in range(11)) + (1.01,), "seed": 3,
+       "cost": "patches", "multiple_testing": "pareto", **certify}
+  return ConfigDict({"alpha_crc": 0.1, "certify": c})
+
+
+def _outcomes(seed=0):
+  """Calibration outcomes shaped as sweep/outcomes.py builds them: an edge right
+  with probability p_max, a 90 % server that keeps 150 or 60 patches."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 12, N)
+  p_max = rng.uniform(0.2, 1.0, N).astype(np.float32)
+  edge_pred = np.where(rng.uniform(size=N) < p_max, labels, (labels + 1) % 12)
+  server_only = np.where(rng.uniform(size=N) < 0.9, labels, (labels + 2) % 12)
+  worse = np.where(rng.uniform(size=N) < 0.97, server_only, (labels + 3) % 12)
+  return {"labels": labels, "edge_pred": edge_pred, "p_max": p_max,
+          "server_only_pred": server_only, "server_pred": np.stack([server_only, worse]),
+          "kept": np.stack([np.full(N, 150), np.full(N, 60)])}
+
+
+def _certify(config=None, out=None):
+  return certificate.certify_run(_config() if config is None else config,
+                                 _outcomes() if out is None else out, TAUS, Geometry(),
+                                 0.95, N_FIT)[0]
+
+
+@pytest.fixture(scope="module")
+def cert():
+  c = _certify()
+  assert c["certified"], c
+  return c
+
+
+def _calibration(cert, **kw):
+  base = dict(lambda_hat=0.9, q_hat=0.95, alpha_crc=0.1, alpha_aps=0.1, n=N, lambda_valid=True,
+              transform={"resize_size": 224, "crop_size": 224, "interpolation": "bicubic"},
+              geometry={"image_size": 224, "patch": 16, "channels": 3}, certificate=cert)
+  return Calibration(**{**base, **kw})
+
+
+def _write(tmp_path, d, name="cal.json") -> str:
+  path = tmp_path / name
+  path.write_text(d if isinstance(d, str) else json.dumps(d, indent=2))
+  return str(path)
+
+
+def _refused(path, match):
+  with pytest.raises(CalibrationError, match=match) as e:
+    Calibration.from_json(path)
+  assert path in str(e.value)
+  return str(e.value)
+
+
+def test_the_certificate_records_grids_levels_order_seed_adjusted_p_and_digest(cert, tmp_path):
+  config = _config()
+  assert cert["lambda_grid"] == list(config.certify.lambda_grid) and cert["tau_grid"] == [0.2, 0.6]
+  assert cert["levels"] == {"accuracy_drop": 0.05, "edge_risk": 0.1}
+  assert cert["order_seed"] == certificate.order_seed(3) != certificate.order_seed(4)
+  assert cert["digest"] == certificate.digest(cert) and len(cert["digest"]) == 64
+  # p_value is the chosen pair's fixed-sequence (adjusted) p-value, at the recorded order.
+  xs, eps = certificate.losses(config, _outcomes(), np.asarray(config.certify.lambda_grid))
+  cost = ltt.patch_cost(_outcomes()["p_max"], _outcomes()["kept"], config.certify.lambda_grid,
+                        196, per_image=True)
+  res = ltt.pareto_testing(xs, cost, eps, 0.1, order_seed=cert["order_seed"],
+                           split_indices=(np.arange(N_FIT), np.arange(N_FIT, N)))
+  l, t = res.chosen
+  assert (cert["lambda_hat"], cert["tau"]) == (config.certify.lambda_grid[l], TAUS[t])
+  assert cert["p_value"] == res.adjusted[l, t] >= res.pvalues[l, t]
+  # Round trip: what is written loads back as it was.
+  path = tmp_path / "cal.json"
+  _calibration(cert).to_json(path)
+  assert Calibration.from_json(path).certificate == cert
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"p_value": 0.9}, r"p_value=0.9 exceeds delta=0.1"),
+    ({"tau": 1.7}, r"tau=1.7 must be a number in \[0, 1\]"),
+    ({"lambda_hat": 0.123}, r"lambda_hat=0.123 is not in lambda_grid"),
+    ({"tau": 0.4}, r"tau=0.4 is not in tau_grid"),
+    ({"tau_grid": [0.2, 0.6, 1.7]}, r"tau_grid=.* numbers in \[0, 1\]"),
+    ({"n_test": 500}, r"n_test=500 plus n_fit=200 exceeds the calibration's n=600"),
+    ({"n_fit": 0}, r"n_fit=0 must be an integer >= 1"),
+    ({"certified_count": 0}, r"certified_count=0 must be >= 1 when certified"),
+    ({"grid_size": 7}, r"grid_size=7 must equal len\(lambda_grid\) \* len\(tau_grid\) = 24"),
+    ({"q_hat": -1}, r"q_hat=-1 must be a number >= 0 or 'inf'"),
+    ({"levels": {"accuracy_drop": 0.05}}, r"levels=.* each risk"),
+])
+def test_load_refuses_an_inconsistent_certificate_even_when_resealed(cert, tmp_path, edit,
+                                                                     match):
+  d = _calibration(cert).to_dict()
+  d["certificate"] = certificate.seal({**cert, **edit})
+  _refused(_write(tmp_path, d), match)
+
+
+def test_load_refuses_an_edited_certificate_by_its_digest(cert, tmp_path):
+  d = _calibration(cert).to_dict()
+  d["certificate"] = {**cert, "epsilon": 0.2}  # a looser level than was tested
+  _refused(_write(tmp_path, d), r"certificate fields were edited \(digest mismatch\)")
+  d["certificate"] = {k: v for k, v in cert.items() if k != "digest"}
+  _refused(_write(tmp_path, d), "certificate must be an object with keys")
+
+
+def test_load_refuses_an_older_version(cert, tmp_path):
+  d = {**_calibration(cert).to_dict(), "version": 2}
+  _refused(_write(tmp_path, d), r"v3 file .*rerun `rcst calibrate`")
+
+
+def test_load_refuses_files_that_are_not_strict_utf8_json(cert, tmp_path):
+  good = json.dumps(_calibration(cert).to_dict(), indent=2)
+  binary = tmp_path / "cal.bin"
+  binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+  _refused(str(binary), "not a UTF-8 JSON file")
+  # A repeated key, at the top or nested, would silently keep the last value.
+  top = good.replace('"lambda_hat": 0.9,', '"lambda_hat": 0.9, "lambda_hat": 0.1,', 1)
+  _refused(_write(tmp_path, top), "duplicate key 'lambda_hat'")
+  tau = f'"tau": {cert["tau"]!r},'
+  assert tau in good
+  nested = good.replace(tau, tau + ' "tau": 0.6,', 1)
+  _refused(_write(tmp_path, nested), "duplicate key 'tau'")
+  for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
+    _refused(_write(tmp_path, good.replace('"q_hat": 0.95', f'"q_hat": {literal}', 1)),
+             "non-finite number")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"transform": {"resize_size": 256, "crop_size": 256, "interpolation": "bicubic"}},
+     r"transform.crop_size=256 differs from geometry.image_size=224"),
+    ({"transform": {"resize_size": 200, "crop_size": 224, "interpolation": "bicubic"}},
+     r"resize_size 200 < crop_size 224"),
+    ({"transform": {"resize_size": 224, "crop_size": 224, "interpolation": "sinc"}},
+     "unknown interpolation 'sinc'"),
+    ({"geometry": {"image_size": 200, "patch": 16, "channels": 3}}, "not a multiple of patch"),
+    ({"geometry": {"image_size": 224, "patch": 16, "channels": 1}}, "channels=1"),
+])
+def test_load_refuses_a_transform_that_does_not_fit_the_geometry(cert, tmp_path, change, match):
+  d = {**_calibration(cert).to_dict(), **change}
+  _refused(_write(tmp_path, d), match)
+
+
+def _uncertified(cert, **fields):
+  return certificate.seal({**cert, "certified": False, "certified_count": 0, "p_value": None,
+                           **fields})
+
+
+def test_an_uncertified_certificate_is_server_only_whatever_pair_it_holds(cert):
+  cal = _calibration(_uncertified(cert, lambda_hat=0.0, tau=0.6))
+  assert cal.operating_point() == OperatingPoint(math.inf, 0.95, 0.0, certified=False)
+  # certify_run's own fallback, from a request nothing meets.
+  none = _certify(_config(epsilon=0.001, risks=("system_error",)))
+  assert not none["certified"] and none["p_value"] is None and none["lambda_hat"] == "inf"
+  assert _calibration(none).operating_point() == OperatingPoint(math.inf, 0.95, 0.0,
+                                                                certified=False)
+  assert _calibration(cert).operating_point().certified
+
+
+def test_verify_names_each_differing_field_with_both_values(cert):
+  assert certificate.verify(cert, dict(cert)) == []
+  assert certificate.verify(cert, _certify()) == []  # recomputed from the same outcomes
+  close = {**cert, "p_value": cert["p_value"] * (1 + 1e-13)}
+  assert certificate.verify(cert, close) == []
+  forged = certificate.seal({**cert, "tau": 0.6 if cert["tau"] != 0.6 else 0.2, "epsilon": 0.2})
+  diffs = certificate.verify(forged, cert)
+  assert len(diffs) == 2 and diffs[0] == f"epsilon: recorded 0.2, recomputed {cert['epsilon']!r}"
+  assert diffs[1].startswith("tau: recorded ")
+  far = certificate.verify({**cert, "p_value": cert["p_value"] * (1 + 1e-9)}, cert)
+  assert len(far) == 1 and far[0].startswith("p_value: recorded ")
+  assert certificate.verify({**cert, "levels": {"accuracy_drop": 0.05, "edge_risk": 0.2}},
+                            cert)[0].startswith("levels: ")
+  assert certificate.verify({k: v for k, v in cert.items() if k != "order_seed"}, cert) == [
+      f"order_seed: recorded '<missing>', recomputed {cert['order_seed']}"]
+  assert certificate.verify({**cert, "n_fit": True}, {**cert, "n_fit": 1}) != []
+
+
+def test_describe_names_each_risk_at_its_level_and_the_adjusted_p(cert):
+  text = certificate.describe(cert)
+  assert "expected accuracy drop <= 0.05 and edge risk <= 0.1 (alpha_crc)" in text
+  assert f"fixed-sequence p = {cert['p_value']:.3g} <= delta = 0.1" in text
+  assert f"seed {cert['order_seed']}" in text and "i.i.d." in text
+  assert "over draws of the calibration set" in text
+  assert "epsilon" not in text and "before the test set" not in text
+  bonf = _certify(_config(multiple_testing="bonferroni", epsilon=0.1))
+  assert bonf["certified"] and "Bonferroni-adjusted p = " in certificate.describe(bonf)
+  none = certificate.describe(_uncertified(cert))
+  assert "no (lambda, tau)" in none and "edge risk <= 0.1 (alpha_crc)" in none
+  assert "server-only" in none
+
+
+def test_rcst_run_without_tau_on_an_uncertified_certificate_is_server_only(cert, tmp_path,
+                                                                            capsys):
+  """lambda_hat 0 would accept every image on the edge; certified false means
+  server-only: every image offloaded with all of its patches."""
+  path = tmp_path / "uncertified.json"
+  _calibration(_uncertified(cert, lambda_hat=0.0, tau=0.6)).to_json(path)
+  src = SyntheticShapes("test", 3, seed=5)
+  images = []
+  for i in range(3):
+    images.append(str(tmp_path / f"img{i}.png"))
+    Image.fromarray(src[i].image).save(images[-1])
+  capsys.readouterr()
+  assert cli.main(["run", "--edge", f"{WEIGHTS}/demo_edge", "--server", f"{WEIGHTS}/demo_server",
+                   "--calibration", str(path), *images]) == 0
+  got = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  assert [r["image"] for r in got] == images
+  for r in got:
+    assert not r["accepted_on_edge"] and r["patches_sent"] == 196, r
+    assert r["sent_indices"] == list(range(196))
