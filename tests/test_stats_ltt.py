@@ -276,9 +276,9 @@ def test_bonferroni_mode_tests_every_configuration_at_delta_over_m():
 def test_byte_cost_is_the_reported_byte_cost():
   """The byte cost LTT minimises equals metrics' byte cost of the same decisions."""
   from rcst_jax.calibration import certificate
-  from rcst_jax.sweep import metrics
-  from rcst_jax.inference import payload
   from rcst_jax.geometry import Geometry
+  from rcst_jax.inference import payload
+  from rcst_jax.sweep import metrics
   rng = np.random.default_rng(3)
   g = Geometry()
   p_max, kept = rng.random(50), rng.integers(0, 197, (4, 50))

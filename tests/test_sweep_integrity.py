@@ -13,7 +13,7 @@ import small_models
 from PIL import Image
 
 from rcst_jax import cli, evaluate, fileio
-from rcst_jax.calibration import algorithm1
+from rcst_jax.calibration import algorithm1, certificate
 from rcst_jax.cli import parse_config
 from rcst_jax.data.sources import load_sources, run_transform
 from rcst_jax.errors import ConfigError, OutputRefusedError
@@ -205,3 +205,21 @@ def test_labels_beyond_the_models_classes_are_refused_before_any_model_runs(
   monkeypatch.setattr(algorithm1, "algorithm1", lambda *a, **k: pytest.fail("a model ran"))
   with pytest.raises(ConfigError, match="class indices up to 40, but the edge model has 12"):
     evaluate.evaluate_config(config, models=models12)
+
+
+def test_calibrate_verify_recomputes_the_artifact(demo_smoke, capsys, tmp_path):
+  out, _ = demo_smoke
+  published = out / "calibration.json"
+  argv = ["calibrate", "--config", "demo:smoke", f"--config.output_dir={out}", "--verify"]
+  assert cli.main(argv + [str(published)]) == 0
+  assert json.loads(capsys.readouterr().out)["verified"] is True
+  # A forgery the load-time checks cannot see (digest resealed, values in range).
+  d = json.load(open(published))
+  d["certificate"]["q_hat"] = float(d["certificate"]["q_hat"]) * 0.5
+  d["certificate"] = certificate.seal(d["certificate"])
+  forged = tmp_path / "forged.json"
+  forged.write_text(json.dumps(d))
+  evaluate.Calibration.from_json(forged)
+  assert cli.main(argv + [str(forged)]) == 2
+  err = capsys.readouterr().err
+  assert "does not match its recomputation" in err and "certificate.q_hat" in err

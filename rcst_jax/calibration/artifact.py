@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from rcst_jax.calibration import certificate
+from rcst_jax.calibration.certificate import encode_float
 from rcst_jax.data.preprocess import Preprocess
 from rcst_jax.errors import ConfigError, RcstError
 from rcst_jax.fileio import atomic_write_text
@@ -37,12 +38,6 @@ class CalibrationWarning(UserWarning):
 _META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer", "edge_digest",
          "server_digest")
 _FORMAT, _VERSION = "rcst_calibration", 3
-
-
-def encode_float(x: float):
-  """A threshold as JSON: +inf as the string 'inf' (strict JSON has no inf)."""
-  x = float(x)
-  return "inf" if x == math.inf else x
 
 
 def decode_float(x, name: str) -> float:

@@ -59,8 +59,10 @@ def order_seed(split_seed: int) -> int:
   return int(np.random.SeedSequence([int(split_seed) % 2**32, 1]).generate_state(1)[0])
 
 
-def _encode(x: float):
-  return "inf" if float(x) == math.inf else float(x)  # strict JSON has no inf
+def encode_float(x: float):
+  """A threshold as JSON: +inf as the string 'inf' (strict JSON has no inf)."""
+  x = float(x)
+  return "inf" if x == math.inf else x
 
 
 def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
@@ -91,14 +93,14 @@ def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
   cert = {"risks": list(c.risks), "levels": levels(config), "epsilon": float(c.epsilon),
           "delta": float(c.delta), "test": c.test, "n_fit": int(n_fit), "n_test": int(res.n_test),
           "grid_size": int(res.certified.size), "certified_count": int(res.certified.sum()),
-          "q_hat": _encode(q_hat_fit), "split_seed": int(c.seed), "order_seed": seed,
+          "q_hat": encode_float(q_hat_fit), "split_seed": int(c.seed), "order_seed": seed,
           "cost": cost_kind, "multiple_testing": mt,
           "lambda_grid": [float(x) for x in lambdas], "tau_grid": [float(t) for t in taus]}
   if res.chosen is None:  # nothing certified: server-only (accept nothing, keep every patch)
     cert.update(certified=False, lambda_hat="inf", tau=0.0, p_value=None, cost_calibration=1.0)
   else:
     l, t = res.chosen
-    cert.update(certified=True, lambda_hat=_encode(lambdas[l]), tau=float(taus[t]),
+    cert.update(certified=True, lambda_hat=encode_float(lambdas[l]), tau=float(taus[t]),
                 p_value=float(res.adjusted[l, t]), cost_calibration=float(cost[l, t].mean()))
     grid["chosen"] = (float(cost[l, t].mean()), float(head[l, t]))
   return seal(cert), grid
