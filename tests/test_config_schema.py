@@ -135,12 +135,12 @@ def test_synthetic_data_needs_n_test():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["run", "--tau", "nan"], "--tau: must be a number in \\[0, 1\\]"),
-    (["run", "--tau", "inf"], "--tau: must be a number in \\[0, 1\\]"),
-    (["run", "--tau", "1.7"], "--tau: must be a number in \\[0, 1\\]"),
-    (["run", "--tau", "-0.1"], "--tau: must be a number in \\[0, 1\\]"),
+    (["run", "--tau", "nan"], "--tau: must be a number in [0, 1]"),
+    (["run", "--tau", "inf"], "--tau: must be a number in [0, 1]"),
+    (["run", "--tau", "1.7"], "--tau: must be a number in [0, 1]"),
+    (["run", "--tau", "-0.1"], "--tau: must be a number in [0, 1]"),
     (["run", "--tau", "0.5", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
-    (["explain", "--tau=-inf", "--out", "x.png"], "--tau: must be a number in \\[0, 1\\]"),
+    (["explain", "--tau=-inf", "--out", "x.png"], "--tau: must be a number in [0, 1]"),
     (["predict", "--model", "m", "--batch-size=-1"], "--batch-size: must be an integer"),
 ])
 def test_run_explain_predict_refuse_bad_numbers(argv, message, capsys):

@@ -233,6 +233,9 @@ def test_recertifying_reuses_the_calibration_outcomes(tmp_path, models12, monkey
                             str(tmp_path), progress=False).calibrate().certificate
   assert again["epsilon"] == 0.2 and again["test"] == "hb"
   assert again["n_fit"] == first["n_fit"] and again["q_hat"] == first["q_hat"]
+  exact = engine.Evaluation(_config(tmp_path, *on, "--config.certify.test=exact"), models12,
+                            sources, str(tmp_path), progress=False).calibrate().certificate
+  assert exact["test"] == "exact" and exact["n_test"] == first["n_test"]
 
 
 def test_certification_runs_from_an_existing_evaluation_cache(tmp_path, models12, monkeypatch):

@@ -111,7 +111,8 @@ def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
 
 
 _RISKS = ("accuracy_drop", "degradation", "system_error", "edge_risk")
-_WORDS = {"test": ("wsr", "hb", "binomial"), "multiple_testing": ("pareto", "bonferroni"),
+_WORDS = {"test": ("wsr", "hb", "binomial", "exact"),
+          "multiple_testing": ("pareto", "bonferroni"),
           "cost": ("patches", "bytes")}
 KEYS = ("certified", "lambda_hat", "tau", "q_hat", "risks", "levels", "epsilon", "delta", "test",
         "multiple_testing", "cost", "n_fit", "n_test", "split_seed", "order_seed", "lambda_grid",

@@ -189,7 +189,7 @@ SCHEMA: dict[str, Checker] = {
     "certify.epsilon": open_unit,
     "certify.delta": open_unit,
     "certify.risks": grid_of(one_of("accuracy_drop", "degradation", "system_error", "edge_risk")),
-    "certify.test": one_of("wsr", "hb", "binomial"),
+    "certify.test": one_of("wsr", "hb", "binomial", "exact"),
     "certify.lambda_grid": grid_of(lambda_value),
     "certify.split": open_unit,
     "certify.seed": integer,

@@ -47,6 +47,7 @@ from typing import Mapping, Optional, Tuple
 import numpy as np
 
 from rcst_jax.stats.conformal import accepts
+from rcst_jax.stats.exact import exact_pvalue
 
 __all__ = [
     "decisions", "accuracy_drop", "degradation", "system_error", "edge_risk", "offload_cost",
@@ -196,9 +197,14 @@ def _as_risks(losses, eps) -> Tuple[list, list]:
 
 
 def config_pvalues(losses, eps, delta: float, test: str = "wsr"):
-  """p-values [...] over configurations; several risks (a mapping) take the max."""
+  """p-values [...] over configurations; several risks (a mapping) take the max.
+
+  test: "wsr" (betting), "hb" (Hoeffding-Bentkus), "binomial" (binary losses) or
+  "exact" (losses in {0, 1/2, 1}, e.g. the rescaled accuracy drop: the
+  Berger-Boos exact p-value of `stats.exact`, never below its gamma = 1e-4).
+  """
   fn = {"binomial": lambda x, e: binomial_pvalue(x, e), "hb": hb_pvalue,
-        "wsr": lambda x, e: wsr_pvalue(x, e, delta)}[test]
+        "wsr": lambda x, e: wsr_pvalue(x, e, delta), "exact": lambda x, e: exact_pvalue(x, e)}[test]
   xs, es = _as_risks(losses, eps)
   return np.max(np.stack([fn(x, e) for x, e in zip(xs, es)]), 0)
 
