@@ -129,8 +129,8 @@ def _calibrate(config) -> Calibration:
 # The certificate fields that say what was asked for, and the config keys they came from.
 _REQUEST = {"epsilon": "certify.epsilon", "delta": "certify.delta", "test": "certify.test",
             "risks": "certify.risks", "lambda_grid": "certify.lambda_grid",
-            "split_seed": "certify.seed", "cost": "certify.cost",
-            "multiple_testing": "certify.multiple_testing", "tau_grid": "tau_grid"}
+            "split": "certify.split", "split_seed": "certify.seed", "cost": "certify.cost",
+            "multiple_testing": "certify.multiple_testing", "tau_grid": "certify.tau_grid"}
 
 
 def verify_calibration(config, path: str) -> list[str]:

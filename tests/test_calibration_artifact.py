@@ -27,7 +27,7 @@ N, N_FIT = 600, 200
 def _config(**certify):
   c = {"epsilon": 0.05, "delta": 0.1, "risks": ("accuracy_drop", "edge_risk"), "test": "wsr",
        "lambda_grid": tuple(round(0.1 * i, 1) for i in range(11)) + (1.01,), "seed": 3,
-       "cost": "patches", "multiple_testing": "pareto", **certify}
+       "cost": "patches", "multiple_testing": "pareto", "split": 0.5, **certify}
   return ConfigDict({"alpha_crc": 0.1, "certify": c})
 
 
@@ -83,6 +83,7 @@ def test_the_certificate_records_grids_levels_order_seed_adjusted_p_and_digest(c
   assert cert["lambda_grid"] == list(config.certify.lambda_grid) and cert["tau_grid"] == [0.2, 0.6]
   assert cert["levels"] == {"accuracy_drop": 0.05, "edge_risk": 0.1}
   assert cert["order_seed"] == certificate.order_seed(3) != certificate.order_seed(4)
+  assert cert["split"] == 0.5 and cert["n_fit"] == N_FIT
   assert cert["digest"] == certificate.digest(cert) and len(cert["digest"]) == 64
   # p_value is the chosen pair's fixed-sequence (adjusted) p-value, at the recorded order.
   xs, eps = certificate.losses(config, _outcomes(), np.asarray(config.certify.lambda_grid))

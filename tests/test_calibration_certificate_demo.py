@@ -13,6 +13,8 @@ import pytest
 from fixtures import demo_population as demo
 
 DRAWS, N_CAL = 500, 500   # 250 fitting + 250 testing images per draw
+# The exact test at the shipped fitting split (configs/imagenet.py): 300 + 700.
+EXACT_N_CAL, EXACT_SPLIT = 1000, 0.3
 
 
 _load = functools.lru_cache(maxsize=None)(demo.load)
@@ -25,13 +27,16 @@ def population():
 
 @functools.lru_cache(maxsize=None)
 def _simulate(eps, delta, test):
+  if test == "exact":
+    return demo.simulate(_load(), DRAWS, EXACT_N_CAL, eps, delta, test, split=EXACT_SPLIT)
   return demo.simulate(_load(), DRAWS, N_CAL, eps, delta, test)
 
 
 def test_fixture_reproduces_the_set_sizes_it_stores(population):
   pop = population
   lo, hi = pop["q_range"]
-  assert pop["n_fit_min"] <= N_CAL // 2  # every fitting half's q_hat is in range
+  # every fitting split's q_hat is in range
+  assert pop["n_fit_min"] <= min(N_CAL // 2, EXACT_N_CAL * EXACT_SPLIT)
   k_lo, k_hi = demo.set_size(pop["aps_cum"], lo), demo.set_size(pop["aps_cum"], hi)
   np.testing.assert_array_equal(k_lo, pop["k_lo"])
   np.testing.assert_array_equal(k_hi, pop["k_hi"])
@@ -47,7 +52,7 @@ def test_fixture_reproduces_the_set_sizes_it_stores(population):
 def test_violation_frequency_at_most_delta(population, eps, delta):
   pop = population
   slack = 3 * np.sqrt(delta * (1 - delta) / DRAWS)
-  for test in ("wsr", "hb"):
+  for test in ("wsr", "hb", "exact"):
     got = _simulate(eps, delta, test)
     print(f"\neps={eps} delta={delta} {test}: {got}")
     assert got["chosen_bad"] <= got["any_bad"] <= delta + slack, (test, got)
@@ -61,3 +66,13 @@ def test_betting_certifies_at_least_as_often_as_hoeffding_bentkus():
   wsr, hb = _simulate(0.02, 0.1, "wsr"), _simulate(0.02, 0.1, "hb")
   assert wsr["certified"] >= hb["certified"] and wsr["mean_cost"] <= hb["mean_cost"] + 1e-9
   assert wsr["certified"] > 0.2
+
+
+def test_shipped_settings_match_the_simulation():
+  """The exact test and split this file simulates are what the configs ship."""
+  from rcst_jax.configs import demo as demo_config
+  from rcst_jax.configs import imagenet
+  for c in (imagenet.get_config(), demo_config.get_config()):
+    assert (c.certify.test, c.certify.split) == ("exact", EXACT_SPLIT)
+  taus = demo_config.get_config().certify.tau_grid
+  assert set(taus) <= {float(t) for t in _load()["taus"]}  # benchmarks can simulate it

@@ -10,6 +10,7 @@ from PIL import Image
 
 from rcst_jax.data import folder, imagenet, labels, synthetic
 from rcst_jax.data.preprocess import (
+    Held,
     BadImageError, Example, Preprocess, batches, center_crop, load_image, normalize)
 
 
@@ -130,6 +131,29 @@ def test_batches_skip_count_and_pad(workers):
   assert last.images.shape == (4, 8, 8, 3) and last.labels.tolist() == [1, -1, -1, -1]
   assert not last.images[1:].any() and last.keys[1:] == ["", "", ""]
   np.testing.assert_array_equal(out[0].images[:, 0, 0, 0], [0, 2, 3, 5])
+
+
+def test_held_source_reads_each_item_once_and_gives_the_same_batches():
+  reads = collections.Counter()
+
+  class Counting(_FakeSource):
+    def __getitem__(self, i):
+      reads[i] += 1
+      return super().__getitem__(i)
+
+  held = Held(Counting(12, bad=(1, 6), wild=(4,)), max_bytes=9 * 8 * 8 * 3)  # 9 of 10 images
+  for _ in range(3):
+    a, b = collections.Counter(), collections.Counter()
+    got = list(batches(held, range(12), 4, skipped=a, progress=False))
+    want = list(batches(_FakeSource(12, bad=(1, 6), wild=(4,)), range(12), 4, skipped=b,
+                        progress=False))
+    assert a == b
+    for x, y in zip(got, want):
+      np.testing.assert_array_equal(x.images, y.images)
+      assert x.keys == y.keys and x.labels.tolist() == y.labels.tolist()
+  # Held: the two bad items (no bytes) and the first 9 good ones; 11 is read every time.
+  assert held.nbytes == 9 * 8 * 8 * 3 and len(held) == 12 and held.num_classes == 5
+  assert reads[0] == reads[1] == 1 and reads[11] == 3
 
 
 def test_batches_subset_indices_for_resume():

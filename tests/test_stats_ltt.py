@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from rcst_jax.stats import ltt
+from rcst_jax.stats import ltt, sizing
 
 
 def _slack(delta, draws):
@@ -399,3 +399,78 @@ def test_adjusted_pvalues_by_hand():
   np.testing.assert_allclose(bf.adjusted, np.minimum(1.0, 4 * p), rtol=1e-9)
   np.testing.assert_array_equal(bf.certified, [[False, False], [True, False]])
   np.testing.assert_array_equal(bf.certified, bf.adjusted <= 0.1)
+
+
+# ---------------------------------------------------------------------------
+# Sizing a calibration set (sizing.n_to_certify) and the pilot line it prints.
+
+
+def test_normal_quantile_matches_tables():
+  assert abs(sizing._normal_quantile(0.9) - 1.2815515655446004) < 1e-12
+  assert abs(sizing._normal_quantile(0.975) - 1.959963984540054) < 1e-12
+  assert abs(sizing._normal_quantile(0.5)) < 1e-12
+
+
+def _drop_draws(rng, n, draws, p_minus=0.05, p_plus=0.05, eps=0.05):
+  d = rng.choice([-1.0, 0.0, 1.0], p=[p_minus, 1 - p_minus - p_plus, p_plus], size=(draws, n))
+  return ltt.rescale_accuracy_drop(d, eps)
+
+
+@pytest.mark.parametrize("test", ["exact", "wsr", "hb"])
+def test_n_to_certify_is_where_one_pair_passes_about_half_the_time(test):
+  """Accuracy drop R = 0, sd 0.32 (10 % of images disagree), eps = 0.05, delta = 0.1:
+  at the estimated n the p-value is <= delta in roughly half of the draws,
+  rarely at a quarter of it, nearly always at four times it."""
+  rng, draws, delta = np.random.default_rng(11), 300, 0.1
+  mean, var = 0.5, 0.1 / 4                     # of the rescaled loss (d + 1) / 2
+  eps = (0.05 + 1) / 2
+  n = int(sizing.n_to_certify(mean, var, eps, delta, test))
+  by_hand = {"exact": 1.2815515655446004 ** 2 * var, "wsr": 2 * math.log(10) * var,
+             "hb": 2 * math.log(10) / 4}[test] / (eps - mean) ** 2
+  assert n == math.ceil(by_hand)
+  rate = {}
+  for f in (0.25, 1.0, 4.0):
+    x, e = _drop_draws(rng, max(2, int(f * n)), draws)
+    rate[f] = float((ltt.config_pvalues(x, e, delta, test) <= delta).mean())
+  print(test, n, rate)
+  assert rate[0.25] < 0.35 and rate[4.0] > 0.85, rate
+  lo = 0.2 if test == "hb" else 0.25        # Hoeffding's variance bound 1/4 is loose here
+  assert lo <= rate[1.0] <= 0.85, rate
+  # A pair whose risk is at or above its level is never worth sizing for.
+  assert np.isinf(sizing.n_to_certify(np.array([eps, eps + 0.1]), 0.01, eps, delta, test)).all()
+  with pytest.raises(ValueError, match="delta"):
+    sizing.n_to_certify(mean, var, eps, 1.0, test)
+  with pytest.raises(ValueError, match="test"):
+    sizing.n_to_certify(mean, var, eps, delta, "bonferroni")
+
+
+def test_the_pilot_line_names_the_images_each_cost_needs():
+  """certificate.sizing on fitting outcomes built so that each tau's cost and
+  drop are known: its counts are the z-test rule computed here by hand."""
+  import ml_collections
+
+  from rcst_jax.calibration import certificate
+  from rcst_jax.geometry import Geometry
+  rng, n = np.random.default_rng(5), 2000
+  labels = rng.integers(0, 10, n)
+  server_only = labels.copy()
+  # tau 0 keeps 150 patches and agrees with server-only; tau 1 keeps 30 and is
+  # wrong on 3 % of images; the edge accepts nothing below lambda = 1.01.
+  wrong = rng.uniform(size=n) < 0.03
+  server_pred = np.stack([server_only, np.where(wrong, (labels + 1) % 10, labels)])
+  fit = {"labels": labels, "edge_pred": (labels + 1) % 10, "p_max": np.full(n, 0.5, np.float32),
+         "server_only_pred": server_only, "server_pred": server_pred,
+         "kept": np.stack([np.full(n, 150), np.full(n, 30)])}
+  config = ml_collections.ConfigDict({"alpha_crc": 0.1, "certify": {
+      "epsilon": 0.05, "delta": 0.1, "risks": ("accuracy_drop",), "test": "exact",
+      "lambda_grid": (0.0, 1.01)}})
+  line = certificate.sizing(config, fit, Geometry(), 100)
+  # lambda = 1.01 offloads everything: tau 1 costs 30/196, its drop is `wrong`.
+  m = wrong.mean()
+  need = math.ceil(1.2815515655446004 ** 2 * (m - m * m) / (0.05 - m) ** 2)
+  assert f"<= 0.2: {need:,}" in line, line
+  assert "1,200" not in line and "(2,000 fitting images, exact test" in line
+  assert f"this run tests on 100, " in line
+  assert ("enough for cost 0.153" in line) == (need <= 100), line
+  # lambda = 0 accepts every image: the edge is always wrong, a drop of 1 per image.
+  assert "<= 0.1:" not in line

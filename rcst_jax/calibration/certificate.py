@@ -20,7 +20,12 @@ import math
 import numpy as np
 
 from rcst_jax.inference import payload
-from rcst_jax.stats import ltt
+from rcst_jax.stats import ltt, sizing as sizing_rule
+
+
+def tau_grid(config) -> tuple:
+  """The taus the certificate searches: certify.tau_grid, or the sweep's tau_grid."""
+  return tuple(float(t) for t in (config.certify.get("tau_grid") or config.tau_grid))
 
 
 def levels(config) -> dict:
@@ -90,10 +95,17 @@ def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
     head = 2 * head - 1
   grid = {"cost": cost.mean(-1), "risk": head, "certified": res.certified,
           "lambda_grid": lambdas, "tau_grid": np.asarray(taus, np.float64)}
+  # The empirical oracle: the cheapest pair within every level on all these
+  # images, what a certificate that knew them would pick (no guarantee).
+  within = np.all([x.mean(-1) <= eps[r] for r, x in xs.items()], axis=0)
+  if within.any():
+    o = np.unravel_index(np.argmin(np.where(within, grid["cost"], np.inf)), within.shape)
+    grid["oracle"] = (float(grid["cost"][o]), float(head[o]))
   cert = {"risks": list(c.risks), "levels": levels(config), "epsilon": float(c.epsilon),
           "delta": float(c.delta), "test": c.test, "n_fit": int(n_fit), "n_test": int(res.n_test),
           "grid_size": int(res.certified.size), "certified_count": int(res.certified.sum()),
-          "q_hat": encode_float(q_hat_fit), "split_seed": int(c.seed), "order_seed": seed,
+          "q_hat": encode_float(q_hat_fit), "split": float(c.split), "split_seed": int(c.seed),
+          "order_seed": seed,
           "cost": cost_kind, "multiple_testing": mt,
           "lambda_grid": [float(x) for x in lambdas], "tau_grid": [float(t) for t in taus]}
   if res.chosen is None:  # nothing certified: server-only (accept nothing, keep every patch)
@@ -106,6 +118,40 @@ def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
   return seal(cert), grid
 
 
+SIZING_COSTS = (0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+def sizing(config, fit: dict, geometry, n_test: int) -> str:
+  """How many testing images the cheap configurations need, read off the
+  fitting split's outcomes (a pilot; printed before the testing passes).
+
+  For each (lambda, tau), each risk's mean and variance on the fitting split
+  give `stats.sizing.n_to_certify` (the largest over risks); for each patch cost in
+  SIZING_COSTS the line gives the fewest testing images any pair at most that
+  cost needs, then the cheapest pair that this run's ``n_test`` reach.
+  """
+  c = config.certify
+  lambdas = np.asarray(c.lambda_grid, np.float64)
+  xs, eps = losses(config, fit, lambdas)
+  need = np.max(np.stack([sizing_rule.n_to_certify(x.mean(-1), x.var(-1), eps[r], c.delta, c.test)
+                          for r, x in xs.items()]), 0)
+  cost = ltt.patch_cost(fit["p_max"], fit["kept"], lambdas, geometry.num_patches)
+  head = (f"certification pilot ({len(fit['labels']):,} fitting images, {c.test} test, "
+          f"epsilon = {c.epsilon:g}, delta = {c.delta:g})")
+  if not np.isfinite(need).any():
+    return f"{head}: no (lambda, tau) is estimated within its levels; expect server-only"
+  by_cost = [f"<= {b:g}: {int(need[cost <= b].min()):,}" for b in SIZING_COSTS
+             if np.isfinite(need[cost <= b]).any()]
+  words = [f"{head}: testing images needed to certify a pair about half the time, by patch "
+           f"cost: " + ("; ".join(by_cost) if by_cost else f"none at cost <= {SIZING_COSTS[-1]}")]
+  reach = need <= n_test
+  words.append(f"this run tests on {n_test:,}, " + (
+      f"enough for cost {cost[reach].min():.3f}" if reach.any() else "enough for no pair: expect "
+      "server-only") + " (a rule of thumb: fixed-sequence testing must also pass the pairs "
+      "before it; raise data.n_cal for cheaper pairs)")
+  return "; ".join(words)
+
+
 # ---------------------------------------------------------------------------
 # The digest, and what loading a certificate checks (artifact._check_certificate).
 
@@ -115,7 +161,8 @@ _WORDS = {"test": ("wsr", "hb", "binomial", "exact"),
           "multiple_testing": ("pareto", "bonferroni"),
           "cost": ("patches", "bytes")}
 KEYS = ("certified", "lambda_hat", "tau", "q_hat", "risks", "levels", "epsilon", "delta", "test",
-        "multiple_testing", "cost", "n_fit", "n_test", "split_seed", "order_seed", "lambda_grid",
+        "multiple_testing", "cost", "n_fit", "n_test", "split", "split_seed", "order_seed",
+        "lambda_grid",
         "tau_grid", "grid_size", "certified_count", "p_value", "cost_calibration", "digest")
 
 
@@ -186,6 +233,7 @@ def _check_values(c: dict, n: int):
     _need(_int(c[k], 1), c, k, "must be an integer >= 1")
   _need(c["n_fit"] + c["n_test"] <= n, c, "n_test",
         f"plus n_fit={c['n_fit']} exceeds the calibration's n={n}")
+  _need(_num(c["split"]) and 0 < c["split"] < 1, c, "split", "must lie in (0, 1)")
   _need(_int(c["split_seed"]), c, "split_seed", "must be an integer")
   _need(_int(c["order_seed"], 0), c, "order_seed", "must be an integer >= 0")
   _need(c["p_value"] is None or _num(c["p_value"], 0, 1), c, "p_value",

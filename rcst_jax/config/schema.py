@@ -192,6 +192,7 @@ SCHEMA: dict[str, Checker] = {
     "certify.test": one_of("wsr", "hb", "binomial", "exact"),
     "certify.lambda_grid": grid_of(lambda_value),
     "certify.split": open_unit,
+    "certify.tau_grid": grid_of(unit_interval, min_len=0),
     "certify.seed": integer,
     "certify.cost": one_of("patches", "bytes"),
     "certify.multiple_testing": one_of("pareto", "bonferroni"),

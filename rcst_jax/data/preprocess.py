@@ -241,6 +241,36 @@ class ImageSource(Protocol):
   def __getitem__(self, index: int) -> Example: ...
 
 
+class Held:
+  """An ImageSource that keeps the items it has read (bad ones too, as their
+  errors) up to ``max_bytes`` of images: for a set a run reads more than once,
+  such as the calibration images a certificate reads three times, so each is
+  decoded or rendered once. Same items, same errors, same order as the source."""
+
+  def __init__(self, source: ImageSource, max_bytes: int = 1 << 30):
+    self.source, self.max_bytes, self.nbytes = source, int(max_bytes), 0
+    self.num_classes = getattr(source, "num_classes", None)
+    self._held: dict = {}
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> Example:
+    index = int(index)
+    got = self._held.get(index)
+    if got is None:
+      try:
+        got = self.source[index]
+      except BadItemError as e:
+        got = e
+      size = got.image.nbytes if isinstance(got, Example) else 0
+      if self.nbytes + size <= self.max_bytes:
+        self._held[index], self.nbytes = got, self.nbytes + size
+    if isinstance(got, BadItemError):
+      raise got
+    return got
+
+
 class Batch(NamedTuple):
   images: np.ndarray  # uint8 [B, H, W, 3]; zeros where not valid
   labels: np.ndarray  # int32 [B]; -1 where not valid

@@ -75,7 +75,8 @@ def _figures(out: str, points, ops, grid, cert) -> dict:
     paths["certification"] = str(plots.certification_figure(
         grid["cost"], grid["risk"], grid["certified"], os.path.join(out, "certification.png"),
         chosen=tuple(grid["chosen"]) if "chosen" in grid else None, epsilon=cert["epsilon"],
-        risk_label=f"calibration {cert['risks'][0].replace('_', ' ')}"))
+        risk_label=f"calibration {cert['risks'][0].replace('_', ' ')}",
+        oracle=tuple(grid["oracle"]) if "oracle" in grid else None))
   return paths
 
 
@@ -121,6 +122,9 @@ def _write_outputs(ev, result: dict, gallery_size: int, per_image: bool) -> dict
              if k not in ("points", "calibration", "arrays", "certification_grid")}
   with open(paths["calibration"], "rb") as f:
     summary["calibration_sha256"] = hashlib.sha256(f.read()).hexdigest()
+  grid = result.get("certification_grid") or {}
+  if "oracle" in grid:  # cost and risk on the calibration images (no guarantee)
+    summary["certification_oracle"] = {"cost": grid["oracle"][0], "risk": grid["oracle"][1]}
   summary.update(certificate=cal.certificate, rcst_jax_version=__version__,
                  devices=int(ev.mesh.devices.size), backend=jax.default_backend(),
                  dtype=ev.config.dtype, operating_points=ops, outputs=paths)

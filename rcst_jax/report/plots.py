@@ -234,8 +234,10 @@ def explain_figure(image, cam, keep_mask, aps_classes, path, grid: int = 14,
 
 
 def build_certification_figure(cost, risk, certified, chosen=None, epsilon=None,
-                               risk_label: str = "calibration risk") -> Figure:
-  """Risk against cost for every (lambda, tau) of the grid; certified ones filled."""
+                               risk_label: str = "calibration risk", oracle=None) -> Figure:
+  """Risk against cost for every (lambda, tau) of the grid; certified ones
+  filled, the chosen one starred, the oracle (the cheapest within epsilon on
+  these images, no guarantee) ringed."""
   cost, risk, certified = (np.asarray(a).ravel() for a in (cost, risk, certified))
   fig = _figure(figsize=(5.5, 4.0))
   ax = fig.add_subplot()
@@ -245,6 +247,10 @@ def build_certification_figure(cost, risk, certified, chosen=None, epsilon=None,
   if chosen is not None:
     ax.scatter([chosen[0]], [chosen[1]], marker="*", s=180, color="tab:red", zorder=3,
                label="chosen (lowest cost)")
+  if oracle is not None:
+    ax.scatter([oracle[0]], [oracle[1]], marker="o", s=110, facecolors="none",
+               edgecolors="tab:blue", linewidths=1.6, zorder=3,
+               label="oracle (cheapest within epsilon, no guarantee)")
   if epsilon is not None:
     ax.axhline(epsilon, color="black", lw=0.8, ls="--", label=f"epsilon = {epsilon:g}")
   ax.set_xlabel("communication cost")
@@ -254,6 +260,6 @@ def build_certification_figure(cost, risk, certified, chosen=None, epsilon=None,
 
 
 def certification_figure(cost, risk, certified, path, chosen=None, epsilon=None,
-                         risk_label: str = "calibration risk") -> Path:
-  return _save(build_certification_figure(cost, risk, certified, chosen, epsilon, risk_label),
-               path)
+                         risk_label: str = "calibration risk", oracle=None) -> Path:
+  return _save(build_certification_figure(cost, risk, certified, chosen, epsilon, risk_label,
+                                          oracle), path)

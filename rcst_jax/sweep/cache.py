@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration, CalibrationError
 from rcst_jax.fileio import atomic_write_bytes, plain
 from rcst_jax.models.checkpoints import variables_digest
@@ -46,7 +47,7 @@ CHUNK_KEYS = ("labels", "keys", "offloaded", "kept", "server_pred", "pred", "edg
               "base_p_max", "base_accept")
 POINT_KEYS = ("offloaded", "kept", "server_pred", "pred")  # [points, n] arrays
 # What the certification outcomes depend on (not the test itself).
-OUTCOME_KEYS = ("data", "alpha_aps", "gradcam_layer", "tau_grid", "dtype", "matmul_precision",
+OUTCOME_KEYS = ("data", "alpha_aps", "gradcam_layer", "dtype", "matmul_precision",
                 "batch_size", "server_batch", "server_min_batch", "buckets")
 
 
@@ -73,6 +74,7 @@ def outcome_id(config, models, sources, cal_inputs: str) -> str:
   cfg = plain(config)
   return _digest({"version": CACHE_VERSION, "config": {k: cfg.get(k) for k in OUTCOME_KEYS},
                   "split": [cfg["certify"]["split"], cfg["certify"]["seed"]],
+                  "taus": list(certificate.tau_grid(config)),
                   "data": sources.identity(), "inputs": cal_inputs,
                   "models": [variables_digest(m.variables) for m in (models.edge, models.server)]})
 

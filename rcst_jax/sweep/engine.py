@@ -26,6 +26,7 @@ from rcst_jax import spmd
 from rcst_jax.calibration import algorithm1
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.data import identity
+from rcst_jax.data.preprocess import Held
 from rcst_jax.data.sources import Sources
 from rcst_jax.errors import ConfigError
 from rcst_jax.geometry import Geometry
@@ -72,6 +73,7 @@ class Evaluation:
     self.passes = Passes(self.config, self.models, self.mesh, self.geometry)
     self.skipped = collections.Counter()
     self.certificate = self.certification_grid = self.certified_point = None
+    self.cal_held = self.certification_sizing = None
     self.timings = collections.defaultdict(float)
 
   def _identify_inputs(self) -> None:
@@ -96,10 +98,15 @@ class Evaluation:
     when config.certify.enabled: recomputed from the cached calibration
     outcomes on every call, so a new epsilon, delta, risk or test runs no model."""
     t0 = time.perf_counter()
+    certifying = bool(self.config.get("certify") and self.config.certify.enabled)
+    # The certification reads the calibration images twice more: decode or render them once.
+    self.cal_held = Held(self.sources.cal_source) if certifying else None
+    sources = (dataclasses.replace(self.sources, cal_source=self.cal_held) if certifying
+               else self.sources)
     cached = self.store.load_calibration(self.cal_inputs)
     if cached is None:
       cal = algorithm1.algorithm1(
-          self.config, self.passes.edge, self.sources, self.transform,
+          self.config, self.passes.edge, sources, self.transform,
           server_metadata=self.models.server.metadata, geometry=self.geometry,
           server_digest=variables_digest(self.models.server.variables),
           sharding=self.passes.sharding, skipped=self.skipped, progress=self.progress)
@@ -111,8 +118,9 @@ class Evaluation:
     self.published_calibration = self.store.calibration_path()
     t1 = time.perf_counter()
     self.timings["calibration_s"] += t1 - t0
-    if self.config.get("certify") and self.config.certify.enabled:
+    if certifying:
       cert, self.certification_grid = outcomes.certify(self, cal)
+      self.cal_held = None
       cal = dataclasses.replace(cal, certificate=cert)
       # The artifact published with the results is this file, byte for byte.
       key = cache.certified_id(cert)
@@ -248,6 +256,7 @@ class Evaluation:
     self.timings["total_s"] += time.perf_counter() - t0
     return {"calibration": cal, "points": points, "arrays": arrays, "fingerprint": self.fp,
             "certification_grid": self.certification_grid,
+            "certification_sizing": self.certification_sizing,
             "skipped": dict(self.skipped), "timings": dict(self.timings),
             "chunks_computed": done, "certified_chunks_computed": certified_done}
 

@@ -12,10 +12,12 @@ recomputed from them on every run (`calibration.certificate.certify_run`).
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from rcst_jax.calibration import algorithm1, certificate
 from rcst_jax.data.sources import Sources
@@ -26,7 +28,7 @@ from rcst_jax.sweep import cache
 
 def certify(run, cal) -> tuple[dict, dict]:
   """(certificate, grid arrays for the figure) of an Evaluation ``run``."""
-  taus = tuple(float(t) for t in run.config.tau_grid)
+  taus = certificate.tau_grid(run.config)
   ident = cache.outcome_id(run.config, run.models, run.sources, run.cal_inputs)
   out = run.store.load_outcomes(ident)
   if out is None:
@@ -35,6 +37,8 @@ def certify(run, cal) -> tuple[dict, dict]:
       run.store.save_outcomes(ident, out)
   out = dict(out)
   q_hat_fit, n_fit = float(out.pop("q_hat_fit")), int(out.pop("n_fit"))
+  if run.certification_sizing is None:  # cached outcomes: the same pilot, read back
+    _size(run, {k: v[..., :n_fit] for k, v in out.items()}, len(out["labels"]) - n_fit)
   return certificate.certify_run(run.config, out, taus, run.geometry, q_hat_fit, n_fit)
 
 
@@ -45,26 +49,36 @@ def split(indices: np.ndarray, fraction: float, seed: int):
   return np.sort(indices[perm[:n_fit]]), np.sort(indices[perm[n_fit:]])
 
 
+def _size(run, fit: dict, n_test: int) -> None:
+  """The pilot's estimate of the testing images the cheap pairs need, printed."""
+  run.certification_sizing = certificate.sizing(run.config, fit, run.geometry, n_test)
+  if jax.process_index() == 0:
+    tqdm.write(run.certification_sizing, file=sys.stderr)
+
+
 def _outcomes(run, taus) -> dict:
   c, src = run.config.certify, run.sources
+  images = run.cal_held if run.cal_held is not None else src.cal_source
   fit, test = split(src.cal_indices, c.split, c.seed)
   t0 = time.perf_counter()
   cal_fit = algorithm1.algorithm1(
-      run.config, run.passes.edge, Sources(src.cal_source, src.cal_source, fit, fit,
-                                           name=src.name),
+      run.config, run.passes.edge, Sources(images, images, fit, fit, name=src.name),
       run.transform, server_metadata=run.models.server.metadata, geometry=run.geometry,
       server_digest=None, sharding=run.passes.sharding, progress=run.progress)
   run.timings["certification_calibration_s"] += time.perf_counter() - t0
-  parts = [_part(run, name, part, cal_fit.q_hat, taus) for name, part in (("fit", fit), ("test", test))]
+  parts = [_part(run, images, "fit", fit, cal_fit.q_hat, taus)]
+  # Before the long passes: how many testing images the cheap pairs need.
+  _size(run, parts[0], len(test))
+  parts.append(_part(run, images, "test", test, cal_fit.q_hat, taus))
   out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
   return {**out, "q_hat_fit": np.float64(cal_fit.q_hat),
           "n_fit": np.int64(len(parts[0]["labels"]))}
 
 
-def _part(run, name: str, indices, q_hat: float, taus) -> dict:
+def _part(run, images, name: str, indices, q_hat: float, taus) -> dict:
   t0 = time.perf_counter()
   got = run.passes.edge_pass(
-      run.passes.batches(run.sources.cal_source, indices, f"certification {name}",
+      run.passes.batches(images, indices, f"certification {name}",
                          run.skipped, run.progress),
       float("inf"), q_hat, with_base=False)  # accept nothing: the server at every tau
   run.timings["certification_edge_s"] += time.perf_counter() - t0
