@@ -100,6 +100,25 @@ def test_the_certificate_records_grids_levels_order_seed_adjusted_p_and_digest(c
   assert Calibration.from_json(path).certificate == cert
 
 
+def test_the_oracle_is_the_cheapest_pair_within_epsilon_on_these_images():
+  """certify_run's grid names the oracle: by hand, Algorithm 2's system
+  prediction per (lambda, tau), its accuracy against server-only's, and the
+  fraction of patches sent."""
+  config, out = _config(risks=("accuracy_drop",), epsilon=0.02), _outcomes()
+  _, grid = certificate.certify_run(config, out, TAUS, Geometry(), 0.95, N_FIT)
+  best = None
+  for lam in config.certify.lambda_grid:
+    accept = out["p_max"] >= lam
+    for t in range(len(TAUS)):
+      pred = np.where(accept, out["edge_pred"], out["server_pred"][t])
+      drop = np.mean(pred != out["labels"]) - np.mean(out["server_only_pred"] != out["labels"])
+      cost = np.mean(np.where(accept, 0, out["kept"][t])) / 196
+      if drop <= 0.02 + 1e-12 and (best is None or cost < best[0]):
+        best = (cost, drop)
+  assert best is not None and best[0] < 1
+  np.testing.assert_allclose(grid["oracle"], best, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("edit, match", [
     ({"p_value": 0.9}, r"p_value=0.9 exceeds delta=0.1"),
     ({"tau": 1.7}, r"tau=1.7 must be a number in \[0, 1\]"),
@@ -108,6 +127,7 @@ def test_the_certificate_records_grids_levels_order_seed_adjusted_p_and_digest(c
     ({"tau_grid": [0.2, 0.6, 1.7]}, r"tau_grid=.* numbers in \[0, 1\]"),
     ({"n_test": 500}, r"n_test=500 plus n_fit=200 exceeds the calibration's n=600"),
     ({"n_fit": 0}, r"n_fit=0 must be an integer >= 1"),
+    ({"split": 1.5}, r"split=1.5 must lie in \(0, 1\)"),
     ({"certified_count": 0}, r"certified_count=0 must be >= 1 when certified"),
     ({"grid_size": 7}, r"grid_size=7 must equal len\(lambda_grid\) \* len\(tau_grid\) = 24"),
     ({"q_hat": -1}, r"q_hat=-1 must be a number >= 0 or 'inf'"),

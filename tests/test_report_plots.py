@@ -101,3 +101,20 @@ def test_explain_figure_png(tmp_path):
     path = plots.explain_figure(images[0], cams[0], mask, aps, tmp_path / f"e{accepted}.png",
                                 accepted=accepted, decision="lambda_hat=0.62, 3 classes")
     assert_png(path)
+
+
+def test_certification_figure_marks_the_chosen_pair_and_the_oracle(tmp_path):
+  cost = np.array([[0.1, 0.3], [0.6, 1.0]])
+  risk = np.array([[0.019, 0.012], [0.004, 0.0]])
+  certified = np.array([[False, True], [True, True]])
+  fig = plots.build_certification_figure(cost, risk, certified, chosen=(0.3, 0.012),
+                                         epsilon=0.02, oracle=(0.1, 0.019))
+  ax = fig.axes[0]
+  labels = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert any(l.startswith("oracle") for l in labels) and "chosen (lowest cost)" in labels
+  offsets = [tuple(c.get_offsets()[0]) for c in ax.collections if len(c.get_offsets()) == 1]
+  assert (0.1, 0.019) in offsets and (0.3, 0.012) in offsets
+  path = plots.certification_figure(cost, risk, certified, tmp_path / "c.png", oracle=(0.1, 0.019))
+  assert Image.open(path).format == "PNG"
+  without = plots.build_certification_figure(cost, risk, certified)
+  assert not any("oracle" in t.get_text() for t in without.axes[0].get_legend().get_texts())
