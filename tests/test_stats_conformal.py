@@ -445,7 +445,7 @@ def test_operating_point_is_the_certified_pair_or_the_crc_lambda_at_a_tau():
       "certified": True, "lambda_hat": 0.6, "tau": 0.4, "q_hat": 0.8,
       "risks": ["accuracy_drop"], "levels": {"accuracy_drop": 0.02}, "epsilon": 0.02,
       "delta": 0.1, "test": "wsr", "multiple_testing": "pareto", "cost": "patches",
-      "n_fit": 50, "n_test": 50, "split_seed": 0, "order_seed": 1, "p_value": 0.01,
+      "n_fit": 50, "n_test": 50, "split": 0.5, "split_seed": 0, "order_seed": 1, "p_value": 0.01,
       "lambda_grid": [0.6, 1.01], "tau_grid": [0.0, 0.4], "grid_size": 4, "certified_count": 2,
       "cost_calibration": 0.5})
   cal = Calibration(**base, certificate=cert)
