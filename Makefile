@@ -23,7 +23,11 @@ demo: $(VENV)/.base
 test: $(VENV)/.test
 	$(PY) -m pytest -q $(ARGS)
 
-bench: $(VENV)/.test
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP) -e '.[convert,test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_models.py
 
 clean:

@@ -81,6 +81,11 @@ def _base():
   c.empty_policy = "cls_only"    # attention-sum with 0 kept patches: CLS-only server, as Im et al.
   c.gradcam_layer = "features"   # last conv stage of EfficientNet-B0 (bn2 + act output)
   c.seed = 0                     # random-k baseline
+  # How the kept patches are coded (inference/codecs.py): every method and
+  # parameter is evaluated with each codec listed; "raw" is always evaluated.
+  # raw | webp-lossless | jpeg:Q (4:4:4) | jpeg420:Q. A lossy codec reruns the
+  # server on the decoded patches; a compressed one encodes every payload.
+  c.codec_grid = ("raw",)
 
   c.dtype = "float32"            # or bfloat16 (TPU)
   c.matmul_precision = "highest"  # float32 parity on TPU; "default" is faster there
@@ -116,6 +121,9 @@ def _base():
   # The taus the certificate searches; () = tau_grid. Each costs a server pass
   # over every calibration image, so drop taus that never certify cheaper.
   c.certify.tau_grid = ()
+  # The codecs the certificate searches, a third axis with (lambda, tau); ()
+  # = raw only. With more than one, certify.cost must be "bytes".
+  c.certify.codec_grid = ()
   c.certify.seed = 0
   c.certify.cost = "patches"            # pick the cheapest certified pair by patches or bytes
   c.certify.multiple_testing = "pareto"  # or "bonferroni" over the whole grid

@@ -20,6 +20,7 @@ from rcst_jax.data.preprocess import BadItemError
 from rcst_jax.data.sources import transform_from_record
 from rcst_jax.evaluate import calibrate_config, evaluate_config, verify_calibration
 from rcst_jax.fileio import dumps
+from rcst_jax.inference import codecs
 from rcst_jax.inference.collaborative import collaborative_inference
 from rcst_jax.models.checkpoints import load_model
 from rcst_jax.models.predict import class_names_for, predict_files
@@ -110,7 +111,7 @@ def _print_run(out):
         f"(alpha_crc={cal.alpha_crc}, alpha_aps={cal.alpha_aps}, n={cal.n})")
   if result["skipped"]:
     print(f"skipped items: {result['skipped']}")
-  for name in ("table1.md", "table2.md"):
+  for name in ("table1.md", "table1_bytes.md", "table2.md"):
     with open(paths[name]) as f:
       print(f.read())
   for name, path in sorted(paths.items()):
@@ -144,7 +145,14 @@ def _load_run(args, with_server: bool):
   if args.tau is None and not cal.certificate["certified"]:
     warnings.warn(f"{args.calibration}: nothing was certified, so the run is server-only "
                   "(every image offloaded with all its patches)")
-  return edge, server, cal, cal.operating_point(args.tau)
+  codec = getattr(args, "codec", None)
+  point = cal.operating_point(args.tau, None if codec is None else str(codec))
+  if args.tau is None and codec is not None and cal.certificate["certified"] \
+      and not point.certified:
+    warnings.warn(f"--codec {codec} differs from the certified codec "
+                  f"{cal.certificate.get('codec', 'raw')}: the whole-system certificate does "
+                  "not apply")
+  return edge, server, cal, point
 
 
 def _read_images(paths, transform):
@@ -180,7 +188,8 @@ def _cmd_run(args, extra):
           "prediction": pred, "label": names[pred] if names else None,
           "p_max": float(out["p_max"][i]),
           "aps_set": [int(c) for c in np.flatnonzero(out["aps_mask"][i])],
-          "patches_sent": int(out["kept"][i]), "bytes_sent": int(out["bytes"][i]),
+          "patches_sent": int(out["kept"][i]), "codec": point.codec,
+          "bytes_sent": int(out["bytes"][i]),
           "sent_indices": [int(j) for j in np.flatnonzero(out["keep"][i])]}), flush=True)
   return 1 if failed else 0
 
@@ -249,11 +258,21 @@ def _add_config_commands(sub) -> None:
   p.set_defaults(func=_cmd_configs)
 
 
+def _codec(text: str):
+  try:
+    return codecs.parse(text)
+  except codecs.CodecError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_run_commands(sub) -> None:
   tau_help = ("patch threshold; default: the calibration's certified (lambda, tau), the "
               "same for run and explain")
   p = sub.add_parser("run", help="Algorithm 2 on image files: per-image decisions, JSON lines")
   p.add_argument("--server", required=True)
+  p.add_argument("--codec", type=_codec, default=None,
+                 help="how the kept patches are coded: raw, webp-lossless, jpeg:Q, jpeg420:Q; "
+                      "default: the certified codec (raw with --tau)")
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_run)
   q = sub.add_parser("explain", help="PNG: image, APS set, Grad-CAM, patches that would be sent")

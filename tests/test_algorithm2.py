@@ -14,7 +14,7 @@ from PIL import Image
 
 import paper_rules
 from rcst_jax import cli, evaluate
-from rcst_jax.inference import collaborative, methods, patches
+from rcst_jax.inference import codecs, collaborative, methods, patches
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference.selection import random_ranks
 from rcst_jax.models.checkpoints import load_model
@@ -56,8 +56,9 @@ def run(tmp_path_factory):
           "paths": result["paths"], "rows": rows}
 
 
-def _rows(rows, method, param):
-  return {r["key"]: r for r in rows if r["method"] == method and r["param"] == param}
+def _rows(rows, method, param, codec="raw"):
+  return {r["key"]: r for r in rows
+          if r["method"] == method and r["param"] == param and r["codec"] == codec}
 
 
 def test_engine_equals_rcst_run_on_the_same_files(run, capsys):
@@ -92,11 +93,41 @@ def test_engine_equals_rcst_run_on_the_same_files(run, capsys):
         point["cost_bytes"], rel=1e-12)
 
 
+@pytest.mark.parametrize("codec", ["jpeg:75", "webp-lossless"])
+def test_engine_equals_rcst_run_with_a_codec(run, capsys, codec):
+  """`rcst run --codec` sends real coded payloads and the server answers from
+  what it decodes; the sweep's row for that codec agrees per image (prediction,
+  offload, patches, exact bytes) and in accuracy and byte cost."""
+  tau = TAUS[0]
+  test_keys = sorted({r["key"] for r in run["rows"]})
+  capsys.readouterr()
+  assert cli.main(["run", "--edge", f"{WEIGHTS}/demo_edge", "--server", f"{WEIGHTS}/demo_server",
+                   "--calibration", run["paths"]["calibration"], "--tau", str(tau),
+                   "--codec", codec, "--batch-size", "50",
+                   *[str(run["root"] / k) for k in test_keys]]) == 0
+  got = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  want, raw = _rows(run["rows"], "proposed", f"{tau:g}", codec), _rows(
+      run["rows"], "proposed", f"{tau:g}")
+  for key, r in zip(test_keys, got):
+    w = want[key]
+    assert (r["prediction"], int(not r["accepted_on_edge"]), r["patches_sent"], r["codec"],
+            r["bytes_sent"]) == (int(w["pred"]), int(w["offloaded"]), int(w["kept"]), codec,
+                                 int(w["bytes"])), key
+    if r["patches_sent"] >= 8:  # a coded payload is smaller than the raw one
+      assert r["bytes_sent"] < int(raw[key]["bytes"]), key
+  point = next(p for p in run["result"]["codec_points"]
+               if (p["method"], p["param"], p["codec"]) == ("proposed", tau, codec))
+  labels = [int(want[k]["label"]) for k in test_keys]
+  assert np.mean([r["prediction"] == y for r, y in zip(got, labels)]) == point["accuracy"]
+  assert sum(r["bytes_sent"] for r in got) / (len(got) * 150528) == pytest.approx(
+      point["cost_bytes"], rel=1e-12)
+
+
 def test_rcst_run_without_tau_uses_the_certified_pair(run, capsys):
   """The engine's Certified row and `rcst run` (no --tau) agree per image."""
   cert = run["result"]["calibration"].certificate
   assert cert is not None and cert["n_fit"] + cert["n_test"] == N_CAL
-  rows = _rows(run["rows"], "certified", f"{cert['tau']:g}")
+  rows = _rows(run["rows"], "certified", f"{cert['tau']:g}", cert["codec"])
   keys = sorted(rows)[:40]
   capsys.readouterr()
   assert cli.main(["run", "--edge", f"{WEIGHTS}/demo_edge", "--server", f"{WEIGHTS}/demo_server",
@@ -105,8 +136,9 @@ def test_rcst_run_without_tau_uses_the_certified_pair(run, capsys):
   got = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
   for key, r in zip(keys, got):
     w = rows[key]
-    assert (r["prediction"], int(not r["accepted_on_edge"]), r["patches_sent"]) == (
-        int(w["pred"]), int(w["offloaded"]), int(w["kept"])), key
+    assert (r["prediction"], int(not r["accepted_on_edge"]), r["patches_sent"], r["codec"],
+            r["bytes_sent"]) == (int(w["pred"]), int(w["offloaded"]), int(w["kept"]),
+                                 cert["codec"], int(w["bytes"])), key
   table = open(run["paths"]["table1.md"]).read()
   assert "| Certified (LTT) |" in table and "Certified row:" in table
 
@@ -219,13 +251,26 @@ def test_aggregate_on_hand_made_arrays():
       "edge_aps_size": np.array([1, 4, 3, 2]), "edge_aps_cover": np.array([1, 1, 0, 1], bool),
       "base_pred": np.array([0, 1, 2, 9]), "base_p_max": np.array([.5, .5, .9, .9]),
   }
-  got = metrics.aggregate(arrays, pts, Geometry(), alpha_crc=0.05)
-  prop, topk, server = got
+  # Raw bytes by hand: K=2 -> 13 + 2 + 2*768 = 1551; K=3 -> 13 + 3 + 3*768 = 2320;
+  # K=30 -> 13 + 25 + 30*768 = 23078; K=196 -> 13 + 25 + 150528 = 150566.
+  raw_bytes = np.array([[0, 2320, 23078, 0], [1551, 1551, 0, 0], [150566] * 4])
+  coded = raw_bytes // 10  # a second codec: other bytes, and one answer changed
+  coded_pred = arrays["pred"].copy()
+  coded_pred[0, 1] = 7
+  arrays.update(codec_bytes=np.stack([raw_bytes, coded]),
+                codec_pred=np.stack([arrays["pred"], coded_pred]),
+                codec_server_pred=np.stack([arrays["pred"], coded_pred]))
+  got = metrics.aggregate(arrays, pts, Geometry(), alpha_crc=0.05,
+                          codecs=(codecs.RAW, codecs.parse("jpeg:75")))
+  assert [p["codec"] for p in got] == ["raw"] * 3 + ["jpeg:75"] * 3
+  prop, topk, server = got[:3]
   assert prop["accuracy"] == 2 / 4 and topk["accuracy"] == 3 / 4 and server["accuracy"] == 1
   assert prop["cost"] == 33 / (4 * 196) and topk["cost"] == 4 / 784 and server["cost"] == 1
-  # bytes: K=3 -> 11 + 3 + 3*768 = 2318; K=30 -> 11 + 25 + 30*768 = 23076
-  assert prop["cost_bytes"] == (2318 + 23076) / (4 * 150528)
-  assert server["cost_bytes"] == 4 * (11 + 25 + 150528) / (4 * 150528)
+  assert prop["cost_bytes"] == (2320 + 23078) / (4 * 150528)
+  assert server["cost_bytes"] == 4 * 150566 / (4 * 150528)
+  jprop = got[3]
+  assert jprop["accuracy"] == 1 / 4 and jprop["cost"] == prop["cost"]
+  assert jprop["cost_bytes"] == (232 + 2307) / (4 * 150528)
   assert prop["offload_rate"] == 0.5 and topk["offload_rate"] == 0.5
   assert prop["mean_patches"] == 33 / 2
   # Edge risk: accepted (not offloaded) and the edge's own prediction wrong.

@@ -129,7 +129,10 @@ def test_the_oracle_is_the_cheapest_pair_within_epsilon_on_these_images():
     ({"n_fit": 0}, r"n_fit=0 must be an integer >= 1"),
     ({"split": 1.5}, r"split=1.5 must lie in \(0, 1\)"),
     ({"certified_count": 0}, r"certified_count=0 must be >= 1 when certified"),
-    ({"grid_size": 7}, r"grid_size=7 must equal len\(lambda_grid\) \* len\(tau_grid\) = 24"),
+    ({"grid_size": 7}, r"grid_size=7 must equal len\(lambda_grid\) \* len\(tau_grid\) "
+                       r"\* len\(codec_grid\) = 24"),
+    ({"codec": "jpeg:75"}, r"codec='jpeg:75' is not in codec_grid"),
+    ({"codec_grid": ["raw", "jpeg: 75"]}, r"codec_grid=.* distinct codec names"),
     ({"q_hat": -1}, r"q_hat=-1 must be a number >= 0 or 'inf'"),
     ({"levels": {"accuracy_drop": 0.05}}, r"levels=.* each risk"),
 ])
@@ -252,3 +255,33 @@ def test_rcst_run_without_tau_on_an_uncertified_certificate_is_server_only(cert,
   for r in got:
     assert not r["accepted_on_edge"] and r["patches_sent"] == 196, r
     assert r["sent_indices"] == list(range(196))
+
+
+def test_the_codec_is_a_third_axis_certified_by_exact_bytes():
+  """Two codecs x the two taus: a "lossless" codec answers as the raw server,
+  a "JPEG" one costs a tenth of the bytes. When JPEG also answers as raw it is
+  the cheapest certified configuration; when it is often wrong it is not
+  certified and the lossless codec is chosen. Hand check of the chosen
+  (codec, tau) cost from the bytes alone."""
+  base = _outcomes()
+  raw_bytes = np.stack([np.full(N, 115_300), np.full(N, 46_100)])  # about 150 / 60 patches
+  specs = ("webp-lossless", "jpeg:75")
+  config = _config(risks=("accuracy_drop",), epsilon=0.05, cost="bytes",
+                   codec_grid=specs)
+  wrong = (base["labels"] + 5) % 12
+  for jpeg_ok in (True, False):
+    jpeg_pred = base["server_pred"] if jpeg_ok else np.where(
+        np.arange(N) % 3 == 0, wrong, base["server_pred"])
+    out = {**base, "server_pred": np.concatenate([base["server_pred"], jpeg_pred]),
+           "kept": np.tile(base["kept"], (2, 1)),
+           "bytes": np.concatenate([raw_bytes * 6 // 10, raw_bytes // 10])}
+    cert, grid = certificate.certify_run(config, out, TAUS, Geometry(), 0.95, N_FIT, specs)
+    assert cert["certified"] and cert["codec_grid"] == list(specs)
+    assert cert["grid_size"] == len(config.certify.lambda_grid) * len(TAUS) * 2
+    assert cert["codec"] == ("jpeg:75" if jpeg_ok else "webp-lossless")
+    t = TAUS.index(cert["tau"]) + (len(TAUS) if jpeg_ok else 0)
+    offload = out["p_max"] < float(cert["lambda_hat"])
+    want = np.mean(np.where(offload, out["bytes"][t], 0)) / 150_528
+    assert cert["cost_calibration"] == pytest.approx(want, rel=1e-12)
+    certificate.check(cert, N)
+    assert grid["cost"].shape == (len(config.certify.lambda_grid), 2 * len(TAUS))

@@ -132,8 +132,8 @@ def test_run_and_explain_without_tau_take_the_certified_decision(calibration, tm
   assert d["certificate"] is not None and lam != d["lambda_hat"]
   d["certificate"] = certificate.seal({  # a consistent certificate of a one-point grid
       **d["certificate"], "certified": True, "lambda_hat": lam, "tau": 0.4, "q_hat": 0.5,
-      "p_value": 0.01, "lambda_grid": [lam], "tau_grid": [0.4], "grid_size": 1,
-      "certified_count": 1})
+      "p_value": 0.01, "lambda_grid": [lam], "tau_grid": [0.4], "codec": "raw",
+      "codec_grid": ["raw"], "grid_size": 1, "certified_count": 1})
   certified = tmp_path / "certified.json"
   Calibration.from_dict(d).to_json(certified)
   point = Calibration.from_json(certified).operating_point()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import paper_rules
 from rcst_jax.geometry import Geometry
-from rcst_jax.inference import payload, selection
+from rcst_jax.inference import codecs, payload, selection
 
 N = 196
 
@@ -151,9 +151,10 @@ def test_payload_round_trip_and_length(rng):
   for k in list(range(0, 30)) + [50, 100, 195, 196]:
     patches, idx = _random_payload(rng, k)
     data = payload.encode_payload(patches, idx)
-    assert len(data) == int(payload.payload_bytes(k)) == 11 + min(25, k) + 768 * k
-    p2, i2, g = payload.decode_payload(data)
-    assert g == 14 and p2.dtype == np.uint8 and p2.shape == (k, 16, 16, 3)
+    assert len(data) == int(payload.payload_bytes(k)) == 13 + min(25, k) + 768 * k
+    assert data[0] == 0xA2 and data[7:9] == b"\0\0"  # v2, codec raw, no quality
+    p2, i2, g, codec = payload.decode_payload(data)
+    assert codec == codecs.RAW and g == 14 and p2.dtype == np.uint8 and p2.shape == (k, 16, 16, 3)
     np.testing.assert_array_equal(p2, patches)
     np.testing.assert_array_equal(i2, idx)
 
@@ -171,21 +172,21 @@ def test_index_encoding_crossover(rng, grid, patch, c, crossover):
     assert (data[1] & 1) == (k > crossover)
     assert (data[1] & 2) == (2 if n > 256 else 0)
     assert len(data) == int(payload.payload_bytes(k, Geometry(grid * patch, patch, c)))
-    p2, i2, g2 = payload.decode_payload(data)
+    p2, i2, g2, _ = payload.decode_payload(data)
     assert g2 == grid and np.array_equal(p2, patches) and np.array_equal(i2, idx)
 
 
 def test_payload_bytes_full_image_and_ratios():
   assert Geometry().raw_bytes == 150528
-  assert int(payload.payload_bytes(196)) == 11 + 25 + 150528
-  assert int(payload.payload_bytes(0)) == 11
+  assert int(payload.payload_bytes(196)) == 13 + 25 + 150528
+  assert int(payload.payload_bytes(0)) == 13
   off = np.asarray([True, False, True, True])
   kept = np.asarray([10, 196, 0, 196])
   assert payload.patch_ratio(off, kept, 196) == pytest.approx((10 + 0 + 196) / (4 * 196))
   # Same as Im et al.: offload rate * mean kept over offloaded / N.
   assert payload.patch_ratio(off, kept, 196) == pytest.approx(3 / 4 * (206 / 3) / 196)
-  nbytes = np.asarray([11 + 10 + 7680, 999, 11, 11 + 25 + 150528])  # index 1 is not offloaded
-  want = (11 + 10 + 7680 + 11 + 11 + 25 + 150528) / (4 * 150528)
+  nbytes = np.asarray([13 + 10 + 7680, 999, 13, 13 + 25 + 150528])  # index 1 is not offloaded
+  want = (13 + 10 + 7680 + 13 + 13 + 25 + 150528) / (4 * 150528)
   assert payload.byte_ratio(off, nbytes) == want
 
 
@@ -203,7 +204,7 @@ def test_formula_bytes_equal_encoded_lengths_for_every_k(rng, geometry):
     data = payload.encode_image_payload(image, keep, geometry)
     modes.add(data[1] & 1)
     assert len(data) == int(payload.payload_bytes(k, geometry)), k
-    patches, idx, _ = payload.decode_payload(data)
+    patches, idx, _, _ = payload.decode_payload(data)
     np.testing.assert_array_equal(idx, np.flatnonzero(keep))
     if k:
       p = geometry.patch
@@ -212,33 +213,66 @@ def test_formula_bytes_equal_encoded_lengths_for_every_k(rng, geometry):
   assert modes == {0, 1}
 
 
+H = payload.HEADER_BYTES  # 13: 9 fixed fields, then the CRC-32 at bytes 9-12
+
+
 def _reseal(d):
   """Recomputes the CRC, to reach the checks behind it (a buggy or hostile encoder)."""
   d = bytes(d)
-  return d[:7] + zlib.crc32(d[11:], zlib.crc32(d[:7])).to_bytes(4, "big") + d[11:]
+  return d[:9] + zlib.crc32(d[13:], zlib.crc32(d[:9])).to_bytes(4, "big") + d[13:]
+
+
+def _set(d, pos, *values):
+  return d[:pos] + bytes(values) + d[pos + len(values):]
 
 
 @pytest.mark.parametrize("bad, msg", [
-    (lambda d: d[:10], "truncated header"),
+    (lambda d: d[:12], "truncated header"),
     (lambda d: d[:-1], "truncated payload"),
     (lambda d: d + b"\0", "over-long"),
-    (lambda d: b"\xa2" + d[1:], "magic/version"),
-    (lambda d: d[:1] + bytes([d[1] | 4]) + d[2:], "unknown flag"),
-    (lambda d: d[:1] + bytes([d[1] ^ 1]) + d[2:], "non-canonical"),
-    (lambda d: d[:1] + bytes([d[1] ^ 2]) + d[2:], "width flag"),
-    (lambda d: d[:2] + b"\0" + d[3:], "grid must be"),
-    (lambda d: d[:5] + (300).to_bytes(2, "big") + d[7:], "exceeds"),
+    (lambda d: _set(d, 0, 0xA3), "magic/version"),
+    (lambda d: _set(d, 0, 0xB2), "magic/version"),
+    (lambda d: _reseal(_set(d, 0, 0xA1)), "version 1"),
+    (lambda d: _set(d, 1, d[1] | 4), "unknown flag"),
+    (lambda d: _set(d, 1, d[1] ^ 1), "non-canonical"),
+    (lambda d: _set(d, 1, d[1] ^ 2), "width flag"),
+    (lambda d: _set(d, 2, 0), "grid must be"),
+    (lambda d: _set(d, 5, 1, 44), "exceeds"),  # K = 300
+    (lambda d: _reseal(_set(d, 7, 4)), "bad codec field: unknown codec id 4"),
+    (lambda d: _reseal(_set(d, 8, 5)), "bad codec field.*raw"),  # raw with a quality
+    (lambda d: _reseal(_set(d, 7, 2, 0)), "bad codec field.*jpeg"),  # jpeg, no quality
+    (lambda d: _reseal(_set(d, 7, 2, 101)), "bad codec field.*101"),
+    (lambda d: _set(d, 7, 2, 90), "CRC-32"),  # the codec bytes are under the CRC
+    (lambda d: _reseal(_set(d, 7, 2, 90)), "not a JPEG"),
+    (lambda d: _reseal(_set(d, 7, 1, 0)), "not a simple lossless WebP"),
+    (lambda d: _set(d, 8, 1), "bad codec field"),  # checked before the CRC
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "CRC-32"),
-    (lambda d: d[:11] + bytes([d[12], d[11]]) + d[13:], "CRC-32"),
-    (lambda d: _reseal(d[:11] + bytes([d[12], d[11]]) + d[13:]), "strictly increasing"),
-    (lambda d: _reseal(d[:11] + bytes([d[11], d[11]]) + d[13:]), "strictly increasing"),
-    (lambda d: _reseal(d[:11] + bytes([d[11], 250]) + d[13:]), "out of range"),
+    (lambda d: _set(d, 9, d[9] ^ 0x80), "CRC-32"),  # the CRC bytes themselves
+    (lambda d: _set(d, H, d[H + 1], d[H]), "CRC-32"),
+    (lambda d: _reseal(_set(d, H, d[H + 1], d[H])), "strictly increasing"),
+    (lambda d: _reseal(_set(d, H, d[H], d[H])), "strictly increasing"),
+    (lambda d: _reseal(_set(d, H + 1, 250)), "out of range"),
 ])
 def test_decode_rejects(rng, bad, msg):
   patches, idx = _random_payload(rng, 5)
   data = payload.encode_payload(patches, idx)
+  assert data[9:13] == zlib.crc32(data[13:], zlib.crc32(data[:9])).to_bytes(4, "big")
+  assert _reseal(data) == data
   with pytest.raises(payload.PayloadError, match=msg):
     payload.decode_payload(bad(data))
+
+
+def test_v1_payload_is_refused_by_name(rng):
+  """A version-1 payload (magic 0xA1, 11-byte header, CRC at bytes 7-10) as v1 encoders wrote it."""
+  patches, idx = _random_payload(rng, 5)
+  fields = bytes([0xA1, 0, 14, 16, 3]) + (5).to_bytes(2, "big")
+  rest = idx.astype(np.uint8).tobytes() + patches.tobytes()
+  v1 = fields + zlib.crc32(rest, zlib.crc32(fields)).to_bytes(4, "big") + rest
+  assert len(v1) == 11 + 5 + 5 * 768
+  with pytest.raises(payload.PayloadError, match="version 1"):
+    payload.decode_payload(v1)
+  with pytest.raises(payload.PayloadError, match="version 1"):
+    payload.decode_payload(v1[:13])
 
 
 def test_decode_rejects_bitmask_inconsistencies(rng):
@@ -246,13 +280,13 @@ def test_decode_rejects_bitmask_inconsistencies(rng):
   data = bytearray(payload.encode_payload(patches, idx))
   zero_bit = next(i for i in range(N) if i not in set(idx))
   flipped = bytearray(data)
-  flipped[11 + zero_bit // 8] |= 0x80 >> (zero_bit % 8)
+  flipped[H + zero_bit // 8] |= 0x80 >> (zero_bit % 8)
   with pytest.raises(payload.PayloadError, match="CRC-32"):
     payload.decode_payload(bytes(flipped))
   with pytest.raises(payload.PayloadError, match="header says K=40"):
     payload.decode_payload(_reseal(flipped))
   pad = bytearray(data)
-  pad[11 + 24] |= 0x01  # bit 199 of a 196-patch mask
+  pad[H + 24] |= 0x01  # bit 199 of a 196-patch mask
   with pytest.raises(payload.PayloadError, match="past the last patch"):
     payload.decode_payload(_reseal(pad))
 
@@ -277,7 +311,7 @@ def test_payload_of_real_image_patches(rng):
   p = np.asarray(patchify(img))
   keep = np.asarray(selection.select_topk(rng.random((1, 196)), 30))[0]
   idx = np.flatnonzero(keep)
-  p2, i2, _ = payload.decode_payload(payload.encode_payload(p[0, idx], idx))
+  p2, i2, _, _ = payload.decode_payload(payload.encode_payload(p[0, idx], idx))
   np.testing.assert_array_equal(p2, p[0, idx])
 
 
@@ -286,39 +320,70 @@ def test_payload_of_real_image_patches(rng):
 
 
 def _check_decode(data):
-  """Decode raises PayloadError, or returns a parse that re-encodes to the same bytes."""
+  """Decode raises PayloadError, or returns a well-formed parse of what the
+  header declares; a raw parse re-encodes to the same bytes."""
   try:
-    patches, idx, grid = payload.decode_payload(data)
+    got = payload.decode_payload(data)
   except payload.PayloadError:
     return None
-  assert payload.encode_payload(patches, idx, grid=grid) == bytes(data)
-  return patches, idx, grid
+  patches, idx, grid, codec = got
+  data = bytes(data)
+  assert isinstance(got, payload.Decoded) and isinstance(codec, codecs.Codec)
+  assert (data[0], grid, codec.id, codec.quality) == (0xA2, data[2], data[7], data[8])
+  k = int.from_bytes(data[5:7], "big")
+  assert patches.dtype == np.uint8 and patches.shape == (k, data[3], data[3], data[4])
+  assert idx.dtype == np.int64 and idx.shape == (k,)
+  assert (np.diff(idx) > 0).all() and (k == 0 or 0 <= idx[0] <= idx[-1] < grid * grid)
+  if codec.name == "raw" or k == 0:
+    assert payload.encode_payload(patches, idx, grid=grid, codec=codec) == data
+  return got
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=64))
-def test_random_bytes_never_crash(data):
-  _check_decode(data)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.binary(min_size=7, max_size=7), st.binary(max_size=40))
-def test_random_headers_never_crash(header, rest):
-  _check_decode(bytes([0xA1]) + header[1:] + rest)
-  _check_decode(_reseal(bytes([0xA1]) + header[1:] + rest) if len(rest) >= 4 else rest)
+@given(st.binary(max_size=64), st.booleans())
+def test_random_bytes_never_crash(data, v2_magic):
+  _check_decode(bytes([0xA2]) + data[1:] if v2_magic and data else data)
 
 
 @st.composite
-def _payload_and_edit(draw):
+def _header_fields(draw):
+  """The 9 fixed fields of a v2 header, each field mostly plausible, sometimes anything."""
+  def byte(*plausible):
+    return draw(st.sampled_from(plausible) if draw(st.integers(0, 3)) else st.integers(0, 255))
+  grid = byte(1, 2, 3, 14, 17)
+  k = draw(st.integers(0, 30) if draw(st.integers(0, 3)) else st.integers(0, 2 ** 16 - 1))
+  n = grid * grid
+  canonical = (k * (2 if n > 256 else 1) > (n + 7) // 8) | (2 if n > 256 else 0)
+  return bytes([0xA2, byte(canonical), grid, byte(1, 2, 16), byte(1, 3)]) + (
+      k.to_bytes(2, "big") + bytes([byte(0, 1, 2, 3), byte(0, 1, 75, 100)]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(min_size=9, max_size=9), _header_fields()), st.binary(max_size=60))
+def test_random_headers_never_crash(fields, rest):
+  """Hand-made v2 headers with a valid CRC over random indices and bodies
+  (and without one), so the checks behind the CRC see hostile input."""
+  _check_decode(fields + rest)
+  _check_decode(_reseal(fields + b"\0" * 4 + rest))
+
+
+_CODECS = ["raw", "webp-lossless", "jpeg:90", "jpeg:20", "jpeg420:75"]
+
+
+@st.composite
+def _payload_and_edit(draw, codec_specs=("raw",), min_k=0):
+  codec = codecs.parse(draw(st.sampled_from(codec_specs)))
   grid = draw(st.sampled_from([1, 2, 3, 14, 17]))
-  patch = draw(st.sampled_from([1, 2, 4]))
-  c = draw(st.sampled_from([1, 3]))
-  k = draw(st.integers(0, grid * grid))
+  patch = draw(st.sampled_from([1, 2, 4] if codec.name == "raw" else [1, 4, 16]))
+  c = draw(st.sampled_from([1, 3])) if codec.name == "raw" else 3
+  k = draw(st.integers(min_k, grid * grid))
   idx = sorted(draw(st.sets(st.integers(0, grid * grid - 1), min_size=k, max_size=k)))
   rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
   patches = rng.integers(0, 256, (k, patch, patch, c), dtype=np.uint8)
-  data = payload.encode_payload(patches, np.asarray(idx, np.int64), grid=grid)
-  kind = draw(st.sampled_from(["none", "flip", "truncate", "append", "insert"]))
+  if draw(st.booleans()):  # smooth patches, which code to short bodies
+    patches = np.cumsum(patches // 64, axis=1, dtype=np.uint8)
+  data = payload.encode_payload(patches, np.asarray(idx, np.int64), grid=grid, codec=codec)
+  kind = draw(st.sampled_from(["none", "flip", "truncate", "append", "insert", "garble"]))
   out = bytearray(data)
   if kind == "flip":
     pos = draw(st.integers(0, len(out) - 1))
@@ -330,20 +395,60 @@ def _payload_and_edit(draw):
   elif kind == "insert":
     pos = draw(st.integers(0, len(out)))
     out[pos:pos] = draw(st.binary(min_size=1, max_size=2))
-  return patches, np.asarray(idx, np.int64), grid, kind, bytes(data), bytes(out)
+  elif kind == "garble":
+    pos = draw(st.integers(0, len(out) - 1))
+    junk = draw(st.binary(min_size=1, max_size=16))
+    out[pos:pos + len(junk)] = junk
+  return patches, np.asarray(idx, np.int64), grid, codec, kind, bytes(data), bytes(out)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_payload_and_edit())
+@given(_payload_and_edit(_CODECS))
 def test_corrupted_payloads(case):
-  patches, idx, grid, kind, data, edited = case
-  assert len(data) == int(payload.payload_bytes(len(idx), Geometry(grid * patches.shape[1],
-                                                              patches.shape[1], patches.shape[3])))
+  patches, idx, grid, codec, kind, data, edited = case
+  if codec.name == "raw":
+    assert len(data) == int(payload.payload_bytes(len(idx), Geometry(
+        grid * patches.shape[1], patches.shape[1], patches.shape[3])))
   got = _check_decode(edited)
   if edited == data:
     assert got is not None
-    np.testing.assert_array_equal(got[0], patches)
+    if not codec.lossy:
+      np.testing.assert_array_equal(got[0], patches)
     np.testing.assert_array_equal(got[1], idx)
-    assert got[2] == grid
+    assert got[2] == grid and got[3] == codec
   else:
-    assert got is None  # length is fixed by the header; any other edit breaks the CRC
+    assert got is None  # any edit breaks the CRC (or the length the header fixes)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_payload_and_edit(_CODECS[1:], min_k=1), st.data())
+def test_resealed_corrupt_bodies_decode_well_formed_or_raise(case, data):
+  """A hostile or buggy encoder: coded bodies flipped, truncated, garbled or
+  extended, the CRC recomputed (and for WebP sometimes the RIFF size, to reach
+  the pixel decoder). Decoding gives patches of the declared shape or
+  PayloadError, nothing else."""
+  patches, idx, grid, codec, _, original, _ = case
+  start = H + int(payload.index_bytes(idx.size, grid * grid))
+  body = bytearray(original[start:])  # the header and indices stay as they were
+  assert body[:4] == (b"RIFF" if codec.name == "webp-lossless" else b"\xff\xd8\xff\xe0")
+  # Half the edits go past the stream's headers, into the coded pixels.
+  data_start = 21 if codec.name == "webp-lossless" else body.find(b"\xff\xda") + 2
+  for _ in range(data.draw(st.integers(1, 3))):
+    kind = data.draw(st.sampled_from(["flip", "garble", "truncate", "insert"]))
+    lo = min(data_start, len(body) - 1) if data.draw(st.booleans()) else 0
+    pos = data.draw(st.integers(lo, len(body) - 1))
+    if kind == "flip":
+      body[pos] ^= 1 << data.draw(st.integers(0, 7))
+    elif kind == "garble":  # same length: overwrite up to 16 bytes
+      junk = data.draw(st.binary(min_size=1, max_size=16))[:len(body) - pos]
+      body[pos:pos + len(junk)] = junk
+    elif kind == "truncate":
+      body = body[:max(pos, 1)]
+    else:
+      body[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+  if codec.name == "webp-lossless" and len(body) >= 8 and data.draw(st.booleans()):
+    body[4:8] = (len(body) - 8).to_bytes(4, "little")
+  got = _check_decode(_reseal(original[:start] + bytes(body)))
+  if got is not None:
+    np.testing.assert_array_equal(got.idx, idx)
+    assert got.patches.shape == patches.shape and got.codec == codec

@@ -19,7 +19,7 @@ from PIL import Image
 from rcst_jax.data import folder
 from rcst_jax.errors import ConfigError
 from rcst_jax.geometry import Geometry
-from rcst_jax.inference import methods, selection
+from rcst_jax.inference import codecs, methods, selection
 from rcst_jax.report import outputs
 from rcst_jax.sweep import metrics
 from test_reliability import run
@@ -79,10 +79,13 @@ def test_per_image_csv_takes_undecodable_names(tmp_path):
   arrays = {"labels": np.arange(n), "keys": np.asarray(keys, str),
             "offloaded": np.ones((2, n), bool), "kept": np.full((2, n), 5),
             "server_pred": np.zeros((2, n), int), "pred": np.zeros((2, n), int),
+            "codec_server_pred": np.zeros((1, 2, n), int), "codec_pred": np.zeros((1, 2, n), int),
+            "codec_bytes": np.full((1, 2, n), 3858),
             "edge_pred": np.zeros(n, int), "edge_p_max": np.full(n, 0.5),
             "base_pred": np.zeros(n, int), "base_p_max": np.full(n, 0.5)}
   points = [(methods.PROPOSED, 0.5), (methods.RANDOM, 5)]
-  path = outputs.write_per_image(str(tmp_path / "per_image.csv"), arrays, points, Geometry())
+  path = outputs.write_per_image(str(tmp_path / "per_image.csv"), arrays, points, Geometry(),
+                                 (codecs.RAW,))
   with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   assert [metrics.key_from_text(r["key"]) for r in rows] == [b"a/" + n for n in ODD] * 2

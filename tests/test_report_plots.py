@@ -118,3 +118,23 @@ def test_certification_figure_marks_the_chosen_pair_and_the_oracle(tmp_path):
   assert Image.open(path).format == "PNG"
   without = plots.build_certification_figure(cost, risk, certified)
   assert not any("oracle" in t.get_text() for t in without.axes[0].get_legend().get_texts())
+
+
+def test_accuracy_bytes_one_line_per_method_and_codec_on_log_axis(tmp_path):
+  points = []
+  for codec, scale in (("raw", 1.0), ("webp-lossless", 0.6), ("jpeg:75", 0.1)):
+    points += [{**p, "codec": codec, "cost_bytes": p["cost"] * scale}
+               for p in paper_points()]
+  fig = plots.build_accuracy_bytes(points)
+  ax = fig.axes[0]
+  assert ax.get_xscale() == "log"
+  labels = [l.get_label() for l in ax.get_lines()]
+  for m in ("Proposed", "Random", "Top-K", "Attention Sum"):
+    for codec in ("raw", "webp-lossless", "jpeg:75"):
+      assert f"{m}, {codec}" in labels
+  jpeg = next(l for l in ax.get_lines() if l.get_label() == "Proposed, jpeg:75")
+  np.testing.assert_allclose(sorted(jpeg.get_xdata()), [0.02, 0.02579, 0.03327])
+  styles = {l.get_label().split(", ")[1]: l.get_linestyle() for l in ax.get_lines()
+            if ", " in l.get_label()}
+  assert len(set(styles.values())) == 3  # each codec its own line style
+  assert_png(plots.accuracy_bytes(points, tmp_path / "ab.png"))

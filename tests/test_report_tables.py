@@ -175,3 +175,45 @@ def test_paper_comparison_quotes_the_paper_and_this_run():
   assert rows[2] == "| Server-only | 1.00 | 81.80 | 1.00 | 80.00 |"
   assert rows[3] == "| Proposed, best accuracy | 0.33 | 81.60 | 0.40 | 80.50 |"
   assert rows[4] == "| Proposed, within 1 pp | 0.26 | 81.05 | 0.20 | 79.50 |"
+
+
+def _codec_points():
+  """Two codecs: JPEG loses 1.5 pp at tau=0.3, so its within-1pp point moves to tau=0.2."""
+  pts = []
+  for codec, scale, drop in (("raw", 1.0, 0.0), ("jpeg:75", 0.1, 0.015)):
+    pts += [pt("server_only", 1.0, SERVER, codec=codec, cost_bytes=1.0002 * scale),
+            pt("proposed", 0.33, 0.816, codec=codec, param_name="tau", param=0.2,
+               cost_bytes=0.33 * scale),
+            pt("proposed", 0.26, 0.8105 - drop, codec=codec, param_name="tau", param=0.3,
+               cost_bytes=0.26 * scale),
+            pt("certified", 0.30, 0.812 - drop, codec=codec, param_name="tau", param=0.25,
+               cost_bytes=0.30 * scale, deployed=codec == "jpeg:75")]
+  return pts
+
+
+def test_for_codec_keeps_the_deployed_certified_point():
+  pts = _codec_points()
+  raw = tables.for_codec(pts, "raw")
+  assert [p["method"] for p in raw] == ["server_only", "proposed", "proposed", "certified"]
+  assert raw[-1]["codec"] == "jpeg:75"  # the certified point is the one its certificate covers
+  assert tables.codecs_in(pts) == ["raw", "jpeg:75"]
+
+
+def test_table_codecs_per_codec_within_gap_and_server_row():
+  text = tables.table_codecs_markdown(_codec_points())
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+          for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+  assert rows["Method"] == ["raw: Bytes", "raw: Acc. (%)", "jpeg:75: Bytes", "jpeg:75: Acc. (%)"]
+  # raw: tau=0.3 is within 1 pp (81.05 >= 80.80); jpeg: 79.55 is not, so tau=0.2 at 0.033.
+  assert rows["Proposed"] == ["0.2600", "81.05", "0.0330", "81.60"]
+  # Certified: its one point, in its own codec's column only.
+  assert rows["Certified (LTT)"] == ["--", "--", "0.0300", "79.70"]
+  assert rows["Server-only"] == ["1.0002", "81.80", "0.1000", "81.80"]
+
+
+def test_table2_codecs_latency_from_exact_bytes():
+  text = tables.table2_codecs_markdown(_codec_points())
+  assert text.index("Codec raw") < text.index("Codec jpeg:75")
+  jpeg = text[text.index("Codec jpeg:75"):]
+  # Server-only with JPEG: 0.10002 x 147 KiB x 8 / 1 Mb/s (the paper's convention).
+  assert f"{0.1 * 1.0002 * 150528 / 1024 * 8:.2f}" in jpeg

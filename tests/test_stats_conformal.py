@@ -447,7 +447,7 @@ def test_operating_point_is_the_certified_pair_or_the_crc_lambda_at_a_tau():
       "delta": 0.1, "test": "wsr", "multiple_testing": "pareto", "cost": "patches",
       "n_fit": 50, "n_test": 50, "split": 0.5, "split_seed": 0, "order_seed": 1, "p_value": 0.01,
       "lambda_grid": [0.6, 1.01], "tau_grid": [0.0, 0.4], "grid_size": 4, "certified_count": 2,
-      "cost_calibration": 0.5})
+      "cost_calibration": 0.5, "codec": "raw", "codec_grid": ["raw"]})
   cal = Calibration(**base, certificate=cert)
   assert cal.operating_point() == OperatingPoint(0.6, 0.8, 0.4, certified=True)
   assert cal.operating_point(0.3) == OperatingPoint(0.9, 0.95, 0.3, certified=False)
@@ -461,3 +461,10 @@ def test_operating_point_is_the_certified_pair_or_the_crc_lambda_at_a_tau():
   with pytest.raises(CalibrationError, match="no certified"):
     Calibration(**base).operating_point()
   assert Calibration(**base).operating_point(0.5) == OperatingPoint(0.9, 0.95, 0.5)
+  # The codec is the certificate's third axis: its own codec is certified, another is not.
+  coded = Calibration(**base, certificate=certificate.seal(
+      {**cert, "codec": "jpeg:75", "codec_grid": ["raw", "jpeg:75"], "grid_size": 8}))
+  assert coded.operating_point() == OperatingPoint(0.6, 0.8, 0.4, certified=True,
+                                                   codec="jpeg:75")
+  assert coded.operating_point(codec="raw") == OperatingPoint(0.6, 0.8, 0.4, certified=False)
+  assert coded.operating_point(0.5).codec == "raw"

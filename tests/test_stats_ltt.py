@@ -283,7 +283,7 @@ def test_byte_cost_is_the_reported_byte_cost():
   g = Geometry()
   p_max, kept = rng.random(50), rng.integers(0, 197, (4, 50))
   lambdas = np.array([0.0, 0.3, 0.8, 1.01])
-  got = certificate.byte_cost(p_max, kept, lambdas, g)
+  got = certificate.byte_cost(p_max, payload.payload_bytes(kept, g), lambdas, g)
   for l, lam in enumerate(lambdas):
     for t in range(4):
       off = p_max < lam

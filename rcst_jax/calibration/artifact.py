@@ -155,25 +155,30 @@ class Calibration:
     _check_fit(self.transform, self.geometry)
     _check_certificate(self.certificate, int(self.n))
 
-  def operating_point(self, tau: float | None = None) -> OperatingPoint:
+  def operating_point(self, tau: float | None = None, codec: str | None = None) -> OperatingPoint:
     """Where Algorithm 2 runs with this calibration.
 
-    No ``tau``: the certified (lambda, tau) and the q_hat fitted with it (a
-    lambda above 1 accepts nothing, as inf does); an uncertified certificate
-    is server-only (accept nothing, keep every patch), whatever pair it holds.
-    With ``tau``: the CRC lambda_hat and APS q_hat at that tau, outside any
-    whole-system certificate.
+    No ``tau``: the certified (lambda, tau, codec) and the q_hat fitted with
+    it (a lambda above 1 accepts nothing, as inf does); an uncertified
+    certificate is server-only (accept nothing, keep every raw patch),
+    whatever it holds. With ``tau``: the CRC lambda_hat and APS q_hat at that
+    tau, outside any whole-system certificate. ``codec`` (a spec, e.g.
+    "jpeg:90") replaces the certified one, or raw with a tau; a codec other
+    than the certified one leaves the certificate.
     """
     if tau is not None:
-      return OperatingPoint(self.lambda_hat, self.q_hat, float(tau))
+      return OperatingPoint(self.lambda_hat, self.q_hat, float(tau), codec=codec or "raw")
     cert = self.certificate
     if cert is None:
       raise CalibrationError("this calibration has no certified (lambda, tau); give a tau")
     q_hat = decode_float(cert["q_hat"], "certificate.q_hat")
     if not cert["certified"]:
-      return OperatingPoint(math.inf, q_hat, 0.0, certified=False)
+      return OperatingPoint(math.inf, q_hat, 0.0, certified=False, codec=codec or "raw")
     lam = decode_float(cert["lambda_hat"], "certificate.lambda_hat")
-    return OperatingPoint(math.inf if lam > 1 else lam, q_hat, float(cert["tau"]), certified=True)
+    certified_codec = cert.get("codec", "raw")
+    chosen = certified_codec if codec is None else codec
+    return OperatingPoint(math.inf if lam > 1 else lam, q_hat, float(cert["tau"]),
+                          certified=chosen == certified_codec, codec=chosen)
 
   def check_models(self, where: str, edge, server=None, allow_other_weights: bool = False):
     """Refuses models this calibration was not made for: a server whose patch

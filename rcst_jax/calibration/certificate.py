@@ -19,13 +19,18 @@ import math
 
 import numpy as np
 
-from rcst_jax.inference import payload
+from rcst_jax.inference import codecs
 from rcst_jax.stats import ltt, sizing as sizing_rule
 
 
 def tau_grid(config) -> tuple:
   """The taus the certificate searches: certify.tau_grid, or the sweep's tau_grid."""
   return tuple(float(t) for t in (config.certify.get("tau_grid") or config.tau_grid))
+
+
+def codec_grid(config) -> tuple[str, ...]:
+  """The codecs the certificate searches (its third axis): certify.codec_grid, or raw."""
+  return tuple(str(codecs.parse(c)) for c in (config.certify.get("codec_grid") or ("raw",)))
 
 
 def levels(config) -> dict:
@@ -51,11 +56,12 @@ def losses(config, out: dict, lambdas: np.ndarray):
   return xs, eps
 
 
-def byte_cost(p_max, kept, lambdas, geometry, per_image: bool = False):
-  """Exact payload bytes over raw image bytes of each configuration, the byte
-  cost Table 1 reports (sweep/metrics.py): mean [L, T] (or [L, T, n])."""
-  nbytes = payload.payload_bytes(np.asarray(kept), geometry).astype(np.float64)
-  return ltt.offload_cost(p_max, nbytes / geometry.raw_bytes, lambdas, per_image)
+def byte_cost(p_max, nbytes, lambdas, geometry, per_image: bool = False):
+  """Exact payload bytes (``nbytes`` [T, n], as encoded) over raw image bytes
+  of each configuration, the byte cost Table 1 reports (sweep/metrics.py):
+  mean [L, T] (or [L, T, n])."""
+  return ltt.offload_cost(p_max, np.asarray(nbytes, np.float64) / geometry.raw_bytes, lambdas,
+                          per_image)
 
 
 def order_seed(split_seed: int) -> int:
@@ -71,18 +77,20 @@ def encode_float(x: float):
 
 
 def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
-                n_fit: int) -> tuple[dict, dict]:
+                n_fit: int, codec_specs=("raw",)) -> tuple[dict, dict]:
   """(certificate for the artifact, grid arrays for the figure).
 
   `out` holds the calibration outcomes with the fitting split first (n_fit
-  images), then the testing split.
+  images), then the testing split; its per-configuration arrays
+  (server_pred, kept, bytes) are [C * T, n], codec-major over
+  ``codec_specs`` x ``taus``, so the grid's second axis is (codec, tau).
   """
   c = config.certify
   lambdas = np.asarray(c.lambda_grid, np.float64)
   xs, eps = losses(config, out, lambdas)
   cost_kind = c.get("cost", "patches")
   if cost_kind == "bytes":
-    cost = byte_cost(out["p_max"], out["kept"], lambdas, geometry, per_image=True)
+    cost = byte_cost(out["p_max"], out["bytes"], lambdas, geometry, per_image=True)
   else:
     cost = ltt.patch_cost(out["p_max"], out["kept"], lambdas, geometry.num_patches,
                           per_image=True)
@@ -107,12 +115,15 @@ def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
           "q_hat": encode_float(q_hat_fit), "split": float(c.split), "split_seed": int(c.seed),
           "order_seed": seed,
           "cost": cost_kind, "multiple_testing": mt,
-          "lambda_grid": [float(x) for x in lambdas], "tau_grid": [float(t) for t in taus]}
+          "lambda_grid": [float(x) for x in lambdas], "tau_grid": [float(t) for t in taus],
+          "codec_grid": [str(s) for s in codec_specs]}
   if res.chosen is None:  # nothing certified: server-only (accept nothing, keep every patch)
-    cert.update(certified=False, lambda_hat="inf", tau=0.0, p_value=None, cost_calibration=1.0)
+    cert.update(certified=False, lambda_hat="inf", tau=0.0, codec="raw", p_value=None,
+                cost_calibration=1.0)
   else:
     l, t = res.chosen
-    cert.update(certified=True, lambda_hat=encode_float(lambdas[l]), tau=float(taus[t]),
+    cert.update(certified=True, lambda_hat=encode_float(lambdas[l]),
+                tau=float(taus[t % len(taus)]), codec=str(codec_specs[t // len(taus)]),
                 p_value=float(res.adjusted[l, t]), cost_calibration=float(cost[l, t].mean()))
     grid["chosen"] = (float(cost[l, t].mean()), float(head[l, t]))
   return seal(cert), grid
@@ -160,10 +171,10 @@ _RISKS = ("accuracy_drop", "degradation", "system_error", "edge_risk")
 _WORDS = {"test": ("wsr", "hb", "binomial", "exact"),
           "multiple_testing": ("pareto", "bonferroni"),
           "cost": ("patches", "bytes")}
-KEYS = ("certified", "lambda_hat", "tau", "q_hat", "risks", "levels", "epsilon", "delta", "test",
-        "multiple_testing", "cost", "n_fit", "n_test", "split", "split_seed", "order_seed",
-        "lambda_grid",
-        "tau_grid", "grid_size", "certified_count", "p_value", "cost_calibration", "digest")
+KEYS = ("certified", "lambda_hat", "tau", "codec", "q_hat", "risks", "levels", "epsilon",
+        "delta", "test", "multiple_testing", "cost", "n_fit", "n_test", "split", "split_seed",
+        "order_seed", "lambda_grid", "tau_grid", "codec_grid", "grid_size", "certified_count",
+        "p_value", "cost_calibration", "digest")
 
 
 def digest(cert: dict) -> str:
@@ -190,6 +201,14 @@ def _int(v, lo=None) -> bool:
   return not isinstance(v, bool) and isinstance(v, int) and (lo is None or v >= lo)
 
 
+def _codec_name(v) -> bool:
+  """A codec's canonical name ("jpeg:90", not "jpeg: 90")."""
+  try:
+    return isinstance(v, str) and str(codecs.parse(v)) == v
+  except codecs.CodecError:
+    return False
+
+
 def _need(ok, c: dict, k: str, want: str):
   if not ok:
     raise ValueError(f"certificate.{k}={c[k]!r} {want}")
@@ -211,7 +230,10 @@ def check(c, n: int) -> None:
           f"exceeds delta={c['delta']}: that pair is not certified")
     _need(c["lambda_hat"] in c["lambda_grid"], c, "lambda_hat", "is not in lambda_grid")
     _need(c["tau"] in c["tau_grid"], c, "tau", "is not in tau_grid")
+    _need(c["codec"] in c["codec_grid"], c, "codec", "is not in codec_grid")
     _need(c["certified_count"] >= 1, c, "certified_count", "must be >= 1 when certified")
+  else:
+    _need(c["codec"] == "raw", c, "codec", "must be 'raw' when nothing is certified")
 
 
 def _check_values(c: dict, n: int):
@@ -245,9 +267,14 @@ def _check_grid(c: dict):
   for k, hi in (("lambda_grid", math.inf), ("tau_grid", 1.0)):
     _need(isinstance(c[k], list) and c[k] and all(_num(v, 0, hi) for v in c[k]), c, k,
           f"must be a non-empty list of numbers in [0, {hi:g}]")
-  size = len(c["lambda_grid"]) * len(c["tau_grid"])
+  _need(isinstance(c["codec_grid"], list) and c["codec_grid"]
+        and all(_codec_name(v) for v in c["codec_grid"])
+        and len(set(c["codec_grid"])) == len(c["codec_grid"]), c, "codec_grid",
+        "must be a non-empty list of distinct codec names (raw, webp-lossless, jpeg:Q, ...)")
+  _need(_codec_name(c["codec"]), c, "codec", "must be a codec name")
+  size = len(c["lambda_grid"]) * len(c["tau_grid"]) * len(c["codec_grid"])
   _need(_int(c["grid_size"]) and c["grid_size"] == size, c, "grid_size",
-        f"must equal len(lambda_grid) * len(tau_grid) = {size}")
+        f"must equal len(lambda_grid) * len(tau_grid) * len(codec_grid) = {size}")
   _need(_int(c["certified_count"], 0) and c["certified_count"] <= size, c, "certified_count",
         f"must be an integer in [0, grid_size={size}]")
 
@@ -309,7 +336,8 @@ def describe(cert: dict) -> str:
             f"{_bounds(cert)} at delta = {cert['delta']:g} (Learn-then-Test, {mt}, "
             f"{cert['test']} p-values on {order}); the row is server-only (accept nothing, "
             f"send every patch), which carries no certificate.")
-  return (f"Certified row: (lambda, tau) = ({float(cert['lambda_hat']):g}, {cert['tau']:g}), the "
+  codec = "" if cert["codec_grid"] == ["raw"] else f", patches coded {cert['codec']}"
+  return (f"Certified row: (lambda, tau) = ({float(cert['lambda_hat']):g}, {cert['tau']:g}){codec}, the "
           f"lowest {_COST_WORD[cert['cost']]} cost of the {cert['certified_count']} of "
           f"{cert['grid_size']} configurations certified by Learn-then-Test ({mt}, "
           f"{cert['test']} p-values, {adj} p = {cert['p_value']:.3g} <= delta = "

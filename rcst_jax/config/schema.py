@@ -117,6 +117,27 @@ def grid_of(item: Checker, min_len: int = 1, increasing: bool = False) -> Checke
   return check
 
 
+def codec_spec(v):
+  from rcst_jax.inference import codecs  # noqa: PLC0415 (the codec table is the domain)
+  try:
+    codecs.parse(v)
+    return None if isinstance(v, str) else "a codec name"
+  except codecs.CodecError:
+    return "a codec: raw, webp-lossless, jpeg:Q or jpeg420:Q (Q in 1..100)"
+
+
+def codec_list(min_len: int) -> Checker:
+  each = grid_of(codec_spec, min_len=min_len)
+
+  def check(v):
+    from rcst_jax.inference import codecs  # noqa: PLC0415
+    why = each(v)
+    if why is None and len({codecs.parse(x) for x in v}) != len(v):
+      return "a list of codecs, none named twice"
+    return why
+  return check
+
+
 def devices(v):
   if v == "all" or (_is_int(v) and v >= 1) or (isinstance(v, str) and v.isdigit() and int(v) >= 1):
     return None
@@ -171,6 +192,7 @@ SCHEMA: dict[str, Checker] = {
     "k_grid": grid_of(non_negative_int),      # <= number of patches: checked with the model
     "delta_sum_grid": grid_of(delta_sum_value),
     "empty_policy": empty_policy,
+    "codec_grid": codec_list(min_len=1),
     "gradcam_layer": one_of(*GRADCAM_LAYERS),
     "seed": integer,
     # numerics and execution
@@ -193,6 +215,7 @@ SCHEMA: dict[str, Checker] = {
     "certify.lambda_grid": grid_of(lambda_value),
     "certify.split": open_unit,
     "certify.tau_grid": grid_of(unit_interval, min_len=0),
+    "certify.codec_grid": codec_list(min_len=0),
     "certify.seed": integer,
     "certify.cost": one_of("patches", "bytes"),
     "certify.multiple_testing": one_of("pareto", "bonferroni"),
@@ -217,8 +240,16 @@ def _folder_needs_root(flat):
   return None
 
 
+def _codec_axis_needs_bytes(flat):
+  if len(flat.get("certify.codec_grid") or ()) > 1 and flat.get("certify.cost") != "bytes":
+    return "certify.cost", flat.get("certify.cost"), \
+        "'bytes' when certify.codec_grid names several codecs (patches cannot tell them apart)"
+  return None
+
+
 # Checks over several keys: flat config -> None or (key, value, what is allowed).
-RULES: list[Callable[[dict], Optional[tuple]]] = [_synthetic_needs_n_test, _folder_needs_root]
+RULES: list[Callable[[dict], Optional[tuple]]] = [_synthetic_needs_n_test, _folder_needs_root,
+                                                  _codec_axis_needs_bytes]
 
 
 # --- validation --------------------------------------------------------------------------

@@ -27,8 +27,9 @@ def collaborative_inference(images, edge: Model, server: Model, point: methods.O
   ``layer`` is the Grad-CAM tap the calibration recorded; `batch_size`
   images per edge call. The edge decides with `methods.decide` (the sweep's
   rule), encodes each offloaded image's payload, and the server classifies
-  what it decodes. Returns final predictions, acceptance, kept-patch masks
-  (all False for accepted images) and the bytes of the payloads encoded.
+  what it decodes (patches coded by ``point.codec``). Returns final
+  predictions, acceptance, kept-patch masks (all False for accepted images)
+  and the bytes of the payloads encoded.
   """
   images = np.asarray(images, np.uint8)
   geo = Geometry.of_server(server)
@@ -40,7 +41,7 @@ def collaborative_inference(images, edge: Model, server: Model, point: methods.O
   off, keep, fallback = methods.decide(methods.PROPOSED, edge_lib.edge_view(e), [point.tau])
   off, keep = off[0], keep[0]
   # Edge side: one payload per offloaded image; server side: decode and classify.
-  payloads = {i: payload.encode_image_payload(images[i], keep[i], geo)
+  payloads = {i: payload.encode_image_payload(images[i], keep[i], geo, point.codec)
               for i in np.flatnonzero(off)}
   server_pred = np.full(len(images), -1, np.int32)
   if payloads:

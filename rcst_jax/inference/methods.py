@@ -34,7 +34,7 @@ EDGE, BASELINE = "edge", "baseline"  # the proposed CNN edge, Im et al.'s DeiT-T
 class OperatingPoint:
   """Where the proposed method runs: the edge answers iff
   ``accepts(p_max, lambda_hat)``, APS sets use ``q_hat``, and an offloaded
-  image sends its patches scoring >= ``tau``. The calibration artifact hands
+  image sends its patches scoring >= ``tau``, coded by ``codec``. The calibration artifact hands
   it out (`Calibration.operating_point`): the certified pair, or the CRC
   lambda with an explicit tau, for `rcst run`, `rcst explain` and the
   gallery alike. ``certified``: the whole-system certificate applies."""
@@ -42,6 +42,7 @@ class OperatingPoint:
   q_hat: float
   tau: float
   certified: bool = False
+  codec: str = "raw"   # how the kept patches are coded (inference/codecs.py)
 
 
 @dataclasses.dataclass(frozen=True)

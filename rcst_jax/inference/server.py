@@ -179,19 +179,20 @@ class Server:
     """The server side of `rcst run`: decode each payload, classify its tokens."""
     geo = self.geometry
     decoded = [payload.decode_payload(p) for p in payloads]
-    for _, _, grid in decoded:
-      if grid != geo.grid:
-        raise payload.PayloadError(f"payload grid {grid} does not match the server's "
-                                    f"{geo.grid}x{geo.grid}")
+    for d in decoded:
+      if d.grid != geo.grid or d.patches.shape[1:] != (geo.patch, geo.patch, geo.channels):
+        raise payload.PayloadError(
+            f"payload of a {d.grid}x{d.grid} grid of {d.patches.shape[1]}-pixel patches does "
+            f"not match the server's {geo.grid}x{geo.grid} grid of {geo.patch}-pixel patches")
     keep = np.zeros((len(decoded), geo.num_patches), bool)
-    for row, (_, idx, _) in zip(keep, decoded):
-      row[idx] = True
+    for row, d in zip(keep, decoded):
+      row[d.idx] = True
 
     def inputs(rows, idx):
       # Decoded patches are in ascending index order, as pad_selection's slots.
       out = np.zeros(idx.shape + (geo.patch, geo.patch, geo.channels), np.uint8)
       for j, r in enumerate(rows):
-        got = decoded[r][0]
+        got = decoded[r].patches
         out[j, :len(got)] = got
       return out
     return self._run(_server_from_patches, keep, np.arange(len(decoded)), inputs)

@@ -49,28 +49,32 @@ def gallery_point(cal, ops: dict):
   return None if chosen is None else cal.operating_point(chosen["param"])
 
 
-def write_per_image(path: str, arrays: dict, points, geometry) -> str:
+def write_per_image(path: str, arrays: dict, points, geometry, codecs) -> str:
   buf = io.StringIO()
   w = csv.writer(buf)
   w.writerow(metrics.PER_IMAGE_COLUMNS)
-  w.writerows(metrics.per_image_rows(arrays, points, geometry))
+  w.writerows(metrics.per_image_rows(arrays, points, geometry, codecs))
   return atomic_write_text(path, buf.getvalue())
 
 
-def _tables(out: str, points, cert) -> dict:
+def _tables(out: str, points, codec_points, cert) -> dict:
+  """Tables 1-2 as the paper has them (raw patches), then per codec in exact bytes."""
   paths = {}
-  paths["results_json"], paths["results_csv"] = map(str, tables.write_results(points, out))
+  paths["results_json"], paths["results_csv"] = map(str, tables.write_results(codec_points, out))
   note = "" if cert is None else "\n" + describe(cert) + "\n"
   for name, text in (("table1.md", tables.table1_markdown(points) + note),
-                     ("table1_bytes.md", tables.table1_markdown(points, cost_key="cost_bytes")),
-                     ("table2.md", tables.table2_markdown(points))):
+                     ("table1_bytes.md", tables.table_codecs_markdown(codec_points)),
+                     ("table2.md", tables.table2_markdown(points)),
+                     ("table2_bytes.md", tables.table2_codecs_markdown(codec_points))):
     paths[name] = atomic_write_text(os.path.join(out, name), text + "\n")
   return paths
 
 
-def _figures(out: str, points, ops, grid, cert) -> dict:
+def _figures(out: str, points, codec_points, ops, grid, cert) -> dict:
   paths = {"figure1": str(plots.figure1(points, os.path.join(out, "figure1.png"))),
-           "figure2": str(plots.figure2(ops, os.path.join(out, "figure2.png")))}
+           "figure2": str(plots.figure2(ops, os.path.join(out, "figure2.png"))),
+           "accuracy_bytes": str(plots.accuracy_bytes(
+               codec_points, os.path.join(out, "accuracy_bytes.png")))}
   if grid is not None:
     paths["certification"] = str(plots.certification_figure(
         grid["cost"], grid["risk"], grid["certified"], os.path.join(out, "certification.png"),
@@ -82,7 +86,7 @@ def _figures(out: str, points, ops, grid, cert) -> dict:
 
 # Every file a sweep may write into its output directory (fileio.OutputDir).
 OUTPUT_NAMES = ("results.json", "results.csv", "table1.md", "table1_bytes.md", "table2.md",
-                "figure1.png", "figure2.png", "certification.png", "per_image.csv",
+                "table2_bytes.md", "figure1.png", "figure2.png", "accuracy_bytes.png", "certification.png", "per_image.csv",
                 "gallery.png", "calibration.json", "summary.json", "dtype_comparison.md")
 
 
@@ -99,12 +103,14 @@ def write_outputs(ev, result: dict, gallery_size: int = 6, per_image: bool = Fal
 
 def _write_outputs(ev, result: dict, gallery_size: int, per_image: bool) -> dict:
   out, points, cal = ev.out_dir, result["points"], result["calibration"]
+  codec_points = result.get("codec_points", points)
   ops = tables.operating_points(points)
-  paths = {**_tables(out, points, cal.certificate),
-           **_figures(out, points, ops, result.get("certification_grid"), cal.certificate)}
+  paths = {**_tables(out, points, codec_points, cal.certificate),
+           **_figures(out, points, codec_points, ops, result.get("certification_grid"),
+                      cal.certificate)}
   if per_image:
     paths["per_image"] = write_per_image(os.path.join(out, "per_image.csv"), result["arrays"],
-                                         ev.all_points(), ev.geometry)
+                                         ev.all_points(), ev.geometry, ev.codecs)
   point = gallery_point(cal, ops)
   if gallery_size and point is not None:
     batch_iter = ev.passes.batches(ev.sources.test_source,
@@ -119,7 +125,8 @@ def _write_outputs(ev, result: dict, gallery_size: int, per_image: bool) -> dict
   with open(ev.published_calibration, "rb") as f:
     paths["calibration"] = atomic_write_bytes(os.path.join(out, "calibration.json"), f.read())
   summary = {k: v for k, v in result.items()
-             if k not in ("points", "calibration", "arrays", "certification_grid")}
+             if k not in ("points", "codec_points", "calibration", "arrays",
+                          "certification_grid")}
   with open(paths["calibration"], "rb") as f:
     summary["calibration_sha256"] = hashlib.sha256(f.read()).hexdigest()
   grid = result.get("certification_grid") or {}

@@ -86,6 +86,46 @@ def figure1(points, path, server_only_accuracy: float | None = None,
   return _save(build_figure1(points, server_only_accuracy, stars, cost_key, gap), path)
 
 
+# ---- accuracy vs exact bytes, every method and codec -----------------------
+
+CODEC_STYLES = ("-", "--", ":", "-.")
+
+
+def build_accuracy_bytes(points, gap: float = 0.01, names: dict | None = None) -> Figure:
+  """Accuracy (%) against exact payload bytes (log scale, over a raw image's
+  bytes): one colour per method, one line style per codec."""
+  raw = tables.for_codec(points, "raw")
+  server_acc = tables.server_accuracy(raw)
+  codecs = tables.codecs_in(points)
+  fig = _figure(figsize=(6.4, 4.4))
+  ax = fig.add_subplot()
+  for i, m in enumerate(tables.methods_in(points)):
+    for k, c in enumerate(codecs):
+      pts = sorted((p for p in points if p["method"] == m and p.get("codec", "raw") == c
+                    and tables.usable(p, "cost_bytes") and p["cost_bytes"] > 0),
+                   key=lambda p: p["cost_bytes"])
+      if m == "certified":
+        pts = [p for p in pts if p.get("deployed", True)]
+      if not pts:
+        continue
+      ax.plot([p["cost_bytes"] for p in pts], [100 * p["accuracy"] for p in pts],
+              ls=CODEC_STYLES[k % len(CODEC_STYLES)], marker=MARKERS.get(m, "o"), ms=3.5,
+              lw=1.2, color=_color(m, i), label=f"{tables.display_name(m, names)}, {c}")
+  ax.axhline(100 * server_acc, ls="--", lw=1, color="black", label="Server-only (raw)")
+  ax.axhline(100 * (server_acc - gap), ls=":", lw=0.8, color="gray",
+             label=f"Server-only − {gap * 100:g} pp")
+  ax.set_xscale("log")
+  ax.set_xlabel("Exact payload bytes (normalized to a raw image, log scale)")
+  ax.set_ylabel("Top-1 accuracy (%)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=6, loc="lower right", ncol=2)
+  return fig
+
+
+def accuracy_bytes(points, path, gap: float = 0.01) -> Path:
+  return _save(build_accuracy_bytes(points, gap), path)
+
+
 # ---- Figure 2: latency at the operating points ------------------------------
 
 def build_figure2(op_points, rates=tables.RATES_MBPS, log_y: bool = False,

@@ -18,6 +18,7 @@ import numpy as np
 from rcst_jax.fileio import atomic_open, atomic_write_text
 from rcst_jax.geometry import Geometry
 from rcst_jax.inference import methods
+from rcst_jax.sweep.metrics import codecs_in, for_codec  # noqa: F401 (re-exported)
 
 REFERENCES = tuple(m.name for m in methods.ALL_METHODS if m.reference)
 # The method table's order; methods not listed follow in order of first appearance.
@@ -29,7 +30,7 @@ SHORT_NAMES = {m.name: m.short for m in methods.ALL_METHODS}
 # Table 1 (chosen before the test set is seen, not read off it).
 SINGLE_POINT = ("certified",)
 RESULT_KEYS = (
-    "method", "param_name", "param", "accuracy", "cost", "cost_bytes",
+    "method", "param_name", "param", "codec", "deployed", "accuracy", "cost", "cost_bytes",
     "offload_rate", "mean_patches", "edge_risk", "alpha_crc",
     "aps_set_size", "aps_coverage", "n",
 )
@@ -186,6 +187,55 @@ def table1_markdown(points, server_only_accuracy: float | None = None,
   ref = _fmt(server_cost(points, cost_key)), _fmt(server_acc, scale=100)
   lines.append(_row([display_name("server_only", names), *ref, *ref]))
   return "\n".join(lines) + "\n"
+
+
+def table_codecs_markdown(points, gap: float = 0.01, names: dict | None = None) -> str:
+  """Table 1's byte columns per codec: each method's cheapest point in exact
+  payload bytes (over a raw image's bytes) whose accuracy, with the patches
+  the server decoded, is within ``gap`` of server-only on raw patches.
+
+  One column pair (bytes, accuracy) per codec; the server-only row last,
+  every patch coded by each codec. Certified shows its one point under the
+  codec it was certified with.
+  """
+  server_acc = server_accuracy(for_codec(points, "raw"))
+  codecs = codecs_in(points)
+  per_codec = {c: operating_points(for_codec(points, c), server_acc, gap, "cost_bytes")
+               for c in codecs}
+  methods = list(dict.fromkeys(m for ops in per_codec.values() for m in ops))
+  label = _gap_label(gap)
+  lines = [_row(["Method"] + [f"{c}: {h}" for c in codecs for h in ("Bytes", "Acc. (%)")]),
+           _row(["---"] + ["---:"] * (2 * len(codecs)))]
+  for m in methods:
+    cells = []
+    for c in codecs:
+      p = per_codec[c].get(m, {}).get("within_gap")
+      if m == "certified" and p is not None and p.get("codec") != c:
+        p = None  # its one point belongs to its own codec's column
+      cells += [_fmt(None if p is None else p["cost_bytes"], ".4f"),
+                _fmt(None if p is None else p["accuracy"], scale=100)]
+    lines.append(_row([display_name(m, names)] + cells))
+  cells = []  # server-only sends every patch, coded by each codec
+  for c in codecs:
+    ref = reference_point(for_codec(points, c))
+    cells += [_fmt(None if ref is None else ref["cost_bytes"], ".4f"),
+              _fmt(None if ref is None else ref["accuracy"], scale=100)]
+  lines.append(_row([display_name("server_only", names)] + cells))
+  return (f"Exact payload bytes / raw image bytes ({FULL_IMAGE_BYTES:,} B) at each "
+          f"method's cheapest point {label.lower()} of server-only, per codec\n\n"
+          + "\n".join(lines) + "\n")
+
+
+def table2_codecs_markdown(points, gap: float = 0.01, rates=RATES_MBPS,
+                           convention: str = "paper", names: dict | None = None) -> str:
+  """Table 2 per codec: upload latency from the exact bytes sent."""
+  server_acc = server_accuracy(for_codec(points, "raw"))
+  parts = []
+  for c in codecs_in(points):
+    parts.append(f"Codec {c}\n\n" + table2_markdown(
+        for_codec(points, c), server_acc, gap, "cost_bytes", rates, convention=convention,
+        names=names))
+  return "\n".join(parts)
 
 
 def table2_markdown(points, server_only_accuracy: float | None = None,

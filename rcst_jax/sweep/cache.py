@@ -32,7 +32,7 @@ from rcst_jax.calibration.artifact import Calibration, CalibrationError
 from rcst_jax.fileio import atomic_write_bytes, plain
 from rcst_jax.models.checkpoints import variables_digest
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 # Config keys that cannot change any cached number: where outputs go, how
 # much is printed or drawn, how models are found (they are identified by
 # content below), how many devices share the work. Everything else is hashed.
@@ -42,10 +42,11 @@ NOT_RESULTS = ("output_dir", "progress", "gallery_size", "per_image", "models_di
 CERTIFY_KEY = "certify"
 MODEL_META = ("timm_name", "num_classes", "input_size", "crop_pct", "interpolation", "mean",
               "std", "arch_overrides")
-CHUNK_KEYS = ("labels", "keys", "offloaded", "kept", "server_pred", "pred", "edge_pred",
-              "edge_p_max", "edge_accept", "edge_aps_size", "edge_aps_cover", "base_pred",
-              "base_p_max", "base_accept")
 POINT_KEYS = ("offloaded", "kept", "server_pred", "pred")  # [points, n] arrays
+CODEC_KEYS = ("codec_server_pred", "codec_pred", "codec_bytes")  # [codecs, points, n]
+CHUNK_KEYS = ("labels", "keys") + POINT_KEYS + CODEC_KEYS + (
+    "edge_pred", "edge_p_max", "edge_accept", "edge_aps_size", "edge_aps_cover", "base_pred",
+    "base_p_max", "base_accept")
 # What the certification outcomes depend on (not the test itself).
 OUTCOME_KEYS = ("data", "alpha_aps", "gradcam_layer", "dtype", "matmul_precision",
                 "batch_size", "server_batch", "server_min_batch", "buckets")
@@ -75,13 +76,14 @@ def outcome_id(config, models, sources, cal_inputs: str) -> str:
   return _digest({"version": CACHE_VERSION, "config": {k: cfg.get(k) for k in OUTCOME_KEYS},
                   "split": [cfg["certify"]["split"], cfg["certify"]["seed"]],
                   "taus": list(certificate.tau_grid(config)),
+                  "codecs": list(certificate.codec_grid(config)),
                   "data": sources.identity(), "inputs": cal_inputs,
                   "models": [variables_digest(m.variables) for m in (models.edge, models.server)]})
 
 
 def certified_id(certificate: dict) -> str:
   """The certified point's identity: its Certified row is cached under it."""
-  return _digest({k: certificate[k] for k in ("certified", "lambda_hat", "tau", "q_hat")})
+  return _digest({k: certificate[k] for k in ("certified", "lambda_hat", "tau", "codec", "q_hat")})
 
 
 class Manifest:
@@ -165,13 +167,14 @@ class ChunkStore:
     sub = (f"certified_{certified}",) if certified else ()
     return os.path.join(self.dir, *sub, f"chunk_{c:05d}.npz")
 
-  def load_chunk(self, c: int, points: int, certified: str | None = None, **inputs) -> dict | None:
+  def load_chunk(self, c: int, points: int, codecs: int = 1, certified: str | None = None,
+                 **inputs) -> dict | None:
     """A finished chunk's arrays (the sweep's, or a certified point's one row),
     if it was computed from ``inputs`` (image digest, calibration)."""
     path = self.chunk_path(c, certified)
     data = self._read(path, self.manifest, "chunk", **inputs)
-    keys = ("keys",) + POINT_KEYS if certified else CHUNK_KEYS
-    return None if data is None else _arrays(path, data, keys, points)
+    keys = ("keys",) + POINT_KEYS + CODEC_KEYS if certified else CHUNK_KEYS
+    return None if data is None else _arrays(path, data, keys, points, codecs)
 
   def save_chunk(self, c: int, arrays: dict, certified: str | None = None, **inputs) -> None:
     path = self.chunk_path(c, certified)
@@ -228,13 +231,17 @@ def calibration_bytes(cal: Calibration) -> bytes:
   return (json.dumps(cal.to_dict(), indent=2, allow_nan=False) + "\n").encode()
 
 
-def _arrays(path: str, data: bytes, keys, points: int) -> dict | None:
+def _arrays(path: str, data: bytes, keys, points: int, codecs: int) -> dict | None:
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
       d = {k: z[k] for k in keys}
     n = len(d["keys"])
     if d["pred"].shape != (points, n) or d["kept"].shape != (points, n):
       raise ValueError(f"shapes {d['pred'].shape} for {points} points x {n} images")
+    for k in CODEC_KEYS:
+      if d[k].shape != (codecs, points, n):
+        raise ValueError(f"{k} has shape {d[k].shape}, not {codecs} codecs x {points} points "
+                         f"x {n} images")
     return d
   except Exception as e:  # zip CRC, truncation, missing keys: all mean recompute
     warnings.warn(f"cached chunk {path} is corrupt ({type(e).__name__}: {e}); recomputing")

@@ -30,7 +30,7 @@ from rcst_jax.data.preprocess import Held
 from rcst_jax.data.sources import Sources
 from rcst_jax.errors import ConfigError
 from rcst_jax.geometry import Geometry
-from rcst_jax.inference import methods
+from rcst_jax.inference import codecs, methods
 from rcst_jax.models.checkpoints import variables_digest
 from rcst_jax.models.loading import Models
 from rcst_jax.sweep import cache, metrics, outcomes
@@ -67,6 +67,11 @@ class Evaluation:
     self.geometry = Geometry.of_server(self.models.server)
     check_against_geometry(self.config, self.geometry)
     self.points = methods.operating_points(self.config)
+    # The certified row needs the codecs the certificate may pick.
+    certify = self.config.get("certify")
+    self.codecs = codecs.sweep_grid(
+        self.config.get("codec_grid", ("raw",)),
+        certify.get("codec_grid", ()) if certify and certify.enabled else ())
     self.fp = cache.fingerprint(self.config, self.models, self.sources)
     self.store = cache.ChunkStore(self.out_dir, self.fp)
     self._identify_inputs()
@@ -142,10 +147,10 @@ class Evaluation:
     return cache.certified_id(self.certificate)
 
   def load_main(self, c: int) -> dict | None:
-    return self.store.load_chunk(c, len(self.points), **self._chunk_inputs(c))
+    return self.store.load_chunk(c, len(self.points), len(self.codecs), **self._chunk_inputs(c))
 
   def load_certified(self, c: int) -> dict | None:
-    return self.store.load_chunk(c, 1, certified=self._certified_key(),
+    return self.store.load_chunk(c, 1, len(self.codecs), certified=self._certified_key(),
                                  **self._chunk_inputs(c))
 
   def _save_certified(self, c: int, keys, row: dict) -> None:
@@ -159,7 +164,9 @@ class Evaluation:
     keys = main["keys"]
     if not self.certificate["certified"] or not len(keys):
       j = self.points.index((methods.SERVER_ONLY, None))
-      return self._save_certified(c, keys, {k: main[k][j:j + 1] for k in cache.POINT_KEYS})
+      return self._save_certified(c, keys, {
+          **{k: main[k][j:j + 1] for k in cache.POINT_KEYS},
+          **{k: main[k][:, j:j + 1] for k in cache.CODEC_KEYS}})
     images, got = [], []
     for b in self.passes.batches(self.sources.test_source, indices, f"chunk {c} certified",
                                  progress=self.progress):
@@ -171,14 +178,16 @@ class Evaluation:
     t0 = time.perf_counter()
     row = point_arrays(*self.passes.sweep(
         {"certified": self.passes.certified_view(images, self.certified_point)}, images,
-        [(methods.CERTIFIED, (self.certified_point.tau,))]))
+        [(methods.CERTIFIED, (self.certified_point.tau,))], self.codecs))
     self.timings["certified_s"] += time.perf_counter() - t0
     self._save_certified(c, keys, row)
 
   def _empty_chunk(self, c: int, indices) -> None:
     """Every item of the chunk was bad: an empty chunk, so a rerun skips it."""
-    empty = {k: np.zeros((0,) if k in ("labels", "keys") else (len(self.points), 0))
-             for k in cache.CHUNK_KEYS}
+    shape = lambda k: ((0,) if k in ("labels", "keys") else
+                       (len(self.codecs), len(self.points), 0) if k in cache.CODEC_KEYS else
+                       (len(self.points), 0))
+    empty = {k: np.zeros(shape(k)) for k in cache.CHUNK_KEYS}
     self.store.save_chunk(c, empty, **self._chunk_inputs(c))
     if self.certificate is not None:
       self.run_certified_chunk(c, indices, empty)
@@ -200,17 +209,17 @@ class Evaluation:
       self.timings["edge_s"] += time.perf_counter() - t
       plan.append((methods.CERTIFIED, (self.certified_point.tau,)))
     t1 = time.perf_counter()
-    rows = point_arrays(*self.passes.sweep(views, got.images, plan))
+    rows = point_arrays(*self.passes.sweep(views, got.images, plan, self.codecs))
     self.timings["server_s"] += time.perf_counter() - t1
     p = len(self.points)
-    main = {k: v[:p] for k, v in rows.items()}
+    main, cert_row = _split_points(rows, p)
     self.store.save_chunk(c, {
         "labels": got.labels, "keys": np.asarray(got.keys, str), **main,
         **{f"edge_{k}": v for k, v in got.edge.items() if k != "patch_scores"},
         **{f"base_{k}": v for k, v in got.base.items() if k != "scores"}},
         **self._chunk_inputs(c))
     if certified:
-      self._save_certified(c, got.keys, {k: v[p:] for k, v in rows.items()})
+      self._save_certified(c, got.keys, cert_row)
     elif self.certificate is not None:
       self.run_certified_chunk(c, indices, {"keys": np.asarray(got.keys, str), **main})
 
@@ -225,12 +234,18 @@ class Evaluation:
     for d, row in zip(data, rows):
       if not np.array_equal(row["keys"], d["keys"]):
         raise RuntimeError("the cached Certified row does not match its chunk's images")
-      for k in cache.POINT_KEYS:
-        d[k] = np.concatenate([d[k], row[k].astype(d[k].dtype)])
+      for k in cache.POINT_KEYS + cache.CODEC_KEYS:
+        d[k] = np.concatenate([d[k], row[k].astype(d[k].dtype)], axis=int(k in cache.CODEC_KEYS))
     data = [d for d in data if len(d["labels"])]
     if not data:
       raise ValueError("no usable test image (all were skipped as bad items)")
     return {k: np.concatenate([d[k] for d in data], axis=-1) for k in cache.CHUNK_KEYS}
+
+  def certified_codec(self):
+    """The codec the certified point names (raw without a certificate)."""
+    if self.certificate is None:
+      return None
+    return codecs.parse(self.certificate.get("codec", "raw"))
 
   def all_points(self) -> list:
     """The sweep's operating points, then the Certified point when there is one."""
@@ -252,9 +267,13 @@ class Evaluation:
       self.certificate, self.certified_point = cal.certificate, cal.operating_point()
     done, certified_done = self._run_chunks(cal)
     arrays = self.arrays()
-    points = metrics.aggregate(arrays, self.all_points(), self.geometry, cal.alpha_crc)
+    codec_points = metrics.aggregate(arrays, self.all_points(), self.geometry, cal.alpha_crc,
+                                     self.codecs, self.certified_codec())
+    points = metrics.for_codec(codec_points, "raw")
+    self.timings["coding_s"] = self.passes.coding_s  # inside certification_s and server_s
     self.timings["total_s"] += time.perf_counter() - t0
-    return {"calibration": cal, "points": points, "arrays": arrays, "fingerprint": self.fp,
+    return {"calibration": cal, "points": points, "codec_points": codec_points,
+            "arrays": arrays, "fingerprint": self.fp, "codecs": [str(c) for c in self.codecs],
             "certification_grid": self.certification_grid,
             "certification_sizing": self.certification_sizing,
             "skipped": dict(self.skipped), "timings": dict(self.timings),
@@ -277,3 +296,10 @@ class Evaluation:
     if nproc > 1:
       multihost_utils.sync_global_devices("rcst_chunks_done")
     return done, certified_done
+
+
+def _split_points(rows: dict, p: int) -> tuple[dict, dict]:
+  """(the sweep's first p points, the rest: the Certified row) of point_arrays' output."""
+  head = {k: v[:, :p] if k in cache.CODEC_KEYS else v[:p] for k, v in rows.items()}
+  tail = {k: v[:, p:] if k in cache.CODEC_KEYS else v[p:] for k, v in rows.items()}
+  return head, tail

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from rcst_jax.calibration import algorithm1, certificate
 from rcst_jax.data.sources import Sources
+from rcst_jax.inference import codecs
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import methods
 from rcst_jax.sweep import cache
@@ -28,18 +29,18 @@ from rcst_jax.sweep import cache
 
 def certify(run, cal) -> tuple[dict, dict]:
   """(certificate, grid arrays for the figure) of an Evaluation ``run``."""
-  taus = certificate.tau_grid(run.config)
+  taus, specs = certificate.tau_grid(run.config), certificate.codec_grid(run.config)
   ident = cache.outcome_id(run.config, run.models, run.sources, run.cal_inputs)
   out = run.store.load_outcomes(ident)
   if out is None:
-    out = _outcomes(run, taus)
+    out = _outcomes(run, taus, [codecs.parse(c) for c in specs])
     if jax.process_index() == 0:
       run.store.save_outcomes(ident, out)
   out = dict(out)
   q_hat_fit, n_fit = float(out.pop("q_hat_fit")), int(out.pop("n_fit"))
   if run.certification_sizing is None:  # cached outcomes: the same pilot, read back
     _size(run, {k: v[..., :n_fit] for k, v in out.items()}, len(out["labels"]) - n_fit)
-  return certificate.certify_run(run.config, out, taus, run.geometry, q_hat_fit, n_fit)
+  return certificate.certify_run(run.config, out, taus, run.geometry, q_hat_fit, n_fit, specs)
 
 
 def split(indices: np.ndarray, fraction: float, seed: int):
@@ -56,7 +57,7 @@ def _size(run, fit: dict, n_test: int) -> None:
     tqdm.write(run.certification_sizing, file=sys.stderr)
 
 
-def _outcomes(run, taus) -> dict:
+def _outcomes(run, taus, codec_list) -> dict:
   c, src = run.config.certify, run.sources
   images = run.cal_held if run.cal_held is not None else src.cal_source
   fit, test = split(src.cal_indices, c.split, c.seed)
@@ -66,16 +67,17 @@ def _outcomes(run, taus) -> dict:
       run.transform, server_metadata=run.models.server.metadata, geometry=run.geometry,
       server_digest=None, sharding=run.passes.sharding, progress=run.progress)
   run.timings["certification_calibration_s"] += time.perf_counter() - t0
-  parts = [_part(run, images, "fit", fit, cal_fit.q_hat, taus)]
+  parts = [_part(run, images, "fit", fit, cal_fit.q_hat, taus, codec_list)]
   # Before the long passes: how many testing images the cheap pairs need.
   _size(run, parts[0], len(test))
-  parts.append(_part(run, images, "test", test, cal_fit.q_hat, taus))
+  parts.append(_part(run, images, "test", test, cal_fit.q_hat, taus, codec_list))
   out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
   return {**out, "q_hat_fit": np.float64(cal_fit.q_hat),
           "n_fit": np.int64(len(parts[0]["labels"]))}
 
 
-def _part(run, images, name: str, indices, q_hat: float, taus) -> dict:
+def _part(run, images, name: str, indices, q_hat: float, taus, codec_list) -> dict:
+  """One split's outcomes; per-configuration arrays [C * T, n], codec-major."""
   t0 = time.perf_counter()
   got = run.passes.edge_pass(
       run.passes.batches(images, indices, f"certification {name}",
@@ -85,11 +87,16 @@ def _part(run, images, name: str, indices, q_hat: float, taus) -> dict:
   if got is None:
     raise ValueError(f"no usable image in the certification {name} split")
   t0 = time.perf_counter()
-  off, keep, _, server_pred = run.passes.sweep(
+  # Server-only is the reference on raw patches; raw leads every sweep's codecs.
+  sweep_codecs = codecs.sweep_grid(codec_list)
+  off, keep, _, server_pred, by_codec, nbytes = run.passes.sweep(
       {methods.EDGE: edge_lib.edge_view(got.edge)}, got.images,
-      [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, taus)])
+      [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, taus)], sweep_codecs)
   run.timings["certification_server_s"] += time.perf_counter() - t0
+  pick = [sweep_codecs.index(c) for c in codec_list]
   return {"labels": got.labels, "edge_pred": got.edge["pred"], "p_max": got.edge["p_max"],
-          "server_only_pred": server_pred[0], "server_pred": server_pred[1:],
-          "kept": keep[1:].sum(-1)}
+          "server_only_pred": server_pred[0],
+          "server_pred": np.concatenate([by_codec[j, 1:] for j in pick]),
+          "kept": np.tile(keep[1:].sum(-1), (len(pick), 1)),
+          "bytes": np.concatenate([nbytes[j, 1:] for j in pick])}
 

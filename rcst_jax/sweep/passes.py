@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -19,8 +20,9 @@ import numpy as np
 from rcst_jax import spmd
 from rcst_jax.data import batches
 from rcst_jax.geometry import Geometry
+from rcst_jax.inference import codecs as codecs_lib
 from rcst_jax.inference import edge as edge_lib
-from rcst_jax.inference import methods, selection
+from rcst_jax.inference import methods, payload, selection
 from rcst_jax.inference.server import Server
 from rcst_jax.models.loading import Models
 
@@ -42,10 +44,13 @@ def dedup_rows(offloaded: np.ndarray, keep: np.ndarray):
   return image[first].astype(np.int64), keep[offloaded][first], ids
 
 
-def point_arrays(off, keep, fallback, server_pred) -> dict:
-  """What a chunk stores per operating point (cache.POINT_KEYS), Eq. 27 included."""
+def point_arrays(off, keep, fallback, server_pred, codec_server_pred, codec_bytes) -> dict:
+  """What a chunk stores per operating point (cache.POINT_KEYS, [P, n], raw
+  patches) and per codec and point (cache.CODEC_KEYS, [C, P, n]), Eq. 27 included."""
   return {"offloaded": off, "kept": keep.sum(-1).astype(np.int16), "server_pred": server_pred,
-          "pred": methods.combine(off, server_pred, fallback)}
+          "pred": methods.combine(off, server_pred, fallback),
+          "codec_server_pred": codec_server_pred, "codec_bytes": codec_bytes,
+          "codec_pred": methods.combine(off[None], codec_server_pred, fallback[None])}
 
 
 @dataclasses.dataclass
@@ -68,6 +73,7 @@ class Passes:
     self.edge, self.server, self.base = (put(models.edge), put(models.server),
                                          put(models.baseline_edge))
     self._base_probs = edge_lib.softmax_fn(self.base, with_attn=True)
+    self.coding_s = 0.0  # host time spent coding payloads (counting bytes, lossy pixels)
 
   def batches(self, source, indices, desc: str, skipped=None, progress: bool = True):
     skipped = collections.Counter() if skipped is None else skipped
@@ -121,10 +127,18 @@ class Passes:
         grid=self.geometry.grid, batch_size=int(self.config.batch_size),
         sharding=self.sharding))
 
-  def sweep(self, views: dict, images, plan):
-    """Every (method, params) of `plan` on these images: decisions in one
-    vmapped call per method, the server once per distinct (image, kept set).
-    Returns (offloaded [P, n], keep [P, n, N], fallback [P, n], server_pred [P, n])."""
+  def sweep(self, views: dict, images, plan, codecs=(codecs_lib.RAW,)):
+    """Every (method, params) of `plan` on these images under every codec of
+    `codecs` (raw first): decisions in one vmapped call per method, the server
+    once per distinct (image, kept set) and distinct decoded pixels.
+
+    A lossless codec decodes to the raw patches, so it shares raw's server
+    answers and only encodes; a lossy one is answered from the decoded
+    patches (each image coded once: `codecs.roundtrip_images`). Bytes are
+    those of the encoded payloads (`payload.coded_bytes`). Returns
+    (offloaded [P, n], keep [P, n, N], fallback [P, n], server_pred [P, n],
+    server_pred per codec [C, P, n], payload bytes per codec [C, P, n]; 0
+    where answered on the edge)."""
     off, keep, fallback = [], [], []
     for m, params in plan:
       o, k, f = methods.decide(m, views[m.edge], params, self.config.empty_policy)
@@ -132,11 +146,31 @@ class Passes:
       keep.append(k)
       fallback.append(np.broadcast_to(f, o.shape))
     off, keep, fallback = map(np.concatenate, (off, keep, fallback))
+    if codecs[0] != codecs_lib.RAW:
+      raise ValueError(f"a sweep's codecs start with raw, got {[str(c) for c in codecs]}")
     rows_image, rows_keep, ids = dedup_rows(off, keep)
-    server_pred = np.full(off.shape, -1, np.int32)
-    if len(rows_image):
-      srv = Server(self.server, int(self.config.server_batch), tuple(self.config.buckets),
-                   self.sharding, min_batch=int(self.config.get("server_min_batch", 0)) or None)
-      row_pred = srv.logits_from_images(images, rows_keep, rows=rows_image).argmax(-1)
-      server_pred[off] = row_pred[ids[off]]
-    return off, keep, fallback, server_pred
+    preds = np.full((len(codecs),) + off.shape, -1, np.int32)
+    nbytes = np.zeros((len(codecs),) + off.shape, np.int32)
+    raw_pred = None
+    for j, codec in enumerate(codecs):
+      if not len(rows_image):
+        break
+      if codec.lossy or raw_pred is None:
+        t0 = time.perf_counter()
+        pixels = codecs_lib.roundtrip_images(images, codec)
+        self.coding_s += time.perf_counter() - t0
+        row_pred = self._server_rows(pixels, rows_keep, rows_image)
+        raw_pred = row_pred if codec == codecs_lib.RAW else raw_pred
+      else:
+        row_pred = raw_pred
+      preds[j][off] = row_pred[ids[off]]
+      t0 = time.perf_counter()
+      row_bytes = payload.coded_bytes(images, rows_image, rows_keep, self.geometry, codec)
+      self.coding_s += time.perf_counter() - t0
+      nbytes[j][off] = row_bytes[ids[off]]
+    return off, keep, fallback, preds[0], preds, nbytes
+
+  def _server_rows(self, images, rows_keep, rows_image) -> np.ndarray:
+    srv = Server(self.server, int(self.config.server_batch), tuple(self.config.buckets),
+                 self.sharding, min_batch=int(self.config.get("server_min_batch", 0)) or None)
+    return srv.logits_from_images(images, rows_keep, rows=rows_image).argmax(-1)
