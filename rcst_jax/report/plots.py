@@ -109,7 +109,8 @@ def build_accuracy_bytes(points, gap: float = 0.01, names: dict | None = None) -
       if not pts:
         continue
       ax.plot([p["cost_bytes"] for p in pts], [100 * p["accuracy"] for p in pts],
-              ls=CODEC_STYLES[k % len(CODEC_STYLES)], marker=MARKERS.get(m, "o"), ms=3.5,
+              ls=CODEC_STYLES[k % len(CODEC_STYLES)], marker=MARKERS.get(m, "o"),
+              ms=11 if m == "certified" else 3.5, mec="black" if m == "certified" else None,
               lw=1.2, color=_color(m, i), label=f"{tables.display_name(m, names)}, {c}")
   ax.axhline(100 * server_acc, ls="--", lw=1, color="black", label="Server-only (raw)")
   ax.axhline(100 * (server_acc - gap), ls=":", lw=0.8, color="gray",
