@@ -1,6 +1,5 @@
 """Patch codecs: mosaic locality, lossless round trips, byte counts, decoder bounds, parsing."""
 
-import hashlib
 import io
 import os
 import subprocess
