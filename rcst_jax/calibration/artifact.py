@@ -175,10 +175,9 @@ class Calibration:
     if not cert["certified"]:
       return OperatingPoint(math.inf, q_hat, 0.0, certified=False, codec=codec or "raw")
     lam = decode_float(cert["lambda_hat"], "certificate.lambda_hat")
-    certified_codec = cert.get("codec", "raw")
-    chosen = certified_codec if codec is None else codec
+    chosen = cert["codec"] if codec is None else codec
     return OperatingPoint(math.inf if lam > 1 else lam, q_hat, float(cert["tau"]),
-                          certified=chosen == certified_codec, codec=chosen)
+                          certified=chosen == cert["codec"], codec=chosen)
 
   def check_models(self, where: str, edge, server=None, allow_other_weights: bool = False):
     """Refuses models this calibration was not made for: a server whose patch

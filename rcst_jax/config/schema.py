@@ -132,8 +132,11 @@ def codec_list(min_len: int) -> Checker:
   def check(v):
     from rcst_jax.inference import codecs  # noqa: PLC0415
     why = each(v)
-    if why is None and len({codecs.parse(x) for x in v}) != len(v):
-      return "a list of codecs, none named twice"
+    if why is None:
+      try:
+        codecs.parse_grid(v)
+      except codecs.CodecError:
+        return "a list of codecs, none named twice"
     return why
   return check
 

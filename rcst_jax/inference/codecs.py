@@ -132,8 +132,7 @@ def mosaic_shape(k: int, p: int) -> tuple[int, int]:
 def to_mosaic(patches: np.ndarray) -> np.ndarray:
   """[K, p, p, c] -> [rows*p, cols*p, c]; empty slots of the last row are 0."""
   k, p, _, c = patches.shape
-  cols = min(k, MOSAIC_COLUMNS)
-  rows = -(-k // cols)
+  rows, cols = (n // p for n in mosaic_shape(k, p))
   full = np.zeros((rows * cols, p, p, c), np.uint8)
   full[:k] = patches
   return full.reshape(rows, cols, p, p, c).transpose(0, 2, 1, 3, 4).reshape(
@@ -150,8 +149,13 @@ def from_mosaic(mosaic: np.ndarray, k: int, p: int) -> np.ndarray:
 # ---------------------------------------------------------------- bodies
 
 
-def _jpeg_args(codec: Codec) -> dict:
-  return {"colorsubsampling": "420" if codec.name == "jpeg420" else "444"}
+_SUBSAMPLING = {"jpeg": "444", "jpeg420": "420"}
+
+
+def _encode_jpeg(image: np.ndarray, codec: Codec) -> bytes:
+  import simplejpeg  # noqa: PLC0415 (only payloads that use JPEG need it)
+  return simplejpeg.encode_jpeg(np.ascontiguousarray(image), codec.quality, colorspace="RGB",
+                                colorsubsampling=_SUBSAMPLING[codec.name])
 
 
 def encode_body(patches: np.ndarray, codec: Codec) -> bytes:
@@ -163,8 +167,7 @@ def encode_body(patches: np.ndarray, codec: Codec) -> bytes:
     raise CodecError(f"codec {codec}: needs 3 channels, got {c}")
   mosaic = to_mosaic(patches)
   if codec.lossy:
-    import simplejpeg  # noqa: PLC0415 (only payloads that use JPEG need it)
-    return simplejpeg.encode_jpeg(mosaic, codec.quality, colorspace="RGB", **_jpeg_args(codec))
+    return _encode_jpeg(mosaic, codec)
   from PIL import Image  # noqa: PLC0415
   buf = io.BytesIO()
   Image.fromarray(mosaic).save(buf, "WEBP", lossless=True, method=0, quality=0)
@@ -192,9 +195,6 @@ def decode_body(body: bytes, codec: Codec, k: int, p: int, c: int) -> np.ndarray
   h, w = mosaic_shape(k, p)
   mosaic = _decode_jpeg(body, codec, h, w) if codec.lossy else _decode_webp(body, h, w)
   return from_mosaic(mosaic, k, p)
-
-
-_SUBSAMPLING = {"jpeg": "444", "jpeg420": "420"}
 
 
 def _decode_jpeg(body: bytes, codec: Codec, h: int, w: int) -> np.ndarray:
@@ -255,9 +255,7 @@ def roundtrip_images(images: np.ndarray, codec: Codec) -> np.ndarray:
   import simplejpeg  # noqa: PLC0415
 
   def roundtrip(im):
-    return simplejpeg.decode_jpeg(simplejpeg.encode_jpeg(
-        np.ascontiguousarray(im), codec.quality, colorspace="RGB", **_jpeg_args(codec)),
-        colorspace="RGB", fastupsample=True)
+    return simplejpeg.decode_jpeg(_encode_jpeg(im, codec), colorspace="RGB", fastupsample=True)
   with concurrent.futures.ThreadPoolExecutor(threads()) as pool:
     return np.stack(list(pool.map(roundtrip, images)))
 

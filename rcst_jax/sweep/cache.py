@@ -47,6 +47,14 @@ CODEC_KEYS = ("codec_server_pred", "codec_pred", "codec_bytes")  # [codecs, poin
 CHUNK_KEYS = ("labels", "keys") + POINT_KEYS + CODEC_KEYS + (
     "edge_pred", "edge_p_max", "edge_accept", "edge_aps_size", "edge_aps_cover", "base_pred",
     "base_p_max", "base_accept")
+
+
+def point_rows(arrays: dict, points: slice) -> dict:
+  """The POINT_KEYS and CODEC_KEYS arrays of ``arrays`` at a slice of its points."""
+  return {**{k: arrays[k][points] for k in POINT_KEYS},
+          **{k: arrays[k][:, points] for k in CODEC_KEYS}}
+
+
 # What the certification outcomes depend on (not the test itself).
 OUTCOME_KEYS = ("data", "alpha_aps", "gradcam_layer", "dtype", "matmul_precision",
                 "batch_size", "server_batch", "server_min_batch", "buckets")

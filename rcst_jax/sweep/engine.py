@@ -164,9 +164,7 @@ class Evaluation:
     keys = main["keys"]
     if not self.certificate["certified"] or not len(keys):
       j = self.points.index((methods.SERVER_ONLY, None))
-      return self._save_certified(c, keys, {
-          **{k: main[k][j:j + 1] for k in cache.POINT_KEYS},
-          **{k: main[k][:, j:j + 1] for k in cache.CODEC_KEYS}})
+      return self._save_certified(c, keys, cache.point_rows(main, slice(j, j + 1)))
     images, got = [], []
     for b in self.passes.batches(self.sources.test_source, indices, f"chunk {c} certified",
                                  progress=self.progress):
@@ -212,14 +210,14 @@ class Evaluation:
     rows = point_arrays(*self.passes.sweep(views, got.images, plan, self.codecs))
     self.timings["server_s"] += time.perf_counter() - t1
     p = len(self.points)
-    main, cert_row = _split_points(rows, p)
+    main = cache.point_rows(rows, slice(None, p))
     self.store.save_chunk(c, {
         "labels": got.labels, "keys": np.asarray(got.keys, str), **main,
         **{f"edge_{k}": v for k, v in got.edge.items() if k != "patch_scores"},
         **{f"base_{k}": v for k, v in got.base.items() if k != "scores"}},
         **self._chunk_inputs(c))
     if certified:
-      self._save_certified(c, got.keys, cert_row)
+      self._save_certified(c, got.keys, cache.point_rows(rows, slice(p, None)))
     elif self.certificate is not None:
       self.run_certified_chunk(c, indices, {"keys": np.asarray(got.keys, str), **main})
 
@@ -245,7 +243,7 @@ class Evaluation:
     """The codec the certified point names (raw without a certificate)."""
     if self.certificate is None:
       return None
-    return codecs.parse(self.certificate.get("codec", "raw"))
+    return codecs.parse(self.certificate["codec"])
 
   def all_points(self) -> list:
     """The sweep's operating points, then the Certified point when there is one."""
@@ -297,9 +295,3 @@ class Evaluation:
       multihost_utils.sync_global_devices("rcst_chunks_done")
     return done, certified_done
 
-
-def _split_points(rows: dict, p: int) -> tuple[dict, dict]:
-  """(the sweep's first p points, the rest: the Certified row) of point_arrays' output."""
-  head = {k: v[:, :p] if k in cache.CODEC_KEYS else v[:p] for k, v in rows.items()}
-  tail = {k: v[:, p:] if k in cache.CODEC_KEYS else v[p:] for k, v in rows.items()}
-  return head, tail

@@ -151,17 +151,15 @@ class Passes:
     rows_image, rows_keep, ids = dedup_rows(off, keep)
     preds = np.full((len(codecs),) + off.shape, -1, np.int32)
     nbytes = np.zeros((len(codecs),) + off.shape, np.int32)
-    raw_pred = None
-    for j, codec in enumerate(codecs):
-      if not len(rows_image):
-        break
-      if codec.lossy or raw_pred is None:
+    for j, codec in enumerate(codecs if len(rows_image) else ()):
+      if codec.lossy or codec == codecs_lib.RAW:
         t0 = time.perf_counter()
         pixels = codecs_lib.roundtrip_images(images, codec)
         self.coding_s += time.perf_counter() - t0
         row_pred = self._server_rows(pixels, rows_keep, rows_image)
-        raw_pred = row_pred if codec == codecs_lib.RAW else raw_pred
-      else:
+        if codec == codecs_lib.RAW:
+          raw_pred = row_pred
+      else:  # lossless: the raw patches, so raw's answers (raw comes first)
         row_pred = raw_pred
       preds[j][off] = row_pred[ids[off]]
       t0 = time.perf_counter()
