@@ -212,7 +212,8 @@ def _cmd_explain(args, extra):
                               decision=decision)
   sent = [] if x.accepted else [int(j) for j in np.flatnonzero(x.keep)]
   print(json.dumps({"image": args.image, "out": str(path), "decision": decision,
-                    "accepted_on_edge": x.accepted, "p_max": x.p_max, "sent_indices": sent}))
+                    "accepted_on_edge": x.accepted, "p_max": x.p_max, "sent_indices": sent,
+                    "codec": point.codec, "bytes_sent": x.nbytes}))
   return 0
 
 

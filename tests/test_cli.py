@@ -114,12 +114,14 @@ def _json_lines(capsys):
   return [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
 
 
+@pytest.mark.parametrize("codec", ["raw", "jpeg420:50"])
 def test_run_and_explain_without_tau_take_the_certified_decision(calibration, tmp_path,
-                                                                   capsys):
-  """A calibration whose certificate certifies (lambda, tau) with tau > 0: `rcst
-  run` and `rcst explain` without --tau both apply that pair (and its q_hat),
-  not the CRC lambda: the same acceptance and the same sent patch indices per
-  image, some images offloaded and some accepted."""
+                                                                   capsys, codec):
+  """A calibration whose certificate certifies (lambda, tau, codec) with tau > 0:
+  `rcst run` and `rcst explain` without --tau both apply that pair (and its
+  q_hat), not the CRC lambda: the same acceptance, the same sent patch indices
+  and the same payload bytes under the certified codec per image, some images
+  offloaded and some accepted."""
   paths = _files(tmp_path, 8)
   edge = ["--edge", f"{WEIGHTS}/demo_edge"]
   # p_max does not depend on the thresholds: one run to place lambda among them.
@@ -132,8 +134,8 @@ def test_run_and_explain_without_tau_take_the_certified_decision(calibration, tm
   assert d["certificate"] is not None and lam != d["lambda_hat"]
   d["certificate"] = certificate.seal({  # a consistent certificate of a one-point grid
       **d["certificate"], "certified": True, "lambda_hat": lam, "tau": 0.4, "q_hat": 0.5,
-      "p_value": 0.01, "lambda_grid": [lam], "tau_grid": [0.4], "codec": "raw",
-      "codec_grid": ["raw"], "grid_size": 1, "certified_count": 1})
+      "p_value": 0.01, "lambda_grid": [lam], "tau_grid": [0.4], "codec": codec,
+      "codec_grid": [codec], "grid_size": 1, "certified_count": 1})
   certified = tmp_path / "certified.json"
   Calibration.from_dict(d).to_json(certified)
   point = Calibration.from_json(certified).operating_point()
@@ -154,6 +156,10 @@ def test_run_and_explain_without_tau_take_the_certified_decision(calibration, tm
         paper_rules.accepts(r["p_max"], lam)), path
     assert x["sent_indices"] == r["sent_indices"], path
     assert len(r["sent_indices"]) == r["patches_sent"]
+    assert x["codec"] == r["codec"] == codec
+    assert x["bytes_sent"] == r["bytes_sent"], path
+    if codec != "raw" and r["patches_sent"]:  # a coded payload, not the raw byte count
+      assert r["bytes_sent"] < payload.payload_bytes(r["patches_sent"]), path
     assert ("certified pair" in x["decision"]) and ("tau=0.4" in x["decision"]
                                                     or x["accepted_on_edge"])
   decisions = [r["accepted_on_edge"] for r in ran.values()]

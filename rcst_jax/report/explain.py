@@ -30,10 +30,15 @@ class Explanation:
   nbytes: int                # payload bytes actually due (0 when accepted)
 
 
-def explain_batch(e: dict, tau: float, geometry: Geometry) -> list[Explanation]:
-  """One Explanation per image of an edge-step batch `e` (numpy), sending at tau."""
+def explain_batch(e: dict, tau: float, geometry: Geometry, images,
+                  codec="raw") -> list[Explanation]:
+  """One Explanation per image of an edge-step batch `e` (numpy) of uint8
+  ``images``, sending at tau with patches coded by ``codec``."""
   off, keep, _ = methods.decide(methods.PROPOSED, edge_lib.edge_view(e), [tau])
   off, keep = off[0], keep[0]
+  # The bytes `rcst run` sends: the payloads as encoded.
+  nbytes = np.zeros(len(off), np.int64)
+  nbytes[off] = payload.coded_bytes(images, np.flatnonzero(off), keep[off], geometry, codec)
   # An accepted image sends nothing; show what its selection would have been.
   would = np.asarray(methods.PROPOSED.select(jnp.asarray(e["patch_scores"]), tau))
   size = (geometry.image_size, geometry.image_size)
@@ -43,11 +48,9 @@ def explain_batch(e: dict, tau: float, geometry: Geometry) -> list[Explanation]:
     probs = e["probs"][i]
     members = np.flatnonzero(e["aps_mask"][i])
     members = members[np.argsort(-probs[members], kind="stable")]
-    k = int(keep[i].sum())
     out.append(Explanation(cams[i], keep[i] if off[i] else would[i],
                            [(int(c), float(probs[c])) for c in members], not bool(off[i]),
-                           float(e["p_max"][i]), int(e["pred"][i]),
-                           int(payload.payload_bytes(k, geometry)) if off[i] else 0))
+                           float(e["p_max"][i]), int(e["pred"][i]), int(nbytes[i])))
   return out
 
 
@@ -58,7 +61,7 @@ def explain_images(edge, images, point: OperatingPoint, layer: str, geometry: Ge
   same image gets the same p_max to the last bit in both."""
   e = edge_lib.edge_step_batched(edge, np.asarray(images), point.lambda_hat, point.q_hat,
                                  layer=layer, grid=geometry.grid, batch_size=batch_size)
-  return explain_batch(e, point.tau, geometry)
+  return explain_batch(e, point.tau, geometry, np.asarray(images), point.codec)
 
 
 def explain_image(edge, image, point: OperatingPoint, layer: str, geometry: Geometry,
@@ -78,7 +81,7 @@ def decision_text(x: Explanation, point: OperatingPoint, geometry: Geometry) -> 
     return f"accepted on edge: p_max {x.p_max:.3f} >= lambda {point.lambda_hat:.3f} ({where})"
   return (f"offloaded: p_max {x.p_max:.3f} < lambda {point.lambda_hat:.3f} ({where}); "
           f"{int(x.keep.sum())}/{geometry.num_patches} patches at tau={point.tau:g}, "
-          f"{x.nbytes} bytes")
+          f"{x.nbytes} bytes ({point.codec})")
 
 
 def gallery_title(x: Explanation, name: Callable[[int], str], label: int, top: int = 3) -> str:
