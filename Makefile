@@ -12,9 +12,10 @@ $(VENV)/.base: pyproject.toml constraints.txt
 	$(PIP) -e .
 	touch $@
 
-# The test extra adds torch + timm (parity tests, conversion) and the notebook runner.
+# The test extra adds torch + timm (parity tests, conversion), the notebook runner
+# and gRPC (`rcst serve`).
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e '.[convert,test]'
+	$(PIP) -e '.[convert,test,serve]'
 	touch $@
 
 demo: $(VENV)/.base
@@ -24,7 +25,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q $(ARGS)
 
 $(VENV)/.bench: $(VENV)/.test
-	$(PIP) -e '.[convert,test,bench]'
+	$(PIP) -e '.[convert,test,serve,bench]'
 	touch $@
 
 bench: $(VENV)/.bench

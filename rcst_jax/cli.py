@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -12,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from rcst_jax import __version__, errors, xla_cpu
+from rcst_jax import __version__, argtypes, errors, networked, xla_cpu
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.config import files
 from rcst_jax.config.schema import validate
@@ -20,7 +19,6 @@ from rcst_jax.data.preprocess import BadItemError
 from rcst_jax.data.sources import transform_from_record
 from rcst_jax.evaluate import calibrate_config, evaluate_config, verify_calibration
 from rcst_jax.fileio import dumps
-from rcst_jax.inference import codecs
 from rcst_jax.inference.collaborative import collaborative_inference
 from rcst_jax.models.checkpoints import load_model
 from rcst_jax.models.predict import class_names_for, predict_files
@@ -47,28 +45,6 @@ def _cmd_predict(args, extra):
   if failures:
     print(f"rcst predict: {failures} of {len(args.images)} images failed", file=sys.stderr)
   return 1 if failures else 0
-
-
-def _positive_int(text: str) -> int:
-  """argparse type: an integer >= 1."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-  return value
-
-
-def _unit_float(text: str) -> float:
-  """argparse type: a number in [0, 1] (a patch threshold on min-max normalised saliency)."""
-  try:
-    value = float(text)
-  except ValueError:
-    value = math.nan
-  if not 0.0 <= value <= 1.0:
-    raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-  return value
 
 
 def parse_config(spec: str, overrides: list[str], check: bool = True):
@@ -135,7 +111,8 @@ def _load_run(args, with_server: bool):
   """(edge, server or None, calibration, operating point) for `run` and `explain`."""
   cal = Calibration.from_json(args.calibration)
   edge = load_model(args.edge)
-  server = load_model(args.server) if with_server else None
+  local = with_server and os.path.isdir(args.server)
+  server = load_model(args.server) if local else None
   cal.check_models(args.calibration, edge, server, args.allow_other_weights)
   if args.tau is not None and cal.certificate is not None:
     warnings.warn("--tau overrides the certified (lambda, tau) of the calibration: "
@@ -170,28 +147,44 @@ def _read_images(paths, transform):
 
 def _cmd_run(args, extra):
   edge, server, cal, point = _load_run(args, with_server=True)
+  remote = None if server is not None else networked.connect(args, cal)
   transform = transform_from_record(cal.transform, edge.metadata)
   names = class_names_for(edge)
   failed = 0
-  for start in range(0, len(args.images), args.batch_size):
-    good, images, bad = _read_images(args.images[start:start + args.batch_size], transform)
-    failed += bad
-    if not images:
-      continue
-    out = collaborative_inference(np.stack(images), edge, server, point,
-                                  layer=cal.gradcam_layer or "features",
-                                  batch_size=args.batch_size, server_batch=args.batch_size)
-    for i, path in enumerate(good):
-      pred = int(out["pred"][i])
-      print(json.dumps({
-          "image": path, "accepted_on_edge": bool(out["accepted"][i]),
-          "prediction": pred, "label": names[pred] if names else None,
-          "p_max": float(out["p_max"][i]),
-          "aps_set": [int(c) for c in np.flatnonzero(out["aps_mask"][i])],
-          "patches_sent": int(out["kept"][i]), "codec": point.codec,
-          "bytes_sent": int(out["bytes"][i]),
-          "sent_indices": [int(j) for j in np.flatnonzero(out["keep"][i])]}), flush=True)
+  try:
+    for start in range(0, len(args.images), args.batch_size):
+      good, images, bad = _read_images(args.images[start:start + args.batch_size], transform)
+      failed += bad
+      if images:
+        out = collaborative_inference(np.stack(images), edge, server, point,
+                                      layer=cal.gradcam_layer or "features",
+                                      batch_size=args.batch_size, server_batch=args.batch_size,
+                                      remote=remote, on_server_error=args.on_server_error)
+        _print_run_batch(good, out, point, names)
+  finally:
+    if remote is not None:
+      remote.close()
   return 1 if failed else 0
+
+
+_MS = ("edge_s", "encode_s", "rtt_s", "server_s", "queue_s")
+
+
+def _print_run_batch(good, out, point, names) -> None:
+  for i, path in enumerate(good):
+    pred = int(out["pred"][i])
+    link = {k.replace("_s", "_ms"): round(float(out[k][i]) * 1e3, 3) for k in _MS if k in out}
+    if "wire_up" in out:
+      link.update(wire_bytes_up=int(out["wire_up"][i]), wire_bytes_down=int(out["wire_down"][i]))
+    print(json.dumps({
+        "image": path, "accepted_on_edge": bool(out["accepted"][i]),
+        "prediction": pred, "edge_prediction": int(out["edge_pred"][i]),
+        "label": names[pred] if names else None,
+        "p_max": float(out["p_max"][i]),
+        "aps_set": [int(c) for c in np.flatnonzero(out["aps_mask"][i])],
+        "patches_sent": int(out["kept"][i]), "codec": point.codec,
+        "bytes_sent": int(out["bytes"][i]), "status": str(out["status"][i]), **link,
+        "sent_indices": [int(j) for j in np.flatnonzero(out["keep"][i])]}), flush=True)
 
 
 def _cmd_explain(args, extra):
@@ -228,7 +221,7 @@ def _add_model_commands(sub) -> None:
 
   p = sub.add_parser("predict", help="top-5 predictions for image files, JSON lines")
   p.add_argument("--model", required=True, help="model directory")
-  p.add_argument("--batch-size", type=_positive_int, default=16)
+  p.add_argument("--batch-size", type=argtypes.positive_int, default=16)
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_predict)
 
@@ -259,19 +252,21 @@ def _add_config_commands(sub) -> None:
   p.set_defaults(func=_cmd_configs)
 
 
-def _codec(text: str):
-  try:
-    return codecs.parse(text)
-  except codecs.CodecError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _add_run_commands(sub) -> None:
   tau_help = ("patch threshold; default: the calibration's certified (lambda, tau), the "
               "same for run and explain")
   p = sub.add_parser("run", help="Algorithm 2 on image files: per-image decisions, JSON lines")
-  p.add_argument("--server", required=True)
-  p.add_argument("--codec", type=_codec, default=None,
+  p.add_argument("--server", required=True,
+                 help="the server model directory (in this process), or HOST:PORT of a "
+                      "`rcst serve`")
+  p.add_argument("--deadline", type=argtypes.positive_float, default=10.0,
+                 help="seconds per request to a remote server before it is retried")
+  p.add_argument("--retries", type=int, default=3,
+                 help="retries (exponential backoff from 0.25 s) of an unreachable server")
+  p.add_argument("--on-server-error", choices=("edge", "fail"), default="edge",
+                 help="an unreachable server: keep the edge's prediction, marked "
+                      "server_unreachable (default), or stop with an error")
+  p.add_argument("--codec", type=argtypes.codec, default=None,
                  help="how the kept patches are coded: raw, webp-lossless, jpeg:Q, jpeg420:Q; "
                       "default: the certified codec (raw with --tau)")
   p.add_argument("images", nargs="+")
@@ -281,11 +276,11 @@ def _add_run_commands(sub) -> None:
   q.add_argument("image")
   q.set_defaults(func=_cmd_explain)
   for p in (p, q):
-    p.add_argument("--batch-size", type=_positive_int, default=16,
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=16,
                    help="images per edge/server call (explain pads to it, as run does)")
     p.add_argument("--edge", required=True)
     p.add_argument("--calibration", required=True)
-    p.add_argument("--tau", type=_unit_float, default=None, help=tau_help)
+    p.add_argument("--tau", type=argtypes.unit_float, default=None, help=tau_help)
     p.add_argument("--allow-other-weights", action="store_true",
                    help="use a calibration made for other weights (no guarantee)")
 
@@ -297,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_model_commands(sub)
   _add_config_commands(sub)
   _add_run_commands(sub)
+  networked.add_serve_command(sub)
   return parser
 
 

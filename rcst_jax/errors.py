@@ -24,6 +24,10 @@ class OutputRefusedError(RcstError):
   """An output path that we refuse to write or replace (it is not ours to destroy)."""
 
 
+class ServerUnreachable(RcstError):
+  """A remote server gave no answer within its deadline after every retry."""
+
+
 # Operating-system failures a user can fix (path, permission, disk), not bugs.
 _OS_TYPES = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
              PermissionError)

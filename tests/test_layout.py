@@ -19,11 +19,13 @@ LAYERS = (
     ("data",),
     ("models",),
     ("inference",),                                              # Algorithm 2
+    ("serving",),                                                # its edge-server link
     ("calibration",),                                            # Algorithm 1 + certificate
     ("config",),                                                 # the run's settings
     ("sweep",),
     ("report",),
-    ("evaluate", "train"),
+    ("argtypes",),
+    ("evaluate", "train", "networked"),
     ("cli",),
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -2,15 +2,19 @@
 
 The edge step, the decision of `methods.decide` (the sweep's rule), one
 encoded payload per offloaded image, the server on what it decodes, and
-Eq. 27 (`methods.combine`).
+Eq. 27 (`methods.combine`). The server is a model in this process or a
+`rcst serve` across a link (`remote`: `serving.client.RemoteServer`); the
+payloads and the rule are the same either way.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
 
+from rcst_jax import errors
 from rcst_jax.geometry import Geometry
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import methods, patches, payload
@@ -18,38 +22,78 @@ from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import Model
 
 
-def collaborative_inference(images, edge: Model, server: Model, point: methods.OperatingPoint,
-                            *, layer: str = "features", batch_size: int = 16,
-                            server_batch: int = 16,
-                            buckets: Sequence[int] = patches.BUCKETS) -> dict:
+def collaborative_inference(images, edge: Model, server: Model | None,
+                            point: methods.OperatingPoint, *, layer: str = "features",
+                            batch_size: int = 16, server_batch: int = 16,
+                            buckets: Sequence[int] = patches.BUCKETS, remote=None,
+                            on_server_error: str = "edge") -> dict:
   """Algorithm 2 on uint8 images [B, H, W, 3] at one operating point.
 
   ``layer`` is the Grad-CAM tap the calibration recorded; `batch_size`
   images per edge call. The edge decides with `methods.decide` (the sweep's
   rule), encodes each offloaded image's payload, and the server classifies
   what it decodes (patches coded by ``point.codec``). Returns final
-  predictions, acceptance, kept-patch masks (all False for accepted images)
-  and the bytes of the payloads encoded.
+  predictions, acceptance, kept-patch masks (all False for accepted images),
+  the bytes of the payloads encoded and per-image seconds (the edge's batch
+  time shared by its images, each payload's encoding).
+
+  With ``remote`` (and ``server`` None) each payload goes to that server in
+  turn; the result adds per image the round trip, the server's reported
+  time, the bytes on the wire each way and a ``status`` ("edge", "server" or
+  "server_unreachable": no answer after the client's retries, the edge's
+  prediction stands; ``on_server_error="fail"`` raises instead).
   """
+  if on_server_error not in ("edge", "fail"):
+    raise ValueError(f"on_server_error must be 'edge' or 'fail', got {on_server_error!r}")
   images = np.asarray(images, np.uint8)
-  geo = Geometry.of_server(server)
+  geo = Geometry.of_server(server) if remote is None else remote.geometry
   if images.ndim != 4 or images.shape[1:] != (geo.image_size, geo.image_size, geo.channels):
     raise ValueError(f"images must be uint8 [B, {geo.image_size}, {geo.image_size}, "
                      f"{geo.channels}] (the server's geometry), got {images.shape}")
+  t0 = time.perf_counter()
   e = edge_lib.edge_step_batched(edge, images, point.lambda_hat, point.q_hat, layer=layer,
                                  grid=geo.grid, batch_size=batch_size)
   off, keep, fallback = methods.decide(methods.PROPOSED, edge_lib.edge_view(e), [point.tau])
   off, keep = off[0], keep[0]
+  n = len(images)
+  timing = {"edge_s": np.full(n, (time.perf_counter() - t0) / max(n, 1)),
+            "encode_s": np.zeros(n)}
   # Edge side: one payload per offloaded image; server side: decode and classify.
-  payloads = {i: payload.encode_image_payload(images[i], keep[i], geo, point.codec)
-              for i in np.flatnonzero(off)}
-  server_pred = np.full(len(images), -1, np.int32)
-  if payloads:
+  payloads = {}
+  for i in np.flatnonzero(off):
+    t0 = time.perf_counter()
+    payloads[i] = payload.encode_image_payload(images[i], keep[i], geo, point.codec)
+    timing["encode_s"][i] = time.perf_counter() - t0
+  server_pred = np.full(n, -1, np.int32)
+  if remote is not None:
+    timing.update(_ask_remote(remote, payloads, server_pred, n, on_server_error))
+  elif payloads:
     logits = Server(server, server_batch, buckets).logits_from_payloads(list(payloads.values()))
     server_pred[list(payloads)] = logits.argmax(-1)
-  nbytes = np.zeros(len(images), np.int64)
+  nbytes = np.zeros(n, np.int64)
   nbytes[list(payloads)] = [len(p) for p in payloads.values()]
-  return {"pred": methods.combine(off, server_pred, fallback), "accepted": ~off,
+  answered = off & (server_pred >= 0)  # an unreachable server leaves the edge's answer
+  return {"pred": methods.combine(answered, server_pred, fallback), "accepted": ~off,
           "offloaded": off, "edge_pred": fallback, "server_pred": server_pred, "keep": keep,
           "kept": keep.sum(-1), "bytes": nbytes, "p_max": e["p_max"], "probs": e["probs"],
-          "aps_mask": e["aps_mask"], "patch_scores": e["patch_scores"], "cam": e["cam"]}
+          "aps_mask": e["aps_mask"], "patch_scores": e["patch_scores"], "cam": e["cam"],
+          "status": np.where(~off, "edge", np.where(answered, "server", "server_unreachable")),
+          **timing}
+
+
+def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: str) -> dict:
+  """Each payload to the remote server in turn (so each reply's wire bytes
+  are its own); fills server_pred, returns the per-image link figures."""
+  out = {k: np.zeros(n) for k in ("rtt_s", "server_s", "queue_s")}
+  out.update(wire_up=np.zeros(n, np.int64), wire_down=np.zeros(n, np.int64))
+  for i, data in payloads.items():
+    try:
+      r = remote.classify(data)
+    except errors.ServerUnreachable:
+      if on_server_error == "fail":
+        raise
+      continue
+    server_pred[i] = int(r.logits.argmax())
+    out["rtt_s"][i], out["server_s"][i], out["queue_s"][i] = r.rtt_s, r.compute_s, r.queue_s
+    out["wire_up"][i], out["wire_down"][i] = r.wire_up, r.wire_down
+  return out

@@ -175,15 +175,23 @@ class Server:
     return self._run(_server_from_images, keep, rows, lambda r, _: images[r],
                      patch=self.geometry.patch)
 
+  def decode(self, data: bytes) -> payload.Decoded:
+    """One payload decoded and checked against the server's geometry
+    (`payload.PayloadError` naming the problem otherwise)."""
+    geo, d = self.geometry, payload.decode_payload(data)
+    if d.grid != geo.grid or d.patches.shape[1:] != (geo.patch, geo.patch, geo.channels):
+      raise payload.PayloadError(
+          f"payload of a {d.grid}x{d.grid} grid of {d.patches.shape[1]}-pixel patches does "
+          f"not match the server's {geo.grid}x{geo.grid} grid of {geo.patch}-pixel patches")
+    return d
+
   def logits_from_payloads(self, payloads: Sequence[bytes]) -> np.ndarray:
     """The server side of `rcst run`: decode each payload, classify its tokens."""
+    return self.logits_from_decoded([self.decode(p) for p in payloads])
+
+  def logits_from_decoded(self, decoded: Sequence[payload.Decoded]) -> np.ndarray:
+    """Logits [R, C] for decoded payloads (`decode`), batched by bucket."""
     geo = self.geometry
-    decoded = [payload.decode_payload(p) for p in payloads]
-    for d in decoded:
-      if d.grid != geo.grid or d.patches.shape[1:] != (geo.patch, geo.patch, geo.channels):
-        raise payload.PayloadError(
-            f"payload of a {d.grid}x{d.grid} grid of {d.patches.shape[1]}-pixel patches does "
-            f"not match the server's {geo.grid}x{geo.grid} grid of {geo.patch}-pixel patches")
     keep = np.zeros((len(decoded), geo.num_patches), bool)
     for row, d in zip(keep, decoded):
       row[d.idx] = True
@@ -196,3 +204,23 @@ class Server:
         out[j, :len(got)] = got
       return out
     return self._run(_server_from_patches, keep, np.arange(len(decoded)), inputs)
+
+  def warm_up(self) -> int:
+    """Compiles every (bucket, batch shape) that decoded payloads can run
+    (`logits_from_decoded`), so no request pays for it; returns the count."""
+    geo = self.geometry
+    multiple = 1 if self.sharding is None else int(self.sharding.mesh.size)
+    zeros = lambda rows, idx: np.zeros(idx.shape + (geo.patch, geo.patch, geo.channels),
+                                       np.uint8)
+    shapes = 0
+    for bucket in self.buckets:
+      cap = self._cap(bucket, multiple)
+      smallest = cap if self.min_batch is None else min(cap, self.min_batch)
+      for size in sorted({s for n in range(1, cap + 1)
+                          for s in batch_rows(n, cap, multiple, smallest=smallest)}):
+        keep = np.zeros((size, geo.num_patches), bool)
+        keep[:, :bucket] = True
+        self._run(_server_from_patches, keep, np.arange(size), zeros)
+        shapes += 1
+    self.stats = ServerStats()
+    return shapes

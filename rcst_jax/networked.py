@@ -1,0 +1,80 @@
+"""The command line's networked parts: `rcst serve`, and the client `rcst run
+--server HOST:PORT` connects with. gRPC is the [serve] extra, imported only here
+and only when one of these runs."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+from rcst_jax import argtypes, errors
+from rcst_jax.fileio import dumps
+from rcst_jax.models.checkpoints import load_model
+
+
+def connect(args, cal):
+  """`rcst run --server HOST:PORT`: the client, checked against the calibration
+  (the server's geometry and weights) before any image is read."""
+  from rcst_jax.serving.client import RemoteServer, ServerUnreachable  # the [serve] extra
+  geometry = cal.patch_geometry()
+  remote = RemoteServer(args.server, deadline_s=args.deadline, retries=args.retries,
+                        geometry=geometry)
+  try:
+    d = remote.describe()
+  except ServerUnreachable as e:
+    if args.on_server_error == "fail":
+      raise
+    warnings.warn(f"{e}; offloaded images keep the edge's prediction, marked "
+                  "server_unreachable, until it answers")
+    return remote
+  if (d.grid, d.patch) != (geometry.grid, geometry.patch):
+    raise errors.RcstError(f"the server at {args.server} runs a {d.grid}x{d.grid} grid of "
+                           f"{d.patch}-pixel patches; {args.calibration} is for "
+                           f"{geometry.grid}x{geometry.grid} of {geometry.patch}")
+  if cal.server_digest is not None and d.model_digest != cal.server_digest:
+    msg = f"the server at {args.server} runs other weights than {args.calibration} was made for"
+    if not args.allow_other_weights:
+      raise errors.RcstError(msg + "; pass --allow-other-weights (no guarantee then)")
+    warnings.warn(msg + ": the CRC guarantee does not apply")
+  return remote
+
+
+def _cmd_serve(args, extra):
+  import signal
+
+  from rcst_jax.serving.service import RcstServer, ServeOptions  # the [serve] extra
+  model = load_model(args.server)
+  options = ServeOptions(batch=args.batch, max_wait_ms=args.max_wait_ms, workers=args.workers,
+                         max_message_bytes=args.max_message_bytes)
+  if args.buckets:
+    options.buckets = tuple(sorted({int(b) for b in args.buckets.split(",")}))
+  t0 = time.perf_counter()
+  srv = RcstServer(model, args.address, options)
+  print(dumps({"serving": srv.address, "model": args.server, "batch": options.batch,
+               "max_wait_ms": options.max_wait_ms, "shapes_compiled": srv.service.shapes,
+               "startup_s": round(time.perf_counter() - t0, 2),
+               "max_message_bytes": srv.service.max_message_bytes}), flush=True)
+  signal.signal(signal.SIGTERM, lambda *_: srv.grpc.stop(1.0))
+  try:
+    srv.wait()
+  finally:
+    srv.stop()
+  return 0
+
+
+def add_serve_command(sub) -> None:
+  p = sub.add_parser("serve", help="the server model behind gRPC for `rcst run --server "
+                                   "HOST:PORT` (dynamic batching)")
+  p.add_argument("--server", required=True, help="server model directory")
+  p.add_argument("--address", default="127.0.0.1:50051",
+                 help="HOST:PORT to listen on (default loopback only; port 0: any free port)")
+  p.add_argument("--batch", type=argtypes.positive_int, default=8,
+                 help="rows per server call: the one shape compiled per token bucket")
+  p.add_argument("--max-wait-ms", type=float, default=2.0,
+                 help="how long a batch waits for more concurrent requests")
+  p.add_argument("--workers", type=argtypes.positive_int, default=16, help="concurrent requests handled")
+  p.add_argument("--max-message-bytes", type=argtypes.positive_int, default=None,
+                 help="largest request accepted (default: the largest valid payload + 1 KiB)")
+  p.add_argument("--buckets", default=None,
+                 help="comma-separated kept-token buckets to compile (default: the sweep's)")
+  p.set_defaults(func=_cmd_serve)

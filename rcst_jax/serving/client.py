@@ -1,0 +1,115 @@
+"""The networked edge's side of the link: one payload -> the server's logits
+over gRPC, with deadlines, bounded retries and a wire meter.
+
+UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential backoff
+(``retries`` times), then raised as `ServerUnreachable`; anything else the
+server answers (a refused payload, a message over its cap) is a
+`ServerRefused` naming the status, never retried. With ``metered`` the
+channel runs through a `link.Link` relay, so each reply carries the bytes
+its request and answer took on the wire, HTTP/2 and gRPC framing included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import grpc
+import numpy as np
+
+from rcst_jax import errors
+from rcst_jax.geometry import Geometry
+from rcst_jax.serving import rcst_pb2 as pb
+from rcst_jax.serving.link import Link
+from rcst_jax.serving.service import SERVICE
+
+_RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+ServerUnreachable = errors.ServerUnreachable  # raised here, known below (inference)
+
+
+class ServerRefused(errors.RcstError):
+  """The server answered with an error status (named in the message)."""
+
+  def __init__(self, message: str, code: grpc.StatusCode):
+    super().__init__(message)
+    self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+  logits: np.ndarray
+  rtt_s: float          # request sent -> answer received, the successful attempt
+  compute_s: float      # the server call that answered it (reported by the server)
+  queue_s: float        # waiting on the server for its batch
+  decode_s: float
+  batch_requests: int
+  wire_up: int          # bytes on the wire towards the server (0 unmetered)
+  wire_down: int
+  attempts: int
+
+
+def parse_address(address: str) -> tuple[str, int]:
+  m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})", address)
+  if not m or not 0 < int(m.group(2)) < 65536:
+    raise errors.RcstError(f"server address must be HOST:PORT, got {address!r}")
+  return m.group(1).strip("[]"), int(m.group(2))
+
+
+class RemoteServer:
+  """A `rcst serve` at ``address`` (HOST:PORT); ``geometry``: the patch
+  geometry the edge encodes for (the calibration's)."""
+
+  def __init__(self, address: str, *, deadline_s: float = 10.0, retries: int = 3,
+               backoff_s: float = 0.25, metered: bool = True, geometry: Geometry = Geometry()):
+    self.address, self.deadline_s, self.geometry = address, deadline_s, geometry
+    self.retries, self.backoff_s = retries, backoff_s
+    target = parse_address(address)
+    self.link = Link(target) if metered else None
+    self.channel = grpc.insecure_channel(
+        self.link.address if metered else address,
+        options=[("grpc.max_receive_message_length", 1 << 22),
+                 ("grpc.max_send_message_length", 1 << 22),
+                 ("grpc.enable_retries", 0),  # ours are bounded and counted
+                 ("grpc.initial_reconnect_backoff_ms", 100),
+                 ("grpc.max_reconnect_backoff_ms", 1000)])
+    self._classify = self.channel.unary_unary(
+        f"/{SERVICE}/Classify", request_serializer=pb.ClassifyRequest.SerializeToString,
+        response_deserializer=pb.ClassifyReply.FromString)
+    self._describe = self.channel.unary_unary(
+        f"/{SERVICE}/Describe", request_serializer=pb.DescribeRequest.SerializeToString,
+        response_deserializer=pb.DescribeReply.FromString)
+
+  def _call(self, fn, request):
+    for attempt in range(self.retries + 1):
+      t0 = time.perf_counter()
+      try:
+        return fn(request, timeout=self.deadline_s, wait_for_ready=attempt > 0), \
+            time.perf_counter() - t0, attempt + 1
+      except grpc.RpcError as e:
+        code, details = e.code(), e.details()
+        if code not in _RETRIED:
+          raise ServerRefused(f"{self.address} answered {code.name}: {details}", code) from None
+        if attempt == self.retries:
+          raise ServerUnreachable(
+              f"{self.address}: {code.name} after {attempt + 1} attempts of "
+              f"{self.deadline_s:g} s: {details}") from None
+        time.sleep(self.backoff_s * 2 ** attempt)
+
+  def describe(self) -> pb.DescribeReply:
+    return self._call(self._describe, pb.DescribeRequest())[0]
+
+  def classify(self, data: bytes) -> Reply:
+    before = self.link.totals() if self.link else (0, 0)
+    r, rtt, attempts = self._call(self._classify, pb.ClassifyRequest(payload=data))
+    after = self.link.totals() if self.link else (0, 0)
+    return Reply(np.asarray(r.logits, np.float32), rtt, r.compute_ms / 1e3, r.queue_ms / 1e3,
+                 r.decode_ms / 1e3, r.batch_requests, after[0] - before[0],
+                 after[1] - before[1], attempts)
+
+  def close(self) -> None:
+    self.channel.close()
+    if self.link:
+      self.link.close()

@@ -1,0 +1,129 @@
+"""`rcst serve`: the token-subset server behind gRPC (rcst.proto).
+
+Loads the server model once, compiles every (bucket, batch) shape before it
+listens, and answers `Classify` (one payload -> logits) through a
+`DynamicBatcher`. Payloads are decoded and checked in the request's thread,
+so a malformed one is answered INVALID_ARGUMENT with what is wrong and never
+reaches a batch. Listens on 127.0.0.1 unless told otherwise; the standard
+gRPC health service reports SERVING once compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent import futures
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from rcst_jax import __version__
+from rcst_jax.inference import patches, payload
+from rcst_jax.inference.server import Server
+from rcst_jax.models.checkpoints import Model, variables_digest
+from rcst_jax.serving import rcst_pb2 as pb
+from rcst_jax.serving.batcher import DynamicBatcher
+
+SERVICE = "rcst.v1.Server"
+
+
+def max_payload_bytes(server: Server) -> int:
+  """The largest payload any codec may produce for this server: every patch
+  sent (`payload.encode_payload`'s bound on a coded body)."""
+  geo = server.geometry
+  return payload.HEADER_BYTES + payload.index_bytes(geo.num_patches, geo.num_patches) \
+      + geo.num_patches * geo.patch * geo.patch * geo.channels + 4096
+
+
+@dataclasses.dataclass
+class ServeOptions:
+  batch: int = 8                 # rows per server call (one shape per bucket)
+  buckets: Sequence[int] = patches.BUCKETS
+  max_wait_ms: float = 2.0       # how long a batch waits for more requests
+  max_requests: int = 64         # requests per batch (over all buckets)
+  workers: int = 16              # gRPC handler threads (concurrent requests)
+  max_message_bytes: int | None = None  # default: the largest valid payload + 1 KiB
+
+
+class Service:
+  """The servicer: decode, check, batch, answer."""
+
+  def __init__(self, model: Model, options: ServeOptions = ServeOptions()):
+    self.options = options
+    # min_batch = batch: every call of a bucket has one shape (bit-exact batching).
+    self.server = Server(model, options.batch, tuple(options.buckets), min_batch=options.batch)
+    self.max_message_bytes = int(options.max_message_bytes or max_payload_bytes(self.server) + 1024)
+    self.shapes = self.server.warm_up()
+    self.batcher = DynamicBatcher(self.server.logits_from_decoded, options.max_requests,
+                                  options.max_wait_ms / 1000)
+    self.digest = variables_digest(model.variables)
+
+  def classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyReply:
+    t0 = time.perf_counter()
+    try:
+      decoded = self.server.decode(request.payload)
+    except payload.PayloadError as e:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload: {e}")
+    decode_s = time.perf_counter() - t0
+    remaining = context.time_remaining()
+    try:
+      answer = self.batcher.submit(decoded).result(timeout=remaining)
+    except futures.TimeoutError:
+      context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline: the server call did not finish within {remaining:.3f} s")
+    return pb.ClassifyReply(logits=answer.logits.tolist(), batch_requests=answer.batch_requests,
+                            queue_ms=answer.queue_s * 1e3, compute_ms=answer.compute_s * 1e3,
+                            decode_ms=decode_s * 1e3)
+
+  def describe(self, request, context) -> pb.DescribeReply:
+    geo = self.server.geometry
+    return pb.DescribeReply(version=__version__, model_digest=self.digest, grid=geo.grid,
+                            patch=geo.patch, num_classes=self.server.model.num_classes,
+                            buckets=list(self.server.buckets), batch=self.options.batch,
+                            max_message_bytes=self.max_message_bytes)
+
+  def handler(self) -> grpc.GenericRpcHandler:
+    unary = grpc.unary_unary_rpc_method_handler
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Classify": unary(self.classify, request_deserializer=pb.ClassifyRequest.FromString,
+                          response_serializer=pb.ClassifyReply.SerializeToString),
+        "Describe": unary(self.describe, request_deserializer=pb.DescribeRequest.FromString,
+                          response_serializer=pb.DescribeReply.SerializeToString)})
+
+
+class RcstServer:
+  """A started `rcst serve`: ``port`` (the one bound; pass port 0 for any free
+  one), ``stop()``. The model is compiled before the port opens."""
+
+  def __init__(self, model: Model, address: str = "127.0.0.1:0",
+               options: ServeOptions = ServeOptions()):
+    self.service = Service(model, options)
+    cap = self.service.max_message_bytes
+    self.grpc = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rcst-rpc"),
+        handlers=[self.service.handler()],
+        options=[("grpc.max_receive_message_length", cap),
+                 ("grpc.max_send_message_length", 1 << 22),
+                 ("grpc.so_reuseport", 0)])
+    self.health = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+    self.port = self.grpc.add_insecure_port(address)
+    if not self.port:
+      raise OSError(f"rcst serve: cannot listen on {address}")
+    self.host = address.rsplit(":", 1)[0]
+    self.grpc.start()
+    for name in ("", SERVICE):
+      self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+  @property
+  def address(self) -> str:
+    return f"{self.host}:{self.port}"
+
+  def stop(self, grace: float | None = 1.0) -> None:
+    self.health.enter_graceful_shutdown()
+    self.grpc.stop(grace).wait()
+    self.service.batcher.close()
+
+  def wait(self) -> None:
+    self.grpc.wait_for_termination()
