@@ -73,6 +73,7 @@ class RemoteServer:
         options=[("grpc.max_receive_message_length", 1 << 22),
                  ("grpc.max_send_message_length", 1 << 22),
                  ("grpc.enable_retries", 0),  # ours are bounded and counted
+                 ("grpc.http2.bdp_probe", 0),  # no bandwidth pings on a metered link
                  ("grpc.initial_reconnect_backoff_ms", 100),
                  ("grpc.max_reconnect_backoff_ms", 1000)])
     self._classify = self.channel.unary_unary(
@@ -83,20 +84,25 @@ class RemoteServer:
         response_deserializer=pb.DescribeReply.FromString)
 
   def _call(self, fn, request):
+    # The deadline is kept here rather than sent as grpc-timeout: that header
+    # changes with every request, so HPACK cannot index it (10 bytes each).
     for attempt in range(self.retries + 1):
       t0 = time.perf_counter()
+      future = fn.future(request, wait_for_ready=attempt > 0)
       try:
-        return fn(request, timeout=self.deadline_s, wait_for_ready=attempt > 0), \
-            time.perf_counter() - t0, attempt + 1
+        return future.result(timeout=self.deadline_s), time.perf_counter() - t0, attempt + 1
+      except grpc.FutureTimeoutError:
+        future.cancel()
+        code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "no answer within the deadline"
       except grpc.RpcError as e:
         code, details = e.code(), e.details()
-        if code not in _RETRIED:
-          raise ServerRefused(f"{self.address} answered {code.name}: {details}", code) from None
-        if attempt == self.retries:
-          raise ServerUnreachable(
-              f"{self.address}: {code.name} after {attempt + 1} attempts of "
-              f"{self.deadline_s:g} s: {details}") from None
-        time.sleep(self.backoff_s * 2 ** attempt)
+      if code not in _RETRIED:
+        raise ServerRefused(f"{self.address} answered {code.name}: {details}", code) from None
+      if attempt == self.retries:
+        raise ServerUnreachable(
+            f"{self.address}: {code.name} after {attempt + 1} attempts of "
+            f"{self.deadline_s:g} s: {details}") from None
+      time.sleep(self.backoff_s * 2 ** attempt)
 
   def describe(self) -> pb.DescribeReply:
     return self._call(self._describe, pb.DescribeRequest())[0]

@@ -11,6 +11,7 @@ gRPC health service reports SERVING once compiled.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from concurrent import futures
 from typing import Sequence
@@ -44,6 +45,7 @@ class ServeOptions:
   max_requests: int = 64         # requests per batch (over all buckets)
   workers: int = 16              # gRPC handler threads (concurrent requests)
   max_message_bytes: int | None = None  # default: the largest valid payload + 1 KiB
+  deadline_s: float = 30.0       # the longest a request waits (the client's, if shorter)
 
 
 class Service:
@@ -66,7 +68,7 @@ class Service:
     except payload.PayloadError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload: {e}")
     decode_s = time.perf_counter() - t0
-    remaining = context.time_remaining()
+    remaining = min(context.time_remaining() or math.inf, self.options.deadline_s)
     try:
       answer = self.batcher.submit(decoded).result(timeout=remaining)
     except futures.TimeoutError:
