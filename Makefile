@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench serve remote-demo clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,23 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q $(ARGS)
+
+# Edge and server as two processes: `make serve` in one shell, then
+# `make remote-demo` (after `make demo`, which writes the calibration) in another.
+$(VENV)/.serve: $(VENV)/.base
+	$(PIP) -e '.[serve]'
+	touch $@
+
+serve: $(VENV)/.serve
+	$(PY) -m rcst_jax.cli serve --server weights/demo_server $(ARGS)
+
+IMAGES := outputs/demo/images
+remote-demo: $(VENV)/.serve
+	$(PY) -c "import os, sys; from PIL import Image; from rcst_jax.data.synthetic import SyntheticShapes; \
+	  os.makedirs('$(IMAGES)', exist_ok=True); s = SyntheticShapes('test', 16, seed=5); \
+	  [Image.fromarray(s[i].image).save(f'$(IMAGES)/{i:02d}.png') for i in range(16)]"
+	$(PY) -m rcst_jax.cli run --edge weights/demo_edge --server 127.0.0.1:50051 \
+	  --calibration outputs/demo/calibration.json $(ARGS) $(IMAGES)/*.png
 
 $(VENV)/.bench: $(VENV)/.test
 	$(PIP) -e '.[convert,test,serve,bench]'
