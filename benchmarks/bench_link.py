@@ -43,8 +43,8 @@ def _stats(x):
 
 
 def link_table(srv, edge, cal, images, codecs, rates, delay_s):
-  print(f"\nrate Mb/s | codec       | n off | measured ms: mean p50 p95 | predicted mean | "
-        f"paper formula | framing %")
+  print("\nrate Mb/s | codec       | n off | measured ms: mean p50 p95 | predicted mean | "
+        "paper formula | framing %")
   payloads = {}
   # Untimed: compiles the edge step at this batch size, so no image pays for it.
   collaborative_inference(images, edge, srv.service.server.model, cal.operating_point(),
@@ -79,25 +79,34 @@ def _payloads(out, images, point, cal):
                                        point.codec)
 
 
-def load_check(srv, model, data, clients, per_client, options):
-  inproc = Server(model, options.batch, tuple(options.buckets), min_batch=options.batch)
-  decoded = [inproc.decode(d) for d in data]
-  inproc.logits_from_decoded(decoded)  # warm
+def inprocess_rate(server, data, total):
+  """Requests/s of ``server`` on all of ``data`` at once, repeated to ``total``."""
+  decoded = [server.decode(d) for d in data]
+  server.logits_from_decoded(decoded)  # compiles
+  reps = max(1, total // len(data))
   t0 = time.perf_counter()
-  reps = max(1, clients * per_client // len(data))
   for _ in range(reps):
-    inproc.logits_from_decoded(decoded)
-  inproc_rate = reps * len(data) / (time.perf_counter() - t0)
-  lat, lock = [], threading.Lock()
+    server.logits_from_decoded(decoded)
+  return reps * len(data) / (time.perf_counter() - t0)
+
+
+def load_check(srv, model, data, clients, per_client, options):
+  # The reference: the same server shapes with every payload in hand at once,
+  # and the sweep's (64 rows, every bucket).
+  inproc_rate = inprocess_rate(Server(model, options.batch, tuple(options.buckets),
+                                      min_batch=options.batch), data, clients * per_client)
+  sweep_rate = inprocess_rate(Server(model, 64), data, clients * per_client)
+  lat, sizes, lock = [], [], threading.Lock()
 
   def client(k):
     remote = RemoteServer(srv.address, metered=False)
     remote.describe()
     for j in range(per_client):
       t = time.perf_counter()
-      remote.classify(data[(k * per_client + j) % len(data)])
+      r = remote.classify(data[(k * per_client + j) % len(data)])
       with lock:
         lat.append(time.perf_counter() - t)
+        sizes.append(r.batch_requests)
     remote.close()
   threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
   t0 = time.perf_counter()
@@ -108,9 +117,11 @@ def load_check(srv, model, data, clients, per_client, options):
   rate = clients * per_client / (time.perf_counter() - t0)
   lat = np.array(lat) * 1e3
   print(f"\nload: {clients} clients x {per_client} requests: {rate:.1f} req/s "
-        f"(p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms); "
-        f"in-process batched server on the same payloads: {inproc_rate:.1f} req/s; "
-        f"ratio {rate / inproc_rate:.2f}")
+        f"(p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms; "
+        f"{np.mean(sizes):.1f} requests per server call); "
+        f"in-process batched server on the same payloads: {inproc_rate:.1f} req/s "
+        f"(ratio {rate / inproc_rate:.2f}); the sweep's 64-row server: {sweep_rate:.1f} req/s "
+        f"(ratio {rate / sweep_rate:.2f})")
 
 
 def main():
@@ -122,12 +133,16 @@ def main():
   ap.add_argument("--clients", type=int, default=8)
   ap.add_argument("--requests", type=int, default=40)
   ap.add_argument("--calibration", default="outputs/demo/calibration.json")
+  ap.add_argument("--buckets", default="16,32,48,64,96,128,196",
+                  help="the server's kept-token buckets (one compiled shape each)")
+  ap.add_argument("--batch", type=int, default=2, help="rows per server call")
   args = ap.parse_args()
   cal = Calibration.from_json(args.calibration)
   edge, model = load_model(f"{WEIGHTS}/demo_edge"), load_model(f"{WEIGHTS}/demo_server")
   src = SyntheticShapes("test", args.images, seed=11)
   images = np.stack([src[i].image for i in range(args.images)])
-  options = ServeOptions(batch=8, buckets=(16, 32, 48, 64, 96, 128, 196), max_wait_ms=2.0)
+  options = ServeOptions(batch=args.batch, buckets=tuple(int(b) for b in args.buckets.split(",")),
+                         max_wait_ms=2.0)
   srv = RcstServer(model, "127.0.0.1:0", options)
   print(f"server: {srv.service.shapes} shapes compiled; one-way delay {args.delay_ms} ms; "
         f"{args.images} demo test images at the certified (lambda, tau) = "

@@ -12,10 +12,19 @@ from rcst_jax.fileio import dumps
 from rcst_jax.models.checkpoints import load_model
 
 
+def _grpc():
+  """The [serve] extra, or an error that says how to install it."""
+  import importlib.util
+  if importlib.util.find_spec("grpc") is None:
+    raise errors.RcstError("rcst serve and rcst run --server HOST:PORT need the [serve] extra: "
+                           "pip install 'rcst_jax[serve]'")
+
+
 def connect(args, cal):
   """`rcst run --server HOST:PORT`: the client, checked against the calibration
   (the server's geometry and weights) before any image is read."""
-  from rcst_jax.serving.client import RemoteServer, ServerUnreachable  # the [serve] extra
+  _grpc()
+  from rcst_jax.serving.client import RemoteServer, ServerUnreachable
   geometry = cal.patch_geometry()
   remote = RemoteServer(args.server, deadline_s=args.deadline, retries=args.retries,
                         geometry=geometry)
@@ -42,7 +51,8 @@ def connect(args, cal):
 def _cmd_serve(args, extra):
   import signal
 
-  from rcst_jax.serving.service import RcstServer, ServeOptions  # the [serve] extra
+  _grpc()
+  from rcst_jax.serving.service import RcstServer, ServeOptions
   model = load_model(args.server)
   options = ServeOptions(batch=args.batch, max_wait_ms=args.max_wait_ms, workers=args.workers,
                          max_message_bytes=args.max_message_bytes)
@@ -68,7 +78,7 @@ def add_serve_command(sub) -> None:
   p.add_argument("--server", required=True, help="server model directory")
   p.add_argument("--address", default="127.0.0.1:50051",
                  help="HOST:PORT to listen on (default loopback only; port 0: any free port)")
-  p.add_argument("--batch", type=argtypes.positive_int, default=8,
+  p.add_argument("--batch", type=argtypes.positive_int, default=2,
                  help="rows per server call: the one shape compiled per token bucket")
   p.add_argument("--max-wait-ms", type=float, default=2.0,
                  help="how long a batch waits for more concurrent requests")

@@ -39,7 +39,10 @@ def max_payload_bytes(server: Server) -> int:
 
 @dataclasses.dataclass
 class ServeOptions:
-  batch: int = 8                 # rows per server call (one shape per bucket)
+  # Rows per server call (one shape per bucket). Small, because concurrent
+  # requests spread over buckets: with 8 clients, 2 rows served 1.4-1.9x the
+  # requests/s of 8 (benchmarks/bench_link.py).
+  batch: int = 2
   buckets: Sequence[int] = patches.BUCKETS
   max_wait_ms: float = 2.0       # how long a batch waits for more requests
   max_requests: int = 64         # requests per batch (over all buckets)
