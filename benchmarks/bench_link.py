@@ -64,9 +64,10 @@ def link_table(srv, edge, cal, images, codecs, rates, delay_s):
               / (rate * 1e6) + 2 * delay_s + on_server)[off] * 1e3
       cost = out["bytes"].sum() / (FULL * len(images))
       framing = 100 * (out["wire_up"][off].sum() / out["bytes"][off].sum() - 1)
+      if codec not in payloads:  # the same at every rate
+        payloads[codec] = list(_payloads(out, images, point, cal))
       print(f"{rate:9g} | {codec:11s} | {off.sum():5d} | {_stats(e2e)} | {pred.mean():14.1f} | "
             f"{float(latency_ms(cost, rate)):13.1f} | {framing:8.2f}")
-      payloads[codec] = [remote_payload for remote_payload in _payloads(out, images, point, cal)]
       remote.close()
       link.close()
   return payloads

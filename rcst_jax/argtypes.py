@@ -9,37 +9,30 @@ import math
 from rcst_jax.inference import codecs
 
 
+def _number(text: str, cast, ok, what: str):
+  """``cast(text)`` if it parses and ``ok`` holds, else the error naming ``what``."""
+  try:
+    value = cast(text)
+  except ValueError:
+    value = None
+  if value is None or not ok(value):
+    raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+  return value
+
+
 def positive_int(text: str) -> int:
   """argparse type: an integer >= 1."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-  return value
+  return _number(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def positive_float(text: str) -> float:
   """argparse type: a finite number > 0."""
-  try:
-    value = float(text)
-  except ValueError:
-    value = math.nan
-  if not (math.isfinite(value) and value > 0):
-    raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-  return value
+  return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
 def unit_float(text: str) -> float:
   """argparse type: a number in [0, 1] (a patch threshold on min-max normalised saliency)."""
-  try:
-    value = float(text)
-  except ValueError:
-    value = math.nan
-  if not 0.0 <= value <= 1.0:
-    raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-  return value
+  return _number(text, float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def codec(text: str):

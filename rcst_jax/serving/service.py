@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rcst_jax import __version__
-from rcst_jax.inference import patches, payload
+from rcst_jax.inference import codecs, patches, payload
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import Model, variables_digest
 from rcst_jax.serving import rcst_pb2 as pb
@@ -34,7 +34,7 @@ def max_payload_bytes(server: Server) -> int:
   sent (`payload.encode_payload`'s bound on a coded body)."""
   geo = server.geometry
   return payload.HEADER_BYTES + payload.index_bytes(geo.num_patches, geo.num_patches) \
-      + geo.num_patches * geo.patch * geo.patch * geo.channels + 4096
+      + codecs.max_body_bytes(geo.num_patches, geo.patch, geo.channels)
 
 
 @dataclasses.dataclass
