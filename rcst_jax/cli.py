@@ -167,7 +167,7 @@ def _cmd_run(args, extra):
   return 1 if failed else 0
 
 
-_MS = ("edge_s", "encode_s", "rtt_s", "server_s", "queue_s")
+_MS = ("edge_s", "encode_s", "rtt_s", "server_s", "queue_s", "decode_s")
 
 
 def _print_run_batch(good, out, point, names) -> None:

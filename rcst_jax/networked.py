@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import warnings
 
-from rcst_jax import argtypes, errors
+from rcst_jax import argtypes, errors, xla_cpu
 from rcst_jax.fileio import dumps
 from rcst_jax.models.checkpoints import load_model
 
@@ -52,10 +52,12 @@ def _cmd_serve(args, extra):
   import signal
 
   _grpc()
+  xla_cpu.tune_for_serving()  # before load_model starts a backend
   from rcst_jax.serving.service import RcstServer, ServeOptions
   model = load_model(args.server)
-  options = ServeOptions(batch=args.batch, max_wait_ms=args.max_wait_ms, workers=args.workers,
-                         max_message_bytes=args.max_message_bytes)
+  given = dict(batch=args.batch, max_wait_ms=args.max_wait_ms, workers=args.workers,
+               max_message_bytes=args.max_message_bytes)
+  options = ServeOptions(**{k: v for k, v in given.items() if v is not None})
   if args.buckets:
     options.buckets = tuple(sorted({int(b) for b in args.buckets.split(",")}))
   t0 = time.perf_counter()
@@ -78,11 +80,14 @@ def add_serve_command(sub) -> None:
   p.add_argument("--server", required=True, help="server model directory")
   p.add_argument("--address", default="127.0.0.1:50051",
                  help="HOST:PORT to listen on (default loopback only; port 0: any free port)")
-  p.add_argument("--batch", type=argtypes.positive_int, default=2,
-                 help="rows per server call: the one shape compiled per token bucket")
-  p.add_argument("--max-wait-ms", type=float, default=2.0,
-                 help="how long a batch waits for more concurrent requests")
-  p.add_argument("--workers", type=argtypes.positive_int, default=16, help="concurrent requests handled")
+  # Defaults: serving.service.ServeOptions (gRPC is imported only when serving).
+  p.add_argument("--batch", type=argtypes.positive_int, default=None,
+                 help="rows per server call at most (default 8; one program compiled per "
+                      "token bucket, and a call runs its real rows only)")
+  p.add_argument("--max-wait-ms", type=float, default=None,
+                 help="how long a batch waits for more concurrent requests (default 2)")
+  p.add_argument("--workers", type=argtypes.positive_int, default=None,
+                 help="concurrent requests handled (default 16)")
   p.add_argument("--max-message-bytes", type=argtypes.positive_int, default=None,
                  help="largest request accepted (default: the largest valid payload + 1 KiB)")
   p.add_argument("--buckets", default=None,

@@ -54,15 +54,29 @@ def collaborative_inference(images, edge: Model, server: Model | None,
   e = edge_lib.edge_step_batched(edge, images, point.lambda_hat, point.q_hat, layer=layer,
                                  grid=geo.grid, batch_size=batch_size)
   off, keep, fallback = methods.decide(methods.PROPOSED, edge_lib.edge_view(e), [point.tau])
-  off, keep = off[0], keep[0]
+  edge_s = (time.perf_counter() - t0) / max(len(images), 1)
+  out = transmit(images, off[0], keep[0], fallback, geo, point.codec, server=server,
+                 remote=remote, server_batch=server_batch, buckets=buckets,
+                 on_server_error=on_server_error)
+  return {**out, "edge_s": np.full(len(images), edge_s), "p_max": e["p_max"],
+          "probs": e["probs"], "aps_mask": e["aps_mask"], "patch_scores": e["patch_scores"],
+          "cam": e["cam"]}
+
+
+def transmit(images, off, keep, fallback, geo: Geometry, codec: str = "raw", *,
+             server: Model | None = None, remote=None, server_batch: int = 16,
+             buckets: Sequence[int] = patches.BUCKETS, on_server_error: str = "edge") -> dict:
+  """Algorithm 2 after any edge's decision (offloaded [n], keep [n, N],
+  fallback [n]): one payload per offloaded image coded by ``codec``, the
+  server (``server`` in process, or ``remote``) on what it decodes, Eq. 27.
+  The baselines' edge goes through it too (benchmarks/bench_link.py)."""
   n = len(images)
-  timing = {"edge_s": np.full(n, (time.perf_counter() - t0) / max(n, 1)),
-            "encode_s": np.zeros(n)}
+  timing = {"encode_s": np.zeros(n)}
   # Edge side: one payload per offloaded image; server side: decode and classify.
   payloads = {}
   for i in np.flatnonzero(off):
     t0 = time.perf_counter()
-    payloads[i] = payload.encode_image_payload(images[i], keep[i], geo, point.codec)
+    payloads[i] = payload.encode_image_payload(images[i], keep[i], geo, codec)
     timing["encode_s"][i] = time.perf_counter() - t0
   server_pred = np.full(n, -1, np.int32)
   if remote is not None:
@@ -75,8 +89,7 @@ def collaborative_inference(images, edge: Model, server: Model | None,
   answered = off & (server_pred >= 0)  # an unreachable server leaves the edge's answer
   return {"pred": methods.combine(answered, server_pred, fallback), "accepted": ~off,
           "offloaded": off, "edge_pred": fallback, "server_pred": server_pred, "keep": keep,
-          "kept": keep.sum(-1), "bytes": nbytes, "p_max": e["p_max"], "probs": e["probs"],
-          "aps_mask": e["aps_mask"], "patch_scores": e["patch_scores"], "cam": e["cam"],
+          "kept": keep.sum(-1), "bytes": nbytes,
           "status": np.where(~off, "edge", np.where(answered, "server", "server_unreachable")),
           **timing}
 
@@ -84,7 +97,7 @@ def collaborative_inference(images, edge: Model, server: Model | None,
 def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: str) -> dict:
   """Each payload to the remote server in turn (so each reply's wire bytes
   are its own); fills server_pred, returns the per-image link figures."""
-  out = {k: np.zeros(n) for k in ("rtt_s", "server_s", "queue_s")}
+  out = {k: np.zeros(n) for k in ("rtt_s", "server_s", "queue_s", "decode_s")}
   out.update(wire_up=np.zeros(n, np.int64), wire_down=np.zeros(n, np.int64))
   for i, data in payloads.items():
     try:
@@ -95,5 +108,6 @@ def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: st
       continue
     server_pred[i] = int(r.logits.argmax())
     out["rtt_s"][i], out["server_s"][i], out["queue_s"][i] = r.rtt_s, r.compute_s, r.queue_s
+    out["decode_s"][i] = r.decode_s
     out["wire_up"][i], out["wire_down"][i] = r.wire_up, r.wire_down
   return out

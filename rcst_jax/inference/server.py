@@ -13,6 +13,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rcst_jax.geometry import Geometry
@@ -35,6 +36,20 @@ def _server_from_images(variables, images, idx, valid, *, module, patch):
   # Gathering on the device: only the kept patches enter the server.
   return _server_tokens(variables, patches.gather_patches(images, idx, patch), idx, valid,
                         module)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _server_row_by_row(variables, sent, idx, valid, n, *, module):
+  # One row at a time, the first n rows only: each row runs the batch-1
+  # program, so its logits do not depend on what else the call holds (XLA:CPU
+  # rounds a batch-2 matmul differently from a batch-1 one), and a call costs
+  # its real rows, not its padded shape.
+  def body(i, out):
+    row = [jax.lax.dynamic_slice_in_dim(a, i, 1) for a in (sent, idx, valid)]
+    logits = _server_tokens(variables, *row, module).astype(jnp.float32)
+    return jax.lax.dynamic_update_slice_in_dim(out, logits, i, 0)
+  out = jnp.zeros((idx.shape[0], module.num_classes), jnp.float32)
+  return jax.lax.fori_loop(0, n, body, out)
 
 
 def batch_rows(n: int, cap: int, multiple: int = 1, slack: float = 0.125,
@@ -124,6 +139,13 @@ class Server:
   long-lived server fed small calls. ``sharding``: optional NamedSharding
   for the batch axis (every batch then a multiple of its mesh size).
   ``stats`` accumulates the processed and useful tokens of every call.
+
+  ``row_by_row`` (decoded payloads only): each call loops over its real rows
+  inside one compiled program per bucket (`_server_row_by_row`), so every
+  row gets bit for bit the logits of the plain batch-1 call whatever else
+  the call holds, and a call of n rows costs n rows, not its padded shape:
+  the form for a server fed a few concurrent requests at a time (`rcst
+  serve`). A sweep's full batches run faster as plain batches.
   """
   model: Model
   batch_size: int = 64
@@ -131,6 +153,7 @@ class Server:
   sharding: object = None
   token_budget: int | None = None
   min_batch: int | None = None
+  row_by_row: bool = False
   stats: ServerStats = dataclasses.field(default_factory=ServerStats, repr=False)
 
   @property
@@ -144,15 +167,24 @@ class Server:
       cap = min(cap, self.token_budget // (bucket + 1))
     return max(multiple, cap // multiple * multiple)
 
+  def _smallest(self, cap: int) -> int:
+    if self.row_by_row:  # one shape per bucket: a call costs its real rows anyway
+      return cap
+    return cap if self.min_batch is None else min(cap, self.min_batch)
+
   def _run(self, fn, keep: np.ndarray, rows_to_input, inputs, **static) -> np.ndarray:
     out = np.zeros((len(keep), self.model.num_classes), np.float32)
     multiple = 1 if self.sharding is None else int(self.sharding.mesh.size)
+    if self.row_by_row:
+      if fn is not _server_from_patches or self.sharding is not None:
+        raise ValueError("row_by_row serves decoded payloads (logits_from_decoded) on one "
+                         "device only")
+      fn = _server_row_by_row
     for rows, idx, valid in patches.iter_buckets(keep, self.buckets):
       idx, valid = np.asarray(idx), np.asarray(valid)
       bucket, start = idx.shape[1], 0
       cap = self._cap(bucket, multiple)
-      smallest = cap if self.min_batch is None else min(cap, self.min_batch)
-      for size in batch_rows(len(rows), cap, multiple, smallest=smallest):
+      for size in batch_rows(len(rows), cap, multiple, smallest=self._smallest(cap)):
         t0 = time.perf_counter()
         n = min(size, len(rows) - start)
         sel, part = rows[start:start + n], slice(start, start + n)
@@ -160,9 +192,12 @@ class Server:
                 (inputs(rows_to_input[sel], idx[part]), idx[part], valid[part])]
         if self.sharding is not None:
           args = [jax.device_put(a, self.sharding) for a in args]
+        if self.row_by_row:
+          args.append(np.int32(n))
         res = fn(self.model.variables, *args, module=self.model.module, **static)
         out[sel] = np.asarray(res)[:n]
-        self.stats.add(bucket, n, size, int(valid[part].sum()) + n, time.perf_counter() - t0)
+        self.stats.add(bucket, n, n if self.row_by_row else size, int(valid[part].sum()) + n,
+                       time.perf_counter() - t0)
         start += n
     return out
 
@@ -215,7 +250,7 @@ class Server:
     shapes = 0
     for bucket in self.buckets:
       cap = self._cap(bucket, multiple)
-      smallest = cap if self.min_batch is None else min(cap, self.min_batch)
+      smallest = self._smallest(cap)
       for size in sorted({s for n in range(1, cap + 1)
                           for s in batch_rows(n, cap, multiple, smallest=smallest)}):
         keep = np.zeros((size, geo.num_patches), bool)

@@ -3,8 +3,9 @@
 A request waits at most ``max_wait_s`` after the first one of its batch for
 others to arrive (or until ``max_requests`` have); the batch then runs as one
 call, which `Server.logits_from_decoded` splits by kept-token bucket. The
-server runs one padded shape per bucket, so a request's logits are bit for
-bit those it gets alone (XLA on CPU rounds differently at other batch sizes).
+server runs each bucket's rows one by one inside one compiled loop
+(`Server.row_by_row`), so a request's logits are bit for bit those it gets
+alone (XLA on CPU rounds a batch of two differently from a batch of one).
 """
 
 from __future__ import annotations

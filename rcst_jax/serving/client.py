@@ -63,17 +63,24 @@ class RemoteServer:
   geometry the edge encodes for (the calibration's)."""
 
   def __init__(self, address: str, *, deadline_s: float = 10.0, retries: int = 3,
-               backoff_s: float = 0.25, metered: bool = True, geometry: Geometry = Geometry()):
+               backoff_s: float = 0.25, metered: bool = True, geometry: Geometry = Geometry(),
+               link: Link | None = None):
+    """``link``: a relay already in front of the server, metering (and maybe
+    shaping) the channel, which goes through it instead of a new one
+    (`close` closes it too)."""
     self.address, self.deadline_s, self.geometry = address, deadline_s, geometry
     self.retries, self.backoff_s = retries, backoff_s
-    target = parse_address(address)
-    self.link = Link(target) if metered else None
+    target = parse_address(address) if link is None else None
+    self.link = link if link is not None else Link(target) if metered else None
     self.channel = grpc.insecure_channel(
-        self.link.address if metered else address,
+        self.link.address if self.link else address,
         options=[("grpc.max_receive_message_length", 1 << 22),
                  ("grpc.max_send_message_length", 1 << 22),
                  ("grpc.enable_retries", 0),  # ours are bounded and counted
                  ("grpc.http2.bdp_probe", 0),  # no bandwidth pings on a metered link
+                 # The replies are a few hundred bytes: a small receive window
+                 # spares a connection WINDOW_UPDATE (13 bytes up) per request.
+                 ("grpc.http2.lookahead_bytes", 16384),
                  ("grpc.initial_reconnect_backoff_ms", 100),
                  ("grpc.max_reconnect_backoff_ms", 1000)])
     self._classify = self.channel.unary_unary(

@@ -1,20 +1,28 @@
 """A TCP relay on loopback that meters, and optionally shapes, a link.
 
 `Link(target)` listens on 127.0.0.1 and forwards every connection to
-``target`` (host, port), counting the bytes each way: what the edge's
+``target`` ((host, port), or a Unix socket path), counting the bytes each way: what the edge's
 requests cost on the wire, HTTP/2 and gRPC framing included. With
 ``rate_bps`` it paces each direction like a token-bucket filter with no
 burst (1,500-byte pieces at the rate), and ``delay_s`` adds one-way
 propagation delay: the user-space stand-in for ``tc tbf`` + ``netem``
-(this kernel has no netem).
+(this kernel has no netem). A Unix socket target keeps the relay's second
+hop off the loopback interface, so a kernel `tc tbf` on ``lo`` shapes only
+the edge's hop (benchmarks/bench_link.py).
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
+
+import numpy as np
 
 PIECE = 1500  # bytes paced at once: one Ethernet MTU
 
@@ -77,11 +85,26 @@ def _sleep_until(t: float) -> None:
     time.sleep(left)
 
 
+def _connect(target) -> socket.socket:
+  if isinstance(target, str):  # a Unix socket path
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+      s.connect(target)
+    except OSError:
+      s.close()
+      raise
+  else:
+    s = socket.create_connection(target, timeout=5)
+  s.settimeout(None)
+  return s
+
+
 class Link:
   """Relay 127.0.0.1:``port`` -> ``target``; ``up`` and ``down``: bytes
   forwarded towards the target and back."""
 
-  def __init__(self, target: tuple[str, int], rate_bps: float | None = None,
+  def __init__(self, target: tuple[str, int] | str, rate_bps: float | None = None,
                delay_s: float = 0.0):
     self.target, self.rate_bps, self.delay_s = target, rate_bps, delay_s
     self.up = self.down = 0
@@ -110,16 +133,68 @@ class Link:
       except OSError:
         return
       try:
-        upstream = socket.create_connection(self.target, timeout=5)
-        upstream.settimeout(None)
+        upstream = _connect(self.target)
       except OSError:  # target down: refuse as it would have
         client.close()
         continue
       for s in (client, upstream):
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if s.family != socket.AF_UNIX:
+          s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
       _Direction(self, client, upstream, "up")
       _Direction(self, upstream, client, "down")
 
   def close(self) -> None:
     self._closed = True
     self._listener.close()
+
+
+# ---------------------------------------------------------------- the kernel's shaper
+
+
+def transmit_s(nbytes, rate_bps: float, burst: int = 0):
+  """Seconds to send messages of ``nbytes`` link bytes at ``rate_bps`` from a
+  full token bucket of ``burst`` bytes, which pass at once (0: the pacer
+  above, which serialises every byte)."""
+  return np.maximum(0.0, np.asarray(nbytes, float) - burst) * 8 / rate_bps
+
+
+def tbf_available() -> bool:
+  """Whether this process may shape a private namespace's loopback: root,
+  `unshare`, `ip` and `tc` with the tbf qdisc (tried in a throwaway namespace)."""
+  if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "tc", "ip")):
+    return False
+  return subprocess.run(["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+                         "rate", "8mbit", "burst", str(TbfLoopback.BURST), "limit", "100000"],
+                        capture_output=True).returncode == 0
+
+
+class TbfLoopback:
+  """The kernel's token-bucket filter (`tc tbf`) on the loopback interface of
+  the private network namespace this process runs in (`unshare --net`),
+  which it brings up with an Ethernet MTU of 1,500 bytes. Every loopback
+  packet passes it, both directions and TCP's ACKs, so keep one TCP hop on
+  it (a relay reaches the server over a Unix socket). The bucket holds one
+  packet: a message of b bytes then takes (b - BURST) / rate
+  (`transmit_s`), 12 ms less than b / rate at 1 Mb/s.
+  """
+  BURST = 1600
+
+  def __init__(self):
+    subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1500"], check=True,
+                   capture_output=True)
+
+  def set(self, rate_bps: float) -> None:
+    _tc("qdisc", "replace", "dev", "lo", "root", "tbf", "rate", f"{rate_bps:.0f}bit",
+        "burst", str(self.BURST), "limit", "1000000")
+
+  def clear(self) -> None:
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+
+  @staticmethod
+  def sent_bytes() -> int:
+    """Bytes the qdisc has sent: IP and TCP headers and ACKs included."""
+    return int(re.search(r"Sent (\d+) bytes", _tc("-s", "qdisc", "show", "dev", "lo")).group(1))
+
+
+def _tc(*args) -> str:
+  return subprocess.run(["tc", *args], check=True, capture_output=True, text=True).stdout

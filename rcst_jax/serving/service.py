@@ -1,7 +1,7 @@
 """`rcst serve`: the token-subset server behind gRPC (rcst.proto).
 
-Loads the server model once, compiles every (bucket, batch) shape before it
-listens, and answers `Classify` (one payload -> logits) through a
+Loads the server model once, compiles one program per kept-token bucket
+before it listens, and answers `Classify` (one payload -> logits) through a
 `DynamicBatcher`. Payloads are decoded and checked in the request's thread,
 so a malformed one is answered INVALID_ARGUMENT with what is wrong and never
 reaches a batch. Listens on 127.0.0.1 unless told otherwise; the standard
@@ -39,10 +39,9 @@ def max_payload_bytes(server: Server) -> int:
 
 @dataclasses.dataclass
 class ServeOptions:
-  # Rows per server call (one shape per bucket). Small, because concurrent
-  # requests spread over buckets: with 8 clients, 2 rows served 1.4-1.9x the
-  # requests/s of 8 (benchmarks/bench_link.py).
-  batch: int = 2
+  # Rows per server call at most (one compiled shape per bucket; a call runs
+  # its real rows only, row by row: `Server.row_by_row`).
+  batch: int = 8
   buckets: Sequence[int] = patches.BUCKETS
   max_wait_ms: float = 2.0       # how long a batch waits for more requests
   max_requests: int = 64         # requests per batch (over all buckets)
@@ -56,8 +55,9 @@ class Service:
 
   def __init__(self, model: Model, options: ServeOptions = ServeOptions()):
     self.options = options
-    # min_batch = batch: every call of a bucket has one shape (bit-exact batching).
-    self.server = Server(model, options.batch, tuple(options.buckets), min_batch=options.batch)
+    # Row by row: each request's logits are those of the batch-1 program, bit
+    # for bit, whatever it is batched with.
+    self.server = Server(model, options.batch, tuple(options.buckets), row_by_row=True)
     self.max_message_bytes = int(options.max_message_bytes or max_payload_bytes(self.server) + 1024)
     self.shapes = self.server.warm_up()
     self.batcher = DynamicBatcher(self.server.logits_from_decoded, options.max_requests,
@@ -102,7 +102,9 @@ class RcstServer:
   one), ``stop()``. The model is compiled before the port opens."""
 
   def __init__(self, model: Model, address: str = "127.0.0.1:0",
-               options: ServeOptions = ServeOptions()):
+               options: ServeOptions = ServeOptions(), also: Sequence[str] = ()):
+    """``also``: more addresses to listen on, e.g. "unix:/path/to.sock" for
+    an edge on the same host (benchmarks/bench_link.py's kernel-shaped link)."""
     self.service = Service(model, options)
     cap = self.service.max_message_bytes
     self.grpc = grpc.server(
@@ -114,8 +116,9 @@ class RcstServer:
     self.health = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
     self.port = self.grpc.add_insecure_port(address)
-    if not self.port:
-      raise OSError(f"rcst serve: cannot listen on {address}")
+    for a, bound in [(address, self.port)] + [(a, self.grpc.add_insecure_port(a)) for a in also]:
+      if not bound:
+        raise OSError(f"rcst serve: cannot listen on {a}")
     self.host = address.rsplit(":", 1)[0]
     self.grpc.start()
     for name in ("", SERVICE):
