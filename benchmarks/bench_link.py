@@ -58,7 +58,7 @@ from rcst_jax import xla_cpu
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.configs import demo as demo_config
 from rcst_jax.data.synthetic import SyntheticShapes
-from rcst_jax.inference import collaborative, methods, selection
+from rcst_jax.inference import collaborative, methods
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference.collaborative import collaborative_inference
 from rcst_jax.inference.server import Server
@@ -100,8 +100,8 @@ def open_link(kind, srv, sock_path, rate_mbps, delay_s, shaper) -> Link:
 
 def link_rtt(remote, link, shaper, rate_bps):
   """The link's round trip without payload: the median time of empty
-  Describe calls less their own transmission, and the bytes on the link per
-  application byte (1 under the user-space pacer, which paces those)."""
+  Describe calls less their own transmission (bytes on the link scaled by
+  the qdisc's count under tbf; the user-space pacer paces the metered ones)."""
   up0, down0 = link.totals()
   q0 = shaper.sent_bytes() if shaper else 0
   times = []
@@ -113,7 +113,7 @@ def link_rtt(remote, link, shaper, rate_bps):
   scale = (shaper.sent_bytes() - q0) / PINGS / (up + down) if shaper else 1.0
   burst = shaper.BURST if shaper else 0
   own = transmit_s(up * scale, rate_bps, burst) + transmit_s(down * scale, rate_bps, burst)
-  return float(np.median(times)) - float(own), scale
+  return float(np.median(times)) - float(own)
 
 
 def edges(cal, results_path, codec, edge, base, images, eta, seed):
@@ -142,9 +142,8 @@ def edges(cal, results_path, codec, edge, base, images, eta, seed):
       parts = [jax.device_get(probs_fn(edge_lib.pad_rows(images[i:i + 16], 16)))
                for i in range(0, len(images), 16)]
       probs, attn = (np.concatenate([q[k] for q in parts])[:len(images)] for k in (0, 1))
-      view = {"pred": probs.argmax(-1).astype(np.int32),
-              "accept": np.asarray(selection.min_entropy_accept(probs, eta)), "scores": attn,
-              "rank": selection.random_ranks(keys, seed, geo.num_patches)}
+      view = edge_lib.baseline_view(edge_lib.baseline_outputs(probs, attn, eta), keys, seed,
+                                    geo.num_patches)
       return methods.decide(method, view, [param])
 
     def run(remote):
@@ -194,7 +193,7 @@ def link_table(srv, edge, base, cal, images, codecs, rates, delay_s, kind, sock_
         link = open_link(kind, srv, sock_path, rate, delay_s, shaper)
         remote = RemoteServer(link.address, geometry=cal.patch_geometry(), link=link)
         remote.describe()  # connection set up outside the timed images
-        rtt, _ = link_rtt(remote, link, shaper, rate * 1e6)
+        rtt = link_rtt(remote, link, shaper, rate * 1e6)
         q0 = shaper.sent_bytes() if shaper else 0
         out = run(remote)
         remote.close()

@@ -15,7 +15,7 @@ import numpy as np
 
 from rcst_jax import spmd
 from rcst_jax.data import normalize
-from rcst_jax.inference import saliency
+from rcst_jax.inference import saliency, selection
 from rcst_jax.models.checkpoints import Model
 from rcst_jax.stats import conformal
 
@@ -79,6 +79,22 @@ def softmax_fn(model: Model, sharding=None, with_attn: bool = False):
 def edge_view(e: dict) -> dict:
   """The proposed edge's outputs as `methods.decide` reads them."""
   return {"pred": e["pred"], "accept": e["accept"], "scores": e["patch_scores"]}
+
+
+def baseline_outputs(probs, attn, eta: float) -> dict:
+  """Im et al.'s DeiT-Tiny edge from its softmax [n, C] and CLS attention
+  [n, N] (`softmax_fn(..., with_attn=True)`): top-1, max softmax, the
+  min-entropy acceptance at ``eta`` and the patch scores (numpy)."""
+  probs = np.asarray(probs)
+  return {"pred": probs.argmax(-1).astype(np.int32), "p_max": probs.max(-1),
+          "accept": np.asarray(selection.min_entropy_accept(probs, eta)),
+          "scores": np.asarray(attn)}
+
+
+def baseline_view(base: dict, keys, seed: int, num_patches: int) -> dict:
+  """The baseline edge's outputs as `methods.decide` reads them: random-k's
+  ranks by image key."""
+  return {**base, "rank": selection.random_ranks(keys, seed, num_patches)}
 
 
 def pad_rows(a, rows: int) -> np.ndarray:

@@ -163,8 +163,7 @@ def tbf_available() -> bool:
   `unshare`, `ip` and `tc` with the tbf qdisc (tried in a throwaway namespace)."""
   if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "tc", "ip")):
     return False
-  return subprocess.run(["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-                         "rate", "8mbit", "burst", str(TbfLoopback.BURST), "limit", "100000"],
+  return subprocess.run(["unshare", "--net", "tc", *TbfLoopback.qdisc(8e6)],
                         capture_output=True).returncode == 0
 
 
@@ -183,9 +182,14 @@ class TbfLoopback:
     subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1500"], check=True,
                    capture_output=True)
 
+  @classmethod
+  def qdisc(cls, rate_bps: float) -> list[str]:
+    """The `tc` arguments that put this shaper on (or replace it on) ``lo``."""
+    return ["qdisc", "replace", "dev", "lo", "root", "tbf", "rate", f"{rate_bps:.0f}bit",
+            "burst", str(cls.BURST), "limit", "1000000"]
+
   def set(self, rate_bps: float) -> None:
-    _tc("qdisc", "replace", "dev", "lo", "root", "tbf", "rate", f"{rate_bps:.0f}bit",
-        "burst", str(self.BURST), "limit", "1000000")
+    _tc(*self.qdisc(rate_bps))
 
   def clear(self) -> None:
     subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)

@@ -22,7 +22,7 @@ from rcst_jax.data import batches
 from rcst_jax.geometry import Geometry
 from rcst_jax.inference import codecs as codecs_lib
 from rcst_jax.inference import edge as edge_lib
-from rcst_jax.inference import methods, payload, selection
+from rcst_jax.inference import methods, payload
 from rcst_jax.inference.server import Server
 from rcst_jax.models.loading import Models
 
@@ -109,16 +109,14 @@ class Passes:
 
   def _base_pass(self, base: dict, x, valid) -> None:
     bp, attn = jax.device_get(self._base_probs(x))
-    base["pred"].append(bp[valid].argmax(-1).astype(np.int32))
-    base["p_max"].append(bp[valid].max(-1))
-    base["accept"].append(np.asarray(selection.min_entropy_accept(bp[valid], self.config.eta)))
-    base["scores"].append(attn[valid])
+    for k, v in edge_lib.baseline_outputs(bp[valid], attn[valid], self.config.eta).items():
+      base[k].append(v)
 
   def views(self, out: EdgeOutputs) -> dict:
     """The edges' views as `methods.decide` reads them (random ranks by image key)."""
     return {methods.EDGE: edge_lib.edge_view(out.edge),
-            methods.BASELINE: {**out.base, "rank": selection.random_ranks(
-                out.keys, self.config.seed, self.geometry.num_patches)}}
+            methods.BASELINE: edge_lib.baseline_view(out.base, out.keys, self.config.seed,
+                                                     self.geometry.num_patches)}
 
   def certified_view(self, images, point) -> dict:
     """The certified point's own edge view: its acceptance and fitted APS q_hat."""
