@@ -97,6 +97,14 @@ def _base():
   # see pipeline.Server); 0: server_batch, i.e. full batches only. Lower
   # (e.g. server_batch // 8) pads fewer rows for more compiled shapes.
   c.server_min_batch = 0
+  # Tokens per server call at most (0: server_batch rows whatever the bucket).
+  # Smaller calls of long rows run faster per row on CPU: the attention's
+  # [rows, heads, T, T] scores stay in cache (the demo sets 2,048).
+  c.server_token_budget = 0
+  # Edge and server calls in flight at once from host threads (0: 2 on a CPU
+  # backend with 2 or more cores, else 1): one XLA:CPU call of these models
+  # keeps about one core busy.
+  c.host_concurrency = 0
   c.chunk_size = 2048            # unit of resumption
   c.buckets = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80,
                96, 112, 128, 144, 160, 176, 196)

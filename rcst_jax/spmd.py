@@ -12,6 +12,10 @@ with no collective at all, so any micro-batching inside applies per device.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +41,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def on_cpu() -> bool:
   """Whether the models' 'auto' switches pick their CPU forms."""
   return jax.default_backend() == "cpu"
+
+
+def host_concurrency(requested: int = 0, sharding=None) -> int:
+  """Device calls to keep in flight from host threads: ``requested``, or for
+  0 two on a single CPU device of a host with 2+ cores (one XLA:CPU call of a
+  small model keeps about one core busy), else one (an accelerator, or a CPU
+  mesh whose devices already share the cores, pipelines by itself)."""
+  if requested:
+    return int(requested)
+  if not on_cpu() or (sharding is not None and sharding.mesh.size > 1):
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return 2 if (cores or 1) >= 2 else 1
+
+
+def host_map(fn, items, concurrency: int):
+  """``fn(item)`` for each of ``items`` in order, with up to ``concurrency``
+  calls in flight on host threads (`host_concurrency`); ``items`` is read in
+  this thread, one ahead of the calls at most."""
+  if concurrency <= 1:
+    yield from map(fn, items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) > concurrency:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
 
 
 def map_chunks(fn, args: tuple, n: int):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax import spmd
 from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationWarning, check_B
 from rcst_jax.data import batches
 from rcst_jax.data.sources import Sources, transform_record
@@ -65,11 +66,16 @@ def algorithm1(config, edge: Model, sources: Sources, transform, *, server_metad
                progress: bool = True) -> Calibration:
   probs, labels = [], []
   fn = softmax_fn(edge, sharding)
-  for b in batches(sources.cal_source, sources.cal_indices, int(config.batch_size),
-                   skipped=skipped, progress=progress, desc="calibration"):
+
+  def run(b):
     images = b.images if sharding is None else jax.device_put(b.images, sharding)
-    probs.append(np.asarray(fn(images))[b.valid])
-    labels.append(b.labels[b.valid])
+    return np.asarray(fn(images))[b.valid], b.labels[b.valid]
+  for p, lab in spmd.host_map(
+      run, batches(sources.cal_source, sources.cal_indices, int(config.batch_size),
+                   skipped=skipped, progress=progress, desc="calibration"),
+      spmd.host_concurrency(int(config.get("host_concurrency", 0)), sharding)):
+    probs.append(p)
+    labels.append(lab)
   if not probs or not sum(len(p) for p in probs):
     raise ValueError("no usable calibration image (all were skipped as bad items)")
   return calibrate(

@@ -207,6 +207,8 @@ SCHEMA: dict[str, Checker] = {
     "batch_size": positive_int,
     "server_batch": positive_int,
     "server_min_batch": non_negative_int,
+    "server_token_budget": non_negative_int,
+    "host_concurrency": non_negative_int,
     "chunk_size": positive_int,
     "buckets": grid_of(positive_int, increasing=True),
     # whole-system certification (Learn-then-Test, rcst_jax/certify.py)

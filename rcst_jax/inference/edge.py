@@ -107,15 +107,16 @@ def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, gri
                       batch_size: int, sharding=None) -> dict:
   """`edge_step` over images in memory, `batch_size` at a time (the last batch
   padded, so one shape compiles), as numpy arrays."""
-  parts = []
-  for start in range(0, len(images), batch_size):
+  def run(start):
     chunk = images[start:start + batch_size]
     x = chunk if len(chunk) == batch_size else pad_rows(chunk, batch_size)
     if sharding is not None:
       x = jax.device_put(x, sharding)
     e = jax.device_get(edge_step(edge, x, lambda_hat, q_hat, layer=layer, grid=grid,
                                  sharding=sharding))
-    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in e.items()})
+    return {k: np.asarray(v)[:len(chunk)] for k, v in e.items()}
+  parts = list(spmd.host_map(run, range(0, len(images), batch_size),
+                             spmd.host_concurrency(0, sharding)))
   if not parts:
     raise ValueError("no images given")
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -7,8 +7,10 @@ images; `rcst run` feeds the patches it decoded from the edge's payloads.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import threading
 import time
 from typing import Sequence
 
@@ -86,10 +88,17 @@ def batch_rows(n: int, cap: int, multiple: int = 1, slack: float = 0.125,
 class ServerStats:
   """Tokens the server processed (padding rows and slots, CLS included) and
   the useful ones (kept patches + CLS of real rows), per bucket, with the
-  seconds of its calls (blocking, so per-bucket time is wall time)."""
+  seconds of its calls (blocking; calls run concurrently add up to more than
+  the wall time)."""
   by_bucket: dict = dataclasses.field(default_factory=dict)
+  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False,
+                                            compare=False)
 
   def add(self, bucket: int, rows: int, padded_rows: int, useful: int, seconds: float):
+    with self._lock:
+      self._add(bucket, rows, padded_rows, useful, seconds)
+
+  def _add(self, bucket, rows, padded_rows, useful, seconds):
     b = self.by_bucket.setdefault(bucket, dict(rows=0, batches=0, processed=0, useful=0,
                                                seconds=0.0, shapes=set()))
     b["rows"] += rows
@@ -146,6 +155,12 @@ class Server:
   the call holds, and a call of n rows costs n rows, not its padded shape:
   the form for a server fed a few concurrent requests at a time (`rcst
   serve`). A sweep's full batches run faster as plain batches.
+
+  ``concurrency``: calls in flight at once, from host threads. XLA:CPU keeps
+  about one core busy with one call of this small DeiT even with its thread
+  pool, so on a 2-core host two calls at once answer 1.4-2x the rows per
+  second (benchmarks/RESULTS.md). Each call's logits are the same whichever
+  thread runs it.
   """
   model: Model
   batch_size: int = 64
@@ -154,6 +169,7 @@ class Server:
   token_budget: int | None = None
   min_batch: int | None = None
   row_by_row: bool = False
+  concurrency: int = 1
   stats: ServerStats = dataclasses.field(default_factory=ServerStats, repr=False)
 
   @property
@@ -180,25 +196,34 @@ class Server:
         raise ValueError("row_by_row serves decoded payloads (logits_from_decoded) on one "
                          "device only")
       fn = _server_row_by_row
+    calls = []
     for rows, idx, valid in patches.iter_buckets(keep, self.buckets):
       idx, valid = np.asarray(idx), np.asarray(valid)
-      bucket, start = idx.shape[1], 0
-      cap = self._cap(bucket, multiple)
+      cap, start = self._cap(idx.shape[1], multiple), 0
       for size in batch_rows(len(rows), cap, multiple, smallest=self._smallest(cap)):
-        t0 = time.perf_counter()
         n = min(size, len(rows) - start)
-        sel, part = rows[start:start + n], slice(start, start + n)
-        args = [pad_rows(a, size) for a in
-                (inputs(rows_to_input[sel], idx[part]), idx[part], valid[part])]
-        if self.sharding is not None:
-          args = [jax.device_put(a, self.sharding) for a in args]
-        if self.row_by_row:
-          args.append(np.int32(n))
-        res = fn(self.model.variables, *args, module=self.model.module, **static)
-        out[sel] = np.asarray(res)[:n]
-        self.stats.add(bucket, n, n if self.row_by_row else size, int(valid[part].sum()) + n,
-                       time.perf_counter() - t0)
+        calls.append((size, rows[start:start + n], idx[start:start + n], valid[start:start + n]))
         start += n
+
+    def call(size, sel, idx, valid):
+      t0, n = time.perf_counter(), len(sel)
+      args = [pad_rows(a, size) for a in (inputs(rows_to_input[sel], idx), idx, valid)]
+      if self.sharding is not None:
+        args = [jax.device_put(a, self.sharding) for a in args]
+      if self.row_by_row:
+        args.append(np.int32(n))
+      res = fn(self.model.variables, *args, module=self.model.module, **static)
+      out[sel] = np.asarray(res)[:n]
+      self.stats.add(idx.shape[1], n, n if self.row_by_row else size, int(valid.sum()) + n,
+                     time.perf_counter() - t0)
+
+    if self.concurrency > 1 and len(calls) > 1:
+      with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+        for f in [pool.submit(call, *c) for c in calls]:
+          f.result()  # an error of any call is raised here
+    else:
+      for c in calls:
+        call(*c)
     return out
 
   def logits_from_images(self, images: np.ndarray, keep: np.ndarray, rows=None) -> np.ndarray:

@@ -37,7 +37,8 @@ CACHE_VERSION = 6
 # much is printed or drawn, how models are found (they are identified by
 # content below), how many devices share the work. Everything else is hashed.
 NOT_RESULTS = ("output_dir", "progress", "gallery_size", "per_image", "models_dir", "edge",
-               "server", "baseline_edge", "devices", "multihost", "compare_dtype")
+               "server", "baseline_edge", "devices", "multihost", "compare_dtype",
+               "host_concurrency")
 # Keyed apart: changing the certificate request never invalidates chunks.
 CERTIFY_KEY = "certify"
 MODEL_META = ("timm_name", "num_classes", "input_size", "crop_pct", "interpolation", "mean",
@@ -57,7 +58,8 @@ def point_rows(arrays: dict, points: slice) -> dict:
 
 # What the certification outcomes depend on (not the test itself).
 OUTCOME_KEYS = ("data", "alpha_aps", "gradcam_layer", "dtype", "matmul_precision",
-                "batch_size", "server_batch", "server_min_batch", "buckets")
+                "batch_size", "server_batch", "server_min_batch", "server_token_budget",
+                "buckets")
 
 
 def _digest(ident) -> str:
