@@ -54,7 +54,7 @@ import common  # noqa: F401  (XLA:CPU flags first)
 import jax
 import numpy as np
 
-from rcst_jax import xla_cpu
+from rcst_jax import spmd, xla_cpu
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.configs import demo as demo_config
 from rcst_jax.data.synthetic import SyntheticShapes
@@ -247,15 +247,16 @@ def _cpu_s() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def inprocess_rate(server, data, total):
+def inprocess_rate(server, data, total, decode: bool = True):
   """(requests/s, CPU ms per request) of ``server`` on all of ``data`` at
-  once, repeated to ``total`` requests."""
+  once, repeated to ``total`` requests: payloads in, logits out, as `rcst
+  run`'s in-process server (``decode`` False: already decoded payloads in)."""
   decoded = [server.decode(d) for d in data]
   server.logits_from_decoded(decoded)  # compiles
   reps = max(1, total // len(data))
   t0, c0 = time.perf_counter(), _cpu_s()
   for _ in range(reps):
-    server.logits_from_decoded(decoded)
+    server.logits_from_decoded([server.decode(d) for d in data] if decode else decoded)
   n = reps * len(data)
   return n / (time.perf_counter() - t0), (_cpu_s() - c0) / n * 1e3
 
@@ -278,11 +279,17 @@ def _client(address, data, per_client, k, ready, start, results):
 
 
 def load_check(srv, model, data, clients, per_client, options):
-  # The references: the same server with every payload in hand at once, and
-  # the sweep's (plain batches of 64 rows, every bucket).
-  inproc_rate, inproc_cpu = inprocess_rate(Server(model, options.batch, tuple(options.buckets),
-                                                  row_by_row=True), data, clients * per_client)
-  sweep_rate, _ = inprocess_rate(Server(model, 64), data, clients * per_client)
+  # The references: the same server (its calls in flight too) with every
+  # payload in hand at once, and the sweep's (the demo config's plain batches).
+  calls = spmd.host_concurrency(options.calls_in_flight)
+  same = Server(model, options.batch, tuple(options.buckets), row_by_row=True,
+                concurrency=calls)
+  inproc_rate, inproc_cpu = inprocess_rate(same, data, clients * per_client)
+  compute_rate, _ = inprocess_rate(same, data, clients * per_client, decode=False)
+  config = demo_config.get_config()
+  sweep_rate, _ = inprocess_rate(Server(model, int(config.server_batch), tuple(config.buckets),
+                                        token_budget=int(config.server_token_budget) or None,
+                                        concurrency=calls), data, clients * per_client)
   ctx = multiprocessing.get_context("spawn")
   ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
   procs = [ctx.Process(target=_client, args=(srv.address, data, per_client, k, ready, start,
@@ -304,8 +311,9 @@ def load_check(srv, model, data, clients, per_client, options):
         f"(p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms; "
         f"{np.mean(sizes):.1f} requests per server call); "
         f"the same server in process, every payload in hand: {inproc_rate:.1f} req/s "
-        f"(ratio {rate / inproc_rate:.2f}); the sweep's 64-row server: {sweep_rate:.1f} req/s "
-        f"(ratio {rate / sweep_rate:.2f})")
+        f"(ratio {rate / inproc_rate:.2f}; {compute_rate:.1f} req/s, ratio "
+        f"{rate / compute_rate:.2f}, if it were handed them decoded); the sweep's server: "
+        f"{sweep_rate:.1f} req/s (ratio {rate / sweep_rate:.2f})")
   # On 2 cores the clients take CPU the in-process reference never pays for;
   # what the serving stack itself costs is the server process's CPU per request.
   print(f"server process CPU per request: {served_cpu:.2f} ms served over gRPC, "

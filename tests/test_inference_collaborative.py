@@ -71,6 +71,73 @@ def test_batch_rows(n, cap, multiple, smallest):
   assert all(r == cap or (r // multiple) & (r // multiple - 1) == 0 for r in rows)
 
 
+def test_server_concurrent_calls_under_a_token_budget(models, monkeypatch):
+  """Two calls in flight from host threads, each at most the token budget:
+  every row the unpadded single run's logits, the same bits as one call at a
+  time (same shapes), and a failing call's error reaches the caller."""
+  _, server = models
+  images = _images(6, 4)
+  rng = np.random.default_rng(2)
+  keep = np.zeros((40, 196), bool)
+  for i, k in enumerate(rng.choice([1, 7, 30, 120, 196], 40)):
+    keep[i, rng.choice(196, k, replace=False)] = True
+  rows = rng.integers(0, 6, 40)
+  budget = 600
+  one = server_lib.Server(server, batch_size=8, token_budget=budget, min_batch=1)
+  two = server_lib.Server(server, batch_size=8, token_budget=budget, min_batch=1, concurrency=2)
+  want = one.logits_from_images(images, keep, rows=rows)
+  got = two.logits_from_images(images, keep, rows=rows)
+  np.testing.assert_array_equal(got, want)
+  for i in range(0, 40, 5):
+    np.testing.assert_allclose(got[i], _unpadded_server(server, images[rows[i]], keep[i]),
+                               rtol=1e-5, atol=1e-5)
+  assert two.stats.shapes() == one.stats.shapes()
+  assert all(r * (bucket + 1) <= budget for bucket, r in two.stats.shapes())
+  assert sum(b["rows"] for b in two.stats.by_bucket.values()) == 40
+  assert max(b["batches"] for b in two.stats.by_bucket.values()) > 1  # 196 tokens: 3 rows a call
+
+  calls, real = [], server_lib._server_from_images
+
+  def flaky(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError("call 3 failed")
+    return real(*args, **kwargs)
+  monkeypatch.setattr(server_lib, "_server_from_images", flaky)
+  with pytest.raises(RuntimeError, match="call 3 failed"):
+    two.logits_from_images(images, keep, rows=rows)
+
+
+def test_host_map_keeps_order_bounds_lookahead_and_raises():
+  import threading
+  import time
+  from rcst_jax import spmd
+  read, lock = [], threading.Lock()
+
+  def items():
+    for i in range(12):
+      with lock:
+        read.append(i)
+      yield i
+
+  def slow(i):  # later items finish first
+    time.sleep(0.002 * (12 - i))
+    return i * i
+  got = []
+  for y in spmd.host_map(slow, items(), 2):
+    got.append(y)
+    assert len(read) <= len(got) + 3  # at most 2 in flight and 1 read ahead
+  assert got == [i * i for i in range(12)]
+
+  def bad(i):
+    if i == 5:
+      raise ValueError("item 5")
+    return i
+  with pytest.raises(ValueError, match="item 5"):
+    list(spmd.host_map(bad, range(12), 2))
+  assert list(spmd.host_map(bad, range(5), 1)) == list(range(5))
+
+
 def test_server_sharded_equals_unsharded(models):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   assert jax.device_count() == 8  # tests/conftest.py forces 8 host devices

@@ -41,6 +41,8 @@ def test_convert_cli_matches_timm(effnet_weights, tmp_path):
   assert meta["timm_name"] == "efficientnet_b0" and meta["tag"] == "ra_in1k"
   assert meta["num_classes"] == 1000 and meta["interpolation"] == "bicubic"
   loaded = checkpoints.load_model(str(out))
+  # On the device once: numpy leaves would be copied in by every jitted call.
+  assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(loaded.variables))
   images = _images(2)
   with jax.default_matmul_precision("highest"):
     logits, _ = loaded(images)

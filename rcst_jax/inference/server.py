@@ -84,6 +84,9 @@ def batch_rows(n: int, cap: int, multiple: int = 1, slack: float = 0.125,
   return out
 
 
+_POOL_LOCK = threading.Lock()
+
+
 @dataclasses.dataclass
 class ServerStats:
   """Tokens the server processed (padding rows and slots, CLS included) and
@@ -176,6 +179,14 @@ class Server:
   def geometry(self) -> Geometry:
     return Geometry.of_server(self.model)
 
+  def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    # Made once per Server: `rcst serve` runs a call every few milliseconds.
+    with _POOL_LOCK:
+      if self.__dict__.get("_executor") is None:
+        self.__dict__["_executor"] = concurrent.futures.ThreadPoolExecutor(
+            self.concurrency, thread_name_prefix="rcst-server")
+      return self.__dict__["_executor"]
+
   def _cap(self, bucket: int, multiple: int) -> int:
     """Rows per full batch of ``bucket``: the token budget, in whole device rows."""
     cap = self.batch_size
@@ -218,9 +229,8 @@ class Server:
                      time.perf_counter() - t0)
 
     if self.concurrency > 1 and len(calls) > 1:
-      with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-        for f in [pool.submit(call, *c) for c in calls]:
-          f.result()  # an error of any call is raised here
+      for f in [self._pool().submit(call, *c) for c in calls]:
+        f.result()  # an error of any call is raised here
     else:
       for c in calls:
         call(*c)

@@ -19,7 +19,7 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rcst_jax import __version__
+from rcst_jax import __version__, spmd
 from rcst_jax.inference import codecs, patches, payload
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import Model, variables_digest
@@ -46,6 +46,9 @@ class ServeOptions:
   max_wait_ms: float = 2.0       # how long a batch waits for more requests
   max_requests: int = 64         # requests per batch (over all buckets)
   workers: int = 16              # gRPC handler threads (concurrent requests)
+  # Server calls in flight at once (a batch's buckets run side by side);
+  # 0: 2 on a CPU host with 2+ cores (rcst serve runs XLA on one thread a call).
+  calls_in_flight: int = 0
   max_message_bytes: int | None = None  # default: the largest valid payload + 1 KiB
   deadline_s: float = 30.0       # the longest a request waits (the client's, if shorter)
 
@@ -57,7 +60,8 @@ class Service:
     self.options = options
     # Row by row: each request's logits are those of the batch-1 program, bit
     # for bit, whatever it is batched with.
-    self.server = Server(model, options.batch, tuple(options.buckets), row_by_row=True)
+    self.server = Server(model, options.batch, tuple(options.buckets), row_by_row=True,
+                         concurrency=spmd.host_concurrency(options.calls_in_flight))
     self.max_message_bytes = int(options.max_message_bytes or max_payload_bytes(self.server) + 1024)
     self.shapes = self.server.warm_up()
     self.batcher = DynamicBatcher(self.server.logits_from_decoded, options.max_requests,
