@@ -56,7 +56,7 @@ def _cmd_serve(args, extra):
   from rcst_jax.serving.service import RcstServer, ServeOptions
   model = load_model(args.server)
   given = dict(batch=args.batch, max_wait_ms=args.max_wait_ms, workers=args.workers,
-               max_message_bytes=args.max_message_bytes)
+               max_message_bytes=args.max_message_bytes, calls_in_flight=args.calls_in_flight)
   options = ServeOptions(**{k: v for k, v in given.items() if v is not None})
   if args.buckets:
     options.buckets = tuple(sorted({int(b) for b in args.buckets.split(",")}))
@@ -64,6 +64,7 @@ def _cmd_serve(args, extra):
   srv = RcstServer(model, args.address, options)
   print(dumps({"serving": srv.address, "model": args.server, "batch": options.batch,
                "max_wait_ms": options.max_wait_ms, "shapes_compiled": srv.service.shapes,
+               "calls_in_flight": srv.service.server.concurrency,
                "startup_s": round(time.perf_counter() - t0, 2),
                "max_message_bytes": srv.service.max_message_bytes}), flush=True)
   signal.signal(signal.SIGTERM, lambda *_: srv.grpc.stop(1.0))
@@ -88,6 +89,9 @@ def add_serve_command(sub) -> None:
                  help="how long a batch waits for more concurrent requests (default 2)")
   p.add_argument("--workers", type=argtypes.positive_int, default=None,
                  help="concurrent requests handled (default 16)")
+  p.add_argument("--calls-in-flight", type=argtypes.positive_int, default=None,
+                 help="server calls run at once, a batch's buckets side by side (default: "
+                      "2 on a CPU host with 2+ cores, else 1)")
   p.add_argument("--max-message-bytes", type=argtypes.positive_int, default=None,
                  help="largest request accepted (default: the largest valid payload + 1 KiB)")
   p.add_argument("--buckets", default=None,

@@ -306,11 +306,12 @@ def test_rcst_serve_command_listens_reports_health_and_stops_on_sigterm():
   from grpc_health.v1 import health_pb2, health_pb2_grpc
   proc = subprocess.Popen([sys.executable, "-m", "rcst_jax.cli", "serve", "--server",
                            f"{cli_weights()}/demo_server", "--address", "127.0.0.1:0",
-                           "--buckets", "64,196", "--batch", "2"],
+                           "--buckets", "64,196", "--batch", "2", "--calls-in-flight", "3"],
                           stdout=subprocess.PIPE, text=True)
   try:
     line = json.loads(proc.stdout.readline())
     assert line["serving"].startswith("127.0.0.1:") and line["shapes_compiled"] == 2
+    assert line["calls_in_flight"] == 3
     with grpc.insecure_channel(line["serving"]) as ch:
       status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
                                                    timeout=10)
