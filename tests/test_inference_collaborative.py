@@ -111,6 +111,7 @@ def test_server_concurrent_calls_under_a_token_budget(models, monkeypatch):
 def test_host_map_keeps_order_bounds_lookahead_and_raises():
   import threading
   import time
+
   from rcst_jax import spmd
   read, lock = [], threading.Lock()
 
