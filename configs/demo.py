@@ -46,8 +46,8 @@ def get_config(arg=None):
   c.codec_grid = ("raw", "webp-lossless", "jpeg420:50")
   c.batch_size = 64
   c.server_batch = 64
-  # Per row, 10 rows of 196 tokens run about 1.5x faster than 64 on CPU
-  # (benchmarks/RESULTS.md); short buckets keep 64.
+  # Per row, 8-16 rows of 196 tokens run 1.25-1.5x faster than 64 on CPU
+  # (benchmarks/bench_server_calls.py); short buckets keep 64.
   c.server_token_budget = 2048
   c.chunk_size = 500
   c.output_dir = "outputs/demo"

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rcst_jax import host
 
 
 def make_mesh(devices: str | int = "all") -> Mesh:
@@ -52,8 +53,7 @@ def host_concurrency(requested: int = 0, sharding=None) -> int:
     return int(requested)
   if not on_cpu() or (sharding is not None and sharding.mesh.size > 1):
     return 1
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return 2 if (cores or 1) >= 2 else 1
+  return min(2, host.cores())
 
 
 def host_map(fn, items, concurrency: int):

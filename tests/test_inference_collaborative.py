@@ -32,6 +32,16 @@ def _point(lam, q, tau):
   return point
 
 
+def _random_rows(seed, n, counts, n_images):
+  """n keep masks with a kept count drawn from ``counts`` each, and the image
+  of each row among n_images."""
+  rng = np.random.default_rng(seed)
+  keep = np.zeros((n, 196), bool)
+  for i, k in enumerate(rng.choice(counts, n)):
+    keep[i, rng.choice(196, k, replace=False)] = True
+  return keep, rng.integers(0, n_images, n)
+
+
 def _unpadded_server(server, image, keep):
   idx = np.flatnonzero(keep)[None]
   sent = np.asarray(patches.gather_patches(image[None], idx))
@@ -77,11 +87,7 @@ def test_server_concurrent_calls_under_a_token_budget(models, monkeypatch):
   time (same shapes), and a failing call's error reaches the caller."""
   _, server = models
   images = _images(6, 4)
-  rng = np.random.default_rng(2)
-  keep = np.zeros((40, 196), bool)
-  for i, k in enumerate(rng.choice([1, 7, 30, 120, 196], 40)):
-    keep[i, rng.choice(196, k, replace=False)] = True
-  rows = rng.integers(0, 6, 40)
+  keep, rows = _random_rows(2, 40, [1, 7, 30, 120, 196], 6)
   budget = 600
   one = server_lib.Server(server, batch_size=8, token_budget=budget, min_batch=1)
   two = server_lib.Server(server, batch_size=8, token_budget=budget, min_batch=1, concurrency=2)
@@ -144,11 +150,7 @@ def test_server_sharded_equals_unsharded(models):
   assert jax.device_count() == 8  # tests/conftest.py forces 8 host devices
   _, server = models
   images = _images(3, 2)
-  rng = np.random.default_rng(1)
-  keep = np.zeros((21, 196), bool)
-  for i, k in enumerate(rng.choice([1, 5, 7, 30, 196], 21)):
-    keep[i, rng.choice(196, k, replace=False)] = True
-  rows = rng.integers(0, 3, 21)
+  keep, rows = _random_rows(1, 21, [1, 5, 7, 30, 196], 3)
   plain = server_lib.Server(server, batch_size=16, min_batch=1)
   want = plain.logits_from_images(images, keep, rows=rows)
   sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("batch",)), PartitionSpec("batch"))

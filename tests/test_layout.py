@@ -15,7 +15,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # layers below it, never a layer above.
 LAYERS = (
     ("stats",),                                                  # pure maths
-    ("errors", "fileio", "geometry", "spmd", "xla_cpu"),         # foundations
+    ("errors", "fileio", "geometry", "host", "spmd", "xla_cpu"),  # foundations
     ("data",),
     ("models",),
     ("inference",),                                              # Algorithm 2

@@ -36,10 +36,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import io
-import os
 import re
 
 import numpy as np
+
+from rcst_jax import host
 
 MOSAIC_COLUMNS = 64
 # A compressed body longer than this is not a coded mosaic of the declared patches.
@@ -262,5 +263,4 @@ def roundtrip_images(images: np.ndarray, codec: Codec) -> np.ndarray:
 
 def threads() -> int:
   """Host threads for coding many payloads (libjpeg-turbo and libwebp release the GIL)."""
-  return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                    else os.cpu_count() or 1))
+  return min(8, host.cores())

@@ -104,9 +104,10 @@ def pad_rows(a, rows: int) -> np.ndarray:
 
 
 def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, grid: int,
-                      batch_size: int, sharding=None) -> dict:
+                      batch_size: int, sharding=None, concurrency: int = 0) -> dict:
   """`edge_step` over images in memory, `batch_size` at a time (the last batch
-  padded, so one shape compiles), as numpy arrays."""
+  padded, so one shape compiles), as numpy arrays; ``concurrency`` batches in
+  flight (0: `spmd.host_concurrency`'s choice)."""
   def run(start):
     chunk = images[start:start + batch_size]
     x = chunk if len(chunk) == batch_size else pad_rows(chunk, batch_size)
@@ -116,7 +117,7 @@ def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, gri
                                  sharding=sharding))
     return {k: np.asarray(v)[:len(chunk)] for k, v in e.items()}
   parts = list(spmd.host_map(run, range(0, len(images), batch_size),
-                             spmd.host_concurrency(0, sharding)))
+                             spmd.host_concurrency(concurrency, sharding)))
   if not parts:
     raise ValueError("no images given")
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -84,9 +84,6 @@ def batch_rows(n: int, cap: int, multiple: int = 1, slack: float = 0.125,
   return out
 
 
-_POOL_LOCK = threading.Lock()
-
-
 @dataclasses.dataclass
 class ServerStats:
   """Tokens the server processed (padding rows and slots, CLS included) and
@@ -98,18 +95,15 @@ class ServerStats:
                                             compare=False)
 
   def add(self, bucket: int, rows: int, padded_rows: int, useful: int, seconds: float):
-    with self._lock:
-      self._add(bucket, rows, padded_rows, useful, seconds)
-
-  def _add(self, bucket, rows, padded_rows, useful, seconds):
-    b = self.by_bucket.setdefault(bucket, dict(rows=0, batches=0, processed=0, useful=0,
-                                               seconds=0.0, shapes=set()))
-    b["rows"] += rows
-    b["batches"] += 1
-    b["processed"] += padded_rows * (bucket + 1)
-    b["useful"] += useful
-    b["seconds"] += seconds
-    b["shapes"].add(padded_rows)
+    with self._lock:  # calls in flight add from their threads
+      b = self.by_bucket.setdefault(bucket, dict(rows=0, batches=0, processed=0, useful=0,
+                                                 seconds=0.0, shapes=set()))
+      b["rows"] += rows
+      b["batches"] += 1
+      b["processed"] += padded_rows * (bucket + 1)
+      b["useful"] += useful
+      b["seconds"] += seconds
+      b["shapes"].add(padded_rows)
 
   def merge(self, other: "ServerStats") -> "ServerStats":
     for bucket, o in other.by_bucket.items():
@@ -161,9 +155,10 @@ class Server:
 
   ``concurrency``: calls in flight at once, from host threads. XLA:CPU keeps
   about one core busy with one call of this small DeiT even with its thread
-  pool, so on a 2-core host two calls at once answer 1.4-2x the rows per
-  second (benchmarks/RESULTS.md). Each call's logits are the same whichever
-  thread runs it.
+  pool, so on a 2-core host two calls at once answer 1.2-1.7x the rows per
+  second (benchmarks/bench_server_calls.py). Each call's logits are the same
+  whichever thread runs it. The threads are made once per Server (`rcst
+  serve` runs a call every few milliseconds).
   """
   model: Model
   batch_size: int = 64
@@ -174,18 +169,21 @@ class Server:
   row_by_row: bool = False
   concurrency: int = 1
   stats: ServerStats = dataclasses.field(default_factory=ServerStats, repr=False)
+  _executor: concurrent.futures.ThreadPoolExecutor | None = dataclasses.field(
+      default=None, init=False, repr=False, compare=False)
+  _executor_lock: threading.Lock = dataclasses.field(
+      default_factory=threading.Lock, init=False, repr=False, compare=False)
 
   @property
   def geometry(self) -> Geometry:
     return Geometry.of_server(self.model)
 
   def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-    # Made once per Server: `rcst serve` runs a call every few milliseconds.
-    with _POOL_LOCK:
-      if self.__dict__.get("_executor") is None:
-        self.__dict__["_executor"] = concurrent.futures.ThreadPoolExecutor(
+    with self._executor_lock:
+      if self._executor is None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
             self.concurrency, thread_name_prefix="rcst-server")
-      return self.__dict__["_executor"]
+      return self._executor
 
   def _cap(self, bucket: int, multiple: int) -> int:
     """Rows per full batch of ``bucket``: the token budget, in whole device rows."""

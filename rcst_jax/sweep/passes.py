@@ -129,7 +129,7 @@ class Passes:
     return edge_lib.edge_view(edge_lib.edge_step_batched(
         self.edge, images, point.lambda_hat, point.q_hat, layer=self.config.gradcam_layer,
         grid=self.geometry.grid, batch_size=int(self.config.batch_size),
-        sharding=self.sharding))
+        sharding=self.sharding, concurrency=self.concurrency))
 
   def sweep(self, views: dict, images, plan, codecs=(codecs_lib.RAW,)):
     """Every (method, params) of `plan` on these images under every codec of
