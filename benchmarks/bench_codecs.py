@@ -25,19 +25,15 @@ import zlib
 import numpy as np
 import PIL
 import simplejpeg
+import zstandard
 from PIL import Image, features
 
 from rcst_jax.data import synthetic
 from rcst_jax.inference import codecs, payload
 from rcst_jax.inference.patches import patchify
 
-try:
-  import zstandard
-except ImportError:  # optional reference
-  zstandard = None
-
 GRID, P = 14, 16
-PROJECT = ["raw", "webp-lossless", "jpeg:75", "jpeg:90", "jpeg420:75", "jpeg420:90"]
+PROJECT = ["raw", "zstd", "webp-lossless", "jpeg:75", "jpeg:90", "jpeg420:75", "jpeg420:90"]
 
 
 def cpu_line() -> str:
@@ -114,9 +110,8 @@ def candidates():
   c["ref: PNG level 1"] = pillow("PNG", compress_level=1)
   c["ref: WebP lossy q75 (method 4)"] = pillow("WEBP", quality=75)
   c["ref: zlib level 1 (raw bytes)"] = bytewise(lambda b: zlib.compress(b, 1), zlib.decompress)
-  if zstandard is not None:
-    zc, zd = zstandard.ZstdCompressor(level=3), zstandard.ZstdDecompressor()
-    c["ref: zstd level 3 (raw bytes)"] = bytewise(zc.compress, zd.decompress)
+  zc, zd = zstandard.ZstdCompressor(level=3), zstandard.ZstdDecompressor()
+  c["ref: zstd level 3 (raw bytes)"] = bytewise(zc.compress, zd.decompress)
   c["ref: per-patch JPEG q75 (K files)"] = per_patch_jpeg(75)
   return c
 
@@ -152,7 +147,7 @@ def measure(images, idx, cands, repeats):
         r["problems"].append(f"{img_name}: decoded shape {got.shape}")
         continue
       err = got.astype(np.float64) - patches
-      lossless = name in ("raw", "webp-lossless") or "PNG" in name or "raw bytes" in name
+      lossless = name in ("raw", "zstd", "webp-lossless") or "PNG" in name or "raw bytes" in name
       if lossless and err.any():
         r["problems"].append(f"{img_name}: lossless codec is not exact")
       r["sse"] += float((err ** 2).sum())
@@ -200,12 +195,12 @@ def main():
   idx = np.sort(np.random.default_rng(args.seed).choice(GRID * GRID, args.k, replace=False))
 
   print(f"CPU: {cpu_line()}; pinned to core {core} (os.sched_setaffinity)")
-  zstd = f", zstandard {zstandard.__version__}" if zstandard else ", zstandard absent (skipped)"
   print(f"K={args.k} of {GRID * GRID} patches (seed {args.seed}), repeats={args.repeats}; "
         f"Pillow {PIL.__version__}, simplejpeg {simplejpeg.__version__}, "
         f"libwebp {features.version('webp')}, Pillow libjpeg {features.version('jpg')} "
         f"(libjpeg-turbo {features.version('libjpeg_turbo')}), "
-        f"zlib {zlib.ZLIB_RUNTIME_VERSION}{zstd}")
+        f"zlib {zlib.ZLIB_RUNTIME_VERSION}, zstandard {zstandard.__version__} "
+        f"(zstd {'.'.join(map(str, zstandard.ZSTD_VERSION))})")
   print(f"raw payload of K={args.k}: {int(payload.payload_bytes(args.k))} bytes; times are "
         "the median of the repeats per image, mean over the group's images")
   groups = [("photos (astronaut, coffee, chelsea)", photos()),

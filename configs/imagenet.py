@@ -83,7 +83,7 @@ def _base():
   c.seed = 0                     # random-k baseline
   # How the kept patches are coded (inference/codecs.py): every method and
   # parameter is evaluated with each codec listed; "raw" is always evaluated.
-  # raw | webp-lossless | jpeg:Q (4:4:4) | jpeg420:Q. A lossy codec reruns the
+  # raw | zstd | webp-lossless | jpeg:Q (4:4:4) | jpeg420:Q. A lossy codec reruns the
   # server on the decoded patches; a compressed one encodes every payload.
   c.codec_grid = ("raw",)
 

@@ -267,7 +267,7 @@ def _add_run_commands(sub) -> None:
                  help="an unreachable server: keep the edge's prediction, marked "
                       "server_unreachable (default), or stop with an error")
   p.add_argument("--codec", type=argtypes.codec, default=None,
-                 help="how the kept patches are coded: raw, webp-lossless, jpeg:Q, jpeg420:Q; "
+                 help="how the kept patches are coded: raw, zstd, webp-lossless, jpeg:Q, jpeg420:Q; "
                       "default: the certified codec (raw with --tau)")
   p.add_argument("images", nargs="+")
   p.set_defaults(func=_cmd_run)

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import simplejpeg
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, WebPImagePlugin
@@ -101,7 +102,8 @@ def test_fancy_upsampling_breaks_locality():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(["raw", "webp-lossless"]), st.integers(0, 196), st.integers(0, 2 ** 31),
+@given(st.sampled_from(["raw", "webp-lossless", "zstd"]), st.integers(0, 196),
+       st.integers(0, 2 ** 31),
        st.booleans())
 def test_lossless_round_trip(spec, k, seed, noise):
   rng = np.random.default_rng(seed)
@@ -121,7 +123,7 @@ def test_lossless_round_trip(spec, k, seed, noise):
     np.testing.assert_array_equal(codecs.to_mosaic(tiles[idx]), _mosaic(tiles[idx]))
 
 
-@pytest.mark.parametrize("spec", ["raw", "webp-lossless", "jpeg:75", "jpeg420:40"])
+@pytest.mark.parametrize("spec", ["raw", "webp-lossless", "zstd", "jpeg:75", "jpeg420:40"])
 def test_coded_bytes_equal_encoded_lengths(spec):
   rng = np.random.default_rng(1)
   images = np.stack([_scene(0), _noise(1), _scene(2)])
@@ -148,13 +150,19 @@ def test_jpeg_is_much_smaller_than_raw():
 
 @pytest.fixture
 def decodes(monkeypatch):
-  """Records every pixel decode (JPEG or WebP), to show a refusal came before it."""
+  """Records every pixel decode (JPEG, WebP or zstd), to show a refusal came before it."""
   calls = []
   jpeg, webp = simplejpeg.decode_jpeg, WebPImagePlugin.WebPImageFile.load
   monkeypatch.setattr(simplejpeg, "decode_jpeg",
                       lambda *a, **k: calls.append("jpeg") or jpeg(*a, **k))
   monkeypatch.setattr(WebPImagePlugin.WebPImageFile, "load",
                       lambda self: calls.append("webp") or webp(self))
+
+  class Zstd:  # the decompressor zstd uses in this thread
+    def decompress(self, *a, **k):
+      calls.append("zstd")
+      return zstandard.ZstdDecompressor().decompress(*a, **k)
+  monkeypatch.setattr(codecs._zstd, "d", Zstd(), raising=False)
   return calls
 
 
@@ -167,11 +175,98 @@ def _webp(image, **kw):
 def test_hand_built_payloads_match_the_encoder(decodes):
   tiles = _tiles(_scene(3))
   for k, spec, cid, q in [(4, "jpeg:90", 2, 90), (30, "webp-lossless", 1, 0),
-                          (3, "jpeg420:50", 3, 50)]:
+                          (3, "jpeg420:50", 3, 50), (12, "zstd", 4, 0)]:
     data = payload.encode_payload(tiles[:k], np.arange(k), 14, spec)
     assert _hand_payload(_body(data, k), k, cid, q) == data
     payload.decode_payload(data)
-  assert decodes == ["jpeg", "webp", "jpeg"]  # the spy sees decodes
+  assert decodes == ["jpeg", "webp", "jpeg", "zstd"]  # the spy sees decodes
+
+
+def _delta_by_hand(patches):
+  """zstd's planes as its docstring states them, pixel by pixel with
+  Python integers: plane 0 = G, 1 = R - G, 2 = B - G; each value minus its left
+  and upper neighbours plus the upper-left one (0 outside the patch), mod 256."""
+  k, p = len(patches), patches.shape[1]
+  out = np.zeros((3, k, p, p), np.uint8)
+  for j in range(k):
+    x = patches[j].astype(int)
+    planes = [x[..., 1], x[..., 0] - x[..., 1], x[..., 2] - x[..., 1]]
+    for c, v in enumerate(planes):
+      at = lambda i, m: int(v[i, m]) if i >= 0 and m >= 0 else 0  # noqa: E731
+      for i in range(p):
+        for m in range(p):
+          out[c, j, i, m] = (at(i, m) - at(i, m - 1) - at(i - 1, m) + at(i - 1, m - 1)) % 256
+  return out
+
+
+def _ramp():
+  """A noisy colour ramp: smooth content, like a photo's sky."""
+  yy, xx = np.mgrid[:224, :224]
+  noise = np.random.default_rng(0).integers(0, 3, (224, 224, 3))
+  return (np.stack([xx, yy, (xx + yy) // 2], -1) + noise).astype(np.uint8)
+
+
+def test_zstd_body_is_the_shorter_of_two_documented_frames():
+  """Byte 0 names the layout, then one zstd frame (content size declared, no
+  checksum) of the patches' own bytes or of the hand-computed residual
+  planes, whichever a level-1 zstd makes shorter."""
+  level1 = zstandard.ZstdCompressor(level=1)
+  seen = set()
+  for image in (_scene(2), _ramp()):
+    tiles = _tiles(image)
+    for idx in (np.array([0]), np.array([3, 50, 51, 195]), np.arange(0, 196, 7)):
+      body = codecs.encode_body(tiles[idx], codecs.parse("zstd"))
+      plain, delta = tiles[idx].tobytes(), _delta_by_hand(tiles[idx]).tobytes()
+      sizes = [len(level1.compress(plain)), len(level1.compress(delta))]
+      assert body[0] == int(sizes[1] < sizes[0]) and len(body) == 1 + min(sizes)
+      frame = zstandard.get_frame_parameters(body[1:])
+      assert frame.content_size == 3 * len(idx) * 256 and not frame.has_checksum
+      assert zstandard.ZstdDecompressor().decompress(body[1:]) == (delta if body[0] else plain)
+      # The sweep's per-image encoder writes the same bytes as coding the subset alone.
+      assert codecs.body_encoder(tiles, codecs.parse("zstd"))(idx) == body
+      seen.add(body[0])
+  assert seen == {0, 1}
+  # On smooth content the prediction earns its place: well below zstd on the bytes.
+  some = _tiles(_ramp())[:60]
+  assert len(codecs.encode_body(some, codecs.parse("zstd"))) < 0.5 * len(
+      level1.compress(some.tobytes()))
+
+
+def _zstd_dictionary():
+  rng = np.random.default_rng(0)
+  return zstandard.train_dictionary(
+      2048, [rng.integers(0, 40, 300, dtype=np.uint8).tobytes() for _ in range(200)])
+
+
+def _unsized_frame(data):
+  co = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+  return co.compress(data) + co.flush()
+
+
+def test_zstd_frames_declaring_other_sizes_are_refused_before_decoding(decodes):
+  tiles = _tiles(_scene(4))[:4]
+  planes = _delta_by_hand(tiles).tobytes()
+  good = zstandard.ZstdCompressor(level=3).compress(planes)  # any conforming encoder's frame
+  one = b"\1"  # residual planes follow
+  cases = [
+      (one + zstandard.ZstdCompressor().compress(planes[:-768]), "declares 2304 bytes"),
+      (one + zstandard.ZstdCompressor().compress(planes + planes), "declares 6144 bytes"),
+      (one + _unsized_frame(planes), "declares no size"),
+      (one + zstandard.ZstdCompressor(dict_data=_zstd_dictionary()).compress(planes),
+       "dictionary"),
+      (one + _webp(_mosaic(tiles)), "not a zstd frame"),
+      (b"\2" + good, "first byte 2 names no layout"),
+      (good, "first byte 40 names no layout"),  # a frame without its layout byte
+      (one + good + b"\0", "unused data"),
+      (one + good + good, "unused data"),
+  ]
+  for body, msg in cases:
+    with pytest.raises(payload.PayloadError, match=msg):
+      payload.decode_payload(_hand_payload(body, 4, 4, 0))
+  assert decodes.count("zstd") == 2  # only the two whole frames with bytes after them
+  for body in (one + good, b"\0" + zstandard.ZstdCompressor(level=5).compress(tiles.tobytes())):
+    np.testing.assert_array_equal(payload.decode_payload(_hand_payload(body, 4, 4, 0)).patches,
+                                  tiles)
 
 
 def test_bodies_declaring_other_images_are_refused_before_decoding(decodes):
@@ -249,7 +344,7 @@ def test_codec_parsing():
   for spec, msg in [("jpeg", "needs its quality"), ("jpeg:0", "1..100, got 0"),
                     ("jpeg:101", "1..100, got 101"), ("raw:5", "no quality.*got 5"),
                     ("png", "unknown codec 'png'"), ("jpeg:x", "does not parse"),
-                    ("webp-lossless:1", "got 1")]:
+                    ("webp-lossless:1", "got 1"), ("zstd:3", "got 3")]:
     with pytest.raises(codecs.CodecError, match=msg):
       codecs.parse(spec)
   with pytest.raises(payload.PayloadError, match="unknown codec"):
@@ -263,7 +358,8 @@ def test_codec_parsing():
 def test_codec_round_trips_through_the_header():
   tiles = _tiles(_scene(5))
   for spec, fields in [("raw", b"\0\0"), ("webp-lossless", b"\1\0"), ("jpeg:1", b"\2\1"),
-                       ("jpeg:100", b"\2\x64"), ("jpeg420:33", b"\3\x21")]:
+                       ("jpeg:100", b"\2\x64"), ("jpeg420:33", b"\3\x21"),
+                       ("zstd", b"\4\0")]:
     for k in (0, 3):
       data = payload.encode_payload(tiles[:k], np.arange(k), 14, codecs.parse(spec))
       assert data[7:9] == fields and payload.decode_payload(data).codec == codecs.parse(spec)

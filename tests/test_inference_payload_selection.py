@@ -238,13 +238,15 @@ def _set(d, pos, *values):
     (lambda d: _set(d, 1, d[1] ^ 2), "width flag"),
     (lambda d: _set(d, 2, 0), "grid must be"),
     (lambda d: _set(d, 5, 1, 44), "exceeds"),  # K = 300
-    (lambda d: _reseal(_set(d, 7, 4)), "bad codec field: unknown codec id 4"),
+    (lambda d: _reseal(_set(d, 7, 5)), "bad codec field: unknown codec id 5"),
     (lambda d: _reseal(_set(d, 8, 5)), "bad codec field.*raw"),  # raw with a quality
     (lambda d: _reseal(_set(d, 7, 2, 0)), "bad codec field.*jpeg"),  # jpeg, no quality
     (lambda d: _reseal(_set(d, 7, 2, 101)), "bad codec field.*101"),
     (lambda d: _set(d, 7, 2, 90), "CRC-32"),  # the codec bytes are under the CRC
     (lambda d: _reseal(_set(d, 7, 2, 90)), "not a JPEG"),
     (lambda d: _reseal(_set(d, 7, 1, 0)), "not a simple lossless WebP"),
+    (lambda d: _reseal(_set(d, 7, 4, 0)), "names no layout|not a zstd frame"),
+    (lambda d: _reseal(_set(d, 7, 4, 9)), "bad codec field.*zstd"),
     (lambda d: _set(d, 8, 1), "bad codec field"),  # checked before the CRC
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "CRC-32"),
     (lambda d: _set(d, 9, d[9] ^ 0x80), "CRC-32"),  # the CRC bytes themselves
@@ -367,7 +369,8 @@ def test_random_headers_never_crash(fields, rest):
   _check_decode(_reseal(fields + b"\0" * 4 + rest))
 
 
-_CODECS = ["raw", "webp-lossless", "jpeg:90", "jpeg:20", "jpeg420:75"]
+_CODECS = ["raw", "webp-lossless", "zstd", "jpeg:90", "jpeg:20", "jpeg420:75"]
+_MAGIC = {"webp-lossless": b"RIFF", "zstd": b"\x28\xb5\x2f\xfd"}  # zstd: after its layout byte
 
 
 @st.composite
@@ -425,14 +428,16 @@ def test_corrupted_payloads(case):
 def test_resealed_corrupt_bodies_decode_well_formed_or_raise(case, data):
   """A hostile or buggy encoder: coded bodies flipped, truncated, garbled or
   extended, the CRC recomputed (and for WebP sometimes the RIFF size, to reach
-  the pixel decoder). Decoding gives patches of the declared shape or
+  the pixel decoder; zstd frames carry no checksum, so their edits reach the
+  entropy decoder). Decoding gives patches of the declared shape or
   PayloadError, nothing else."""
   patches, idx, grid, codec, _, original, _ = case
   start = H + int(payload.index_bytes(idx.size, grid * grid))
   body = bytearray(original[start:])  # the header and indices stay as they were
-  assert body[:4] == (b"RIFF" if codec.name == "webp-lossless" else b"\xff\xd8\xff\xe0")
+  magic = body[1:5] if codec.name == "zstd" else body[:4]
+  assert magic == _MAGIC.get(codec.name, b"\xff\xd8\xff\xe0")
   # Half the edits go past the stream's headers, into the coded pixels.
-  data_start = 21 if codec.name == "webp-lossless" else body.find(b"\xff\xda") + 2
+  data_start = {"webp-lossless": 21, "zstd": 10}.get(codec.name, body.find(b"\xff\xda") + 2)
   for _ in range(data.draw(st.integers(1, 3))):
     kind = data.draw(st.sampled_from(["flip", "garble", "truncate", "insert"]))
     lo = min(data_start, len(body) - 1) if data.draw(st.booleans()) else 0

@@ -270,7 +270,7 @@ def _check_grid(c: dict):
   _need(isinstance(c["codec_grid"], list) and c["codec_grid"]
         and all(_codec_name(v) for v in c["codec_grid"])
         and len(set(c["codec_grid"])) == len(c["codec_grid"]), c, "codec_grid",
-        "must be a non-empty list of distinct codec names (raw, webp-lossless, jpeg:Q, ...)")
+        "must be a non-empty list of distinct codec names (raw, zstd, jpeg:Q, ...)")
   _need(_codec_name(c["codec"]), c, "codec", "must be a codec name")
   size = len(c["lambda_grid"]) * len(c["tau_grid"]) * len(c["codec_grid"])
   _need(_int(c["grid_size"]) and c["grid_size"] == size, c, "grid_size",

@@ -123,7 +123,7 @@ def codec_spec(v):
     codecs.parse(v)
     return None if isinstance(v, str) else "a codec name"
   except codecs.CodecError:
-    return "a codec: raw, webp-lossless, jpeg:Q or jpeg420:Q (Q in 1..100)"
+    return "a codec: raw, zstd, webp-lossless, jpeg:Q or jpeg420:Q (Q in 1..100)"
 
 
 def codec_list(min_len: int) -> Checker:

@@ -9,7 +9,7 @@ Payload of one offloaded image, version 2 (all integers big-endian):
   byte 4      channels c (1..255)
   bytes 5-6   K, the number of patches (uint16, 0..N)
   byte 7      codec of the patches (`codecs`): 0 raw, 1 webp-lossless,
-              2 jpeg (4:4:4), 3 jpeg420
+              2 jpeg (4:4:4), 3 jpeg420, 4 zstd
   byte 8      codec quality: 1..100 for JPEG, 0 otherwise
   bytes 9-12  CRC-32 (zlib) of every other byte of the payload, so a
               corrupted message is rejected rather than decoded to wrong
@@ -21,7 +21,8 @@ Payload of one offloaded image, version 2 (all integers big-endian):
               rejects the other choice, so every payload has one encoding.
   patches     raw: K * p * p * c uint8, patch-major in index order, each
               row-major (p, p, c); otherwise the coded mosaic of the K
-              patches (`codecs.encode_body`), to the end of the payload,
+              patches (`codecs.encode_body`; zstd: one zstd frame of
+              residual planes), to the end of the payload,
               at most `codecs.max_body_bytes` long. K = 0 has no body.
 The header is 13 bytes, so a raw payload has payload_bytes(K) = 13 +
 min(ceil(N/8), K * width) + K p^2 c bytes; a coded one is as long as its
@@ -79,10 +80,12 @@ def coded_bytes(images, rows, keep, geometry: Geometry = Geometry(), codec=codec
   out = np.empty(len(rows), np.int64)
 
   def encode(image):  # every row of one image; the codecs release the GIL
-    tiles = patchify(images[image][None], geometry.patch)[0]
+    body = codecs.body_encoder(patchify(images[image][None], geometry.patch)[0], codec)
     for r in np.flatnonzero(rows == image):
       idx = np.flatnonzero(keep[r])
-      out[r] = len(encode_payload(tiles[idx], idx, geometry.grid, codec))
+      # What encode_payload writes: header, indices, then the body (none for K = 0).
+      out[r] = HEADER_BYTES + index_bytes(idx.size, geometry.num_patches) + (
+          len(body(idx)) if idx.size else 0)
   with concurrent.futures.ThreadPoolExecutor(codecs.threads()) as pool:
     list(pool.map(encode, np.unique(rows)))
   return out
