@@ -14,7 +14,7 @@ Codecs (chosen by measurement: benchmarks/bench_codecs.py):
                  neighbours, inside the patch), whichever is shorter; a first
                  byte names which. Photos need the prediction (1.9x below raw
                  against 1.1x without); the demo's periodic textures compress
-                 best unpredicted. 3-4x faster to encode than webp-lossless,
+                 best unpredicted. About 3x faster to encode than webp-lossless,
                  within 6 % of its bytes (smaller on the demo's objects).
   webp-lossless  WebP lossless, method 0 (Pillow's libwebp): the smallest
                  lossless mosaic measured (2.0x below raw on photos, PNG

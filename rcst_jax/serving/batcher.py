@@ -1,8 +1,12 @@
 """Dynamic batching: concurrent requests answered by one server call.
 
 A request waits at most ``max_wait_s`` after the first one of its batch for
-others to arrive (or until ``max_requests`` have); the batch then runs as one
-call, which `Server.logits_from_decoded` splits by kept-token bucket. The
+others to arrive (or until ``max_requests`` have), and only while more may
+come: another request is on its way (`arriving`: received and being
+decoded), or the previous batch had company (requests under load arrive
+spread out, and larger batches cost less CPU each). A lone client's
+requests therefore run at once instead of waiting ``max_wait_s`` each. The
+batch then runs as one call, which `Server.logits_from_decoded` splits by kept-token bucket. The
 server runs each bucket's rows one by one inside one compiled loop
 (`Server.row_by_row`), so a request's logits are bit for bit those it gets
 alone (XLA on CPU rounds a batch of two differently from a batch of one).
@@ -10,6 +14,7 @@ alone (XLA on CPU rounds a batch of two differently from a batch of one).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -38,9 +43,24 @@ class DynamicBatcher:
                        f"{max_wait_s}")
     self._run, self.max_requests, self.max_wait_s = run, max_requests, max_wait_s
     self._queue: queue.Queue = queue.Queue()
+    self._arriving, self._arriving_lock = 0, threading.Lock()
+    self._last_batch = 0  # requests in the previous batch
     self._closed = threading.Event()
     self._thread = threading.Thread(target=self._loop, name="rcst-batcher", daemon=True)
     self._thread.start()
+
+  @contextlib.contextmanager
+  def arriving(self):
+    """Around a request from its receipt: while it is inside and has not
+    been submitted (``arrival.submit(item)``), a forming batch waits for it
+    (up to ``max_wait_s``)."""
+    arrival = _Arrival(self)
+    with self._arriving_lock:
+      self._arriving += 1
+    try:
+      yield arrival
+    finally:
+      arrival.leave()
 
   def submit(self, item) -> Future:
     if self._closed.is_set():
@@ -54,12 +74,18 @@ class DynamicBatcher:
     self._queue.put(None)
     self._thread.join()
 
+  def _left(self) -> None:
+    with self._arriving_lock:
+      self._arriving -= 1
+
   def _take(self) -> list:
     first = self._queue.get()
     if first is None:
       return []
     batch, until = [first], time.perf_counter() + self.max_wait_s
     while len(batch) < self.max_requests:
+      if self._last_batch <= 1 and not self._arriving and self._queue.empty():
+        break  # quiet, and nothing on its way: waiting would only delay it
       try:
         nxt = self._queue.get(timeout=max(0.0, until - time.perf_counter()))
       except queue.Empty:
@@ -68,6 +94,7 @@ class DynamicBatcher:
         self._queue.put(None)  # seen again by the loop, after this batch
         break
       batch.append(nxt)
+    self._last_batch = len(batch)
     return batch
 
   def _loop(self) -> None:
@@ -88,3 +115,21 @@ class DynamicBatcher:
       spent = time.perf_counter() - t0
       for row, (_, future, submitted) in zip(logits, batch):
         future.set_result(Answer(row, len(batch), t0 - submitted, spent))
+
+
+class _Arrival:
+  """One request on its way to a `DynamicBatcher` (see `arriving`)."""
+
+  def __init__(self, batcher: DynamicBatcher):
+    self._batcher, self._here = batcher, True
+
+  def leave(self) -> None:
+    if self._here:
+      self._here = False
+      self._batcher._left()
+
+  def submit(self, item) -> Future:
+    # Counted out before it is queued: a batch that saw it neither queued nor
+    # on its way starts without it and the next takes it, never waits on it.
+    self.leave()
+    return self._batcher.submit(item)

@@ -70,14 +70,16 @@ class Service:
 
   def classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyReply:
     t0 = time.perf_counter()
-    try:
-      decoded = self.server.decode(request.payload)
-    except payload.PayloadError as e:
-      context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload: {e}")
-    decode_s = time.perf_counter() - t0
+    with self.batcher.arriving() as arrival:
+      try:
+        decoded = self.server.decode(request.payload)
+      except payload.PayloadError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload: {e}")
+      decode_s = time.perf_counter() - t0
+      answer = arrival.submit(decoded)
     remaining = min(context.time_remaining() or math.inf, self.options.deadline_s)
     try:
-      answer = self.batcher.submit(decoded).result(timeout=remaining)
+      answer = answer.result(timeout=remaining)
     except futures.TimeoutError:
       context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"deadline: the server call did not finish within {remaining:.3f} s")
