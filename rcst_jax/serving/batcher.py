@@ -6,10 +6,11 @@ come: another request is on its way (`arriving`: received and being
 decoded), or the previous batch had company (requests under load arrive
 spread out, and larger batches cost less CPU each). A lone client's
 requests therefore run at once instead of waiting ``max_wait_s`` each. The
-batch then runs as one call, which `Server.logits_from_decoded` splits by kept-token bucket. The
-server runs each bucket's rows one by one inside one compiled loop
-(`Server.row_by_row`), so a request's logits are bit for bit those it gets
-alone (XLA on CPU rounds a batch of two differently from a batch of one).
+batch then runs as one call, which `Server.logits_from_decoded` splits by
+kept-token bucket. The server runs each bucket's rows one by one inside one
+compiled loop (`Server.row_by_row`), so a request's logits are bit for bit
+those it gets alone (XLA on CPU rounds a batch of two differently from a
+batch of one).
 """
 
 from __future__ import annotations
