@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image, WebPImagePlugin
 
 from rcst_jax.data import synthetic
-from rcst_jax.inference import codecs, payload
+from rcst_jax.inference import codecs, payload, zstd_body
 
 P = 16
 SUB = {"jpeg": "444", "jpeg420": "420"}
@@ -162,7 +162,7 @@ def decodes(monkeypatch):
     def decompress(self, *a, **k):
       calls.append("zstd")
       return zstandard.ZstdDecompressor().decompress(*a, **k)
-  monkeypatch.setattr(codecs._zstd, "d", Zstd(), raising=False)
+  monkeypatch.setattr(zstd_body._zstd, "d", Zstd(), raising=False)
   return calls
 
 

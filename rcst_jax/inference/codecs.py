@@ -9,7 +9,7 @@ alone saves almost nothing over raw bytes.
 Codecs (chosen by measurement: benchmarks/bench_codecs.py):
   raw            the uint8 patches as they are (payload v1's body)
   zstd           lossless: zstd level 1 over either the patches' bytes or
-                 their residual planes (`delta_planes`: each patch's G, R-G,
+                 their residual planes (`zstd_body`: each patch's G, R-G,
                  B-G, less the gradient prediction from the left and upper
                  neighbours, inside the patch), whichever is shorter; a first
                  byte names which. Photos need the prediction (1.9x below raw
@@ -47,11 +47,11 @@ import concurrent.futures
 import dataclasses
 import io
 import re
-import threading
 
 import numpy as np
 
 from rcst_jax import host
+from rcst_jax.inference import zstd_body
 
 MOSAIC_COLUMNS = 64
 # A compressed body longer than this is not a coded mosaic of the declared patches.
@@ -178,7 +178,7 @@ def encode_body(patches: np.ndarray, codec: Codec) -> bytes:
   if c != 3:
     raise CodecError(f"codec {codec}: needs 3 channels, got {c}")
   if codec.name == "zstd":
-    return _encode_zstd(patches, delta_planes(patches))
+    return zstd_body.encode(patches, zstd_body.delta_planes(patches))
   mosaic = to_mosaic(patches)
   if codec.lossy:
     return _encode_jpeg(mosaic, codec)
@@ -193,43 +193,9 @@ def body_encoder(tiles: np.ndarray, codec: Codec):
   patches [N, p, p, c]; zstd predicts within each patch, so its residual
   planes are computed once per image rather than once per subset."""
   if codec.name == "zstd" and tiles.shape[-1] == 3:
-    planes = delta_planes(tiles)
-    return lambda idx: _encode_zstd(tiles[idx], planes[:, idx])
+    planes = zstd_body.delta_planes(tiles)
+    return lambda idx: zstd_body.encode(tiles[idx], planes[:, idx])
   return lambda idx: encode_body(tiles[idx], codec)
-
-
-# zstd bodies: byte 0 names what the frame after it holds.
-ZSTD_PATCHES, ZSTD_DELTA = 0, 1  # the patches' bytes [K, p, p, 3]; delta_planes [3, K, p, p]
-# Each ZstdCompressor / ZstdDecompressor is used by one thread at a time.
-_zstd = threading.local()
-
-
-def delta_planes(patches: np.ndarray) -> np.ndarray:
-  """[K, p, p, 3] uint8 -> residual planes [3, K, p, p] uint8: G, R-G and B-G,
-  each value less its left and upper neighbours plus the upper-left one (0
-  outside the patch), all mod 256 (uint8 arithmetic wraps)."""
-  g = patches[..., 1]
-  planes = np.stack([g, patches[..., 0] - g, patches[..., 2] - g])
-  planes[..., 1:] -= planes[..., :-1].copy()
-  planes[..., 1:, :] -= planes[..., :-1, :].copy()
-  return planes
-
-
-def undo_delta_planes(planes: np.ndarray) -> np.ndarray:
-  """The inverse of delta_planes: [3, K, p, p] -> [K, p, p, 3] (two cumulative sums)."""
-  x = np.cumsum(np.cumsum(planes, axis=-2, dtype=np.uint8), axis=-1, dtype=np.uint8)
-  g, r, b = x
-  return np.stack([r + g, g, b + g], -1)
-
-
-def _encode_zstd(patches: np.ndarray, planes: np.ndarray) -> bytes:
-  import zstandard  # noqa: PLC0415 (only zstd payloads need it)
-  if not hasattr(_zstd, "c"):
-    # Level 1: level 3 was no smaller on residual planes and a third slower.
-    _zstd.c = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=False)
-  plain = _zstd.c.compress(np.ascontiguousarray(patches))
-  delta = _zstd.c.compress(np.ascontiguousarray(planes))
-  return bytes([ZSTD_DELTA]) + delta if len(delta) < len(plain) else bytes([ZSTD_PATCHES]) + plain
 
 
 def max_body_bytes(k: int, p: int, c: int) -> int:
@@ -251,42 +217,13 @@ def decode_body(body: bytes, codec: Codec, k: int, p: int, c: int) -> np.ndarray
     raise CodecError(f"{codec} body of {len(body)} bytes exceeds {max_body_bytes(k, p, c)} "
                      f"for {k} patches")
   if codec.name == "zstd":
-    return _decode_zstd(body, k, p)
+    try:
+      return zstd_body.decode(body, k, p)
+    except zstd_body.BodyError as e:
+      raise CodecError(str(e)) from None
   h, w = mosaic_shape(k, p)
   mosaic = _decode_jpeg(body, codec, h, w) if codec.lossy else _decode_webp(body, h, w)
   return from_mosaic(mosaic, k, p)
-
-
-def _decode_zstd(body: bytes, k: int, p: int) -> np.ndarray:
-  import zstandard  # noqa: PLC0415
-  want = 3 * k * p * p
-  if body[0] not in (ZSTD_PATCHES, ZSTD_DELTA):
-    raise CodecError(f"zstd body's first byte {body[0]} names no layout (0 patches, 1 residuals)")
-  frame_bytes = body[1:]
-  try:
-    frame = zstandard.get_frame_parameters(frame_bytes)
-  except zstandard.ZstdError as e:
-    raise CodecError(f"zstd body is not a zstd frame: {e}") from None
-  if frame.content_size != want:  # checked before anything is decompressed
-    declared = "no size" if frame.content_size == zstandard.CONTENTSIZE_UNKNOWN else (
-        f"{frame.content_size} bytes")
-    raise CodecError(f"zstd frame declares {declared}, the header's {k} patches of "
-                     f"{p}x{p}x3 need {want}")
-  if frame.dict_id:
-    raise CodecError(f"zstd frame needs dictionary {frame.dict_id}; payloads use none")
-  if not hasattr(_zstd, "d"):
-    _zstd.d = zstandard.ZstdDecompressor()
-  try:
-    # allow_extra_data=False: bytes after the frame would ride along unseen.
-    raw = _zstd.d.decompress(frame_bytes, max_output_size=want, allow_extra_data=False)
-  except zstandard.ZstdError as e:
-    raise CodecError(f"zstd body does not decode: {e}") from None
-  if len(raw) != want:
-    raise CodecError(f"zstd body decoded to {len(raw)} bytes, expected {want}")
-  x = np.frombuffer(raw, np.uint8)
-  if body[0] == ZSTD_PATCHES:
-    return x.reshape(k, p, p, 3).copy()
-  return undo_delta_planes(x.reshape(3, k, p, p))
 
 
 def _decode_jpeg(body: bytes, codec: Codec, h: int, w: int) -> np.ndarray:
