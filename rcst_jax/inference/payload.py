@@ -20,10 +20,11 @@ Payload of one offloaded image, version 2 (all integers big-endian):
               than the bitmask (N=196: list for K <= 25), and the decoder
               rejects the other choice, so every payload has one encoding.
   patches     raw: K * p * p * c uint8, patch-major in index order, each
-              row-major (p, p, c); otherwise the coded mosaic of the K
-              patches (`codecs.encode_body`; zstd: one zstd frame of
-              residual planes), to the end of the payload,
-              at most `codecs.max_body_bytes` long. K = 0 has no body.
+              row-major (p, p, c); otherwise the K patches coded by the
+              codec (`codecs.encode_body`: a mosaic image, or for zstd a
+              layout byte and one zstd frame, `zstd_body`), to the end of
+              the payload, at most `codecs.max_body_bytes` long. K = 0 has
+              no body.
 The header is 13 bytes, so a raw payload has payload_bytes(K) = 13 +
 min(ceil(N/8), K * width) + K p^2 c bytes; a coded one is as long as its
 encoding (`coded_bytes`). `encode_image_payload` / `decode_payload` are what

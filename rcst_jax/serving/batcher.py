@@ -56,8 +56,6 @@ class DynamicBatcher:
     been submitted (``arrival.submit(item)``), a forming batch waits for it
     (up to ``max_wait_s``)."""
     arrival = _Arrival(self)
-    with self._arriving_lock:
-      self._arriving += 1
     try:
       yield arrival
     finally:
@@ -75,9 +73,9 @@ class DynamicBatcher:
     self._queue.put(None)
     self._thread.join()
 
-  def _left(self) -> None:
+  def _count_arriving(self, delta: int) -> None:
     with self._arriving_lock:
-      self._arriving -= 1
+      self._arriving += delta
 
   def _take(self) -> list:
     first = self._queue.get()
@@ -123,11 +121,12 @@ class _Arrival:
 
   def __init__(self, batcher: DynamicBatcher):
     self._batcher, self._here = batcher, True
+    batcher._count_arriving(+1)
 
   def leave(self) -> None:
     if self._here:
       self._here = False
-      self._batcher._left()
+      self._batcher._count_arriving(-1)
 
   def submit(self, item) -> Future:
     # Counted out before it is queued: a batch that saw it neither queued nor

@@ -76,10 +76,10 @@ class Service:
       except payload.PayloadError as e:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload: {e}")
       decode_s = time.perf_counter() - t0
-      answer = arrival.submit(decoded)
+      pending = arrival.submit(decoded)
     remaining = min(context.time_remaining() or math.inf, self.options.deadline_s)
     try:
-      answer = answer.result(timeout=remaining)
+      answer = pending.result(timeout=remaining)
     except futures.TimeoutError:
       context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"deadline: the server call did not finish within {remaining:.3f} s")
