@@ -92,9 +92,10 @@ class RemoteServer:
 
   def _call(self, fn, request):
     # A blocking call: this thread polls for the answer itself. The future API
-    # hands it over from gRPC's polling thread, twice the client CPU a call
-    # (0.72-0.78 against 0.36 ms). The deadline goes out as grpc-timeout;
-    # gRPC re-sends a recent value by its HPACK index (1 byte a request).
+    # hands it over from gRPC's polling thread: 0.57-0.58 against 0.33-0.37 ms
+    # of client CPU a call (benchmarks/bench_client_calls.py). The deadline
+    # goes out as grpc-timeout; gRPC re-sends a recent value by its HPACK
+    # index (1 byte a request).
     for attempt in range(self.retries + 1):
       t0 = time.perf_counter()
       try:
