@@ -205,7 +205,13 @@ def framing(kind, address, data, calls=40):
   sent = [data[i % len(data)] for i in range(calls)]
   for d in sent:
     remote.classify(d)
-  return (link.totals()[0] - up0 - sum(map(len, sent))) / calls
+  up = link.totals()[0] - up0
+  if kind == "http":
+    remote.conn.close()
+    link.close()
+  else:
+    remote.close()  # and its link
+  return (up - sum(map(len, sent))) / calls
 
 
 def chunked_rate(server, data, total, chunk):
