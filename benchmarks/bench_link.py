@@ -247,16 +247,20 @@ def _cpu_s() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def inprocess_rate(server, data, total, decode: bool = True):
+def inprocess_rate(server, data, total, decode: bool = True, chunk: int | None = None):
   """(requests/s, CPU ms per request) of ``server`` on all of ``data`` at
   once, repeated to ``total`` requests: payloads in, logits out, as `rcst
-  run`'s in-process server (``decode`` False: already decoded payloads in)."""
+  run`'s in-process server (``decode`` False: already decoded payloads in;
+  ``chunk``: handed them that many at a time instead)."""
   decoded = [server.decode(d) for d in data]
   server.logits_from_decoded(decoded)  # compiles
-  reps = max(1, total // len(data))
+  reps, chunk = max(1, total // len(data)), chunk or len(data)
   t0, c0 = time.perf_counter(), _cpu_s()
   for _ in range(reps):
-    server.logits_from_decoded([server.decode(d) for d in data] if decode else decoded)
+    for i in range(0, len(data), chunk):
+      part = data[i:i + chunk]
+      server.logits_from_decoded([server.decode(d) for d in part] if decode
+                                 else decoded[i:i + chunk])
   n = reps * len(data)
   return n / (time.perf_counter() - t0), (_cpu_s() - c0) / n * 1e3
 

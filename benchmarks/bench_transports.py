@@ -65,12 +65,6 @@ def payloads(n=40, seed=0):
   return out
 
 
-def _submit(service: Service, data: bytes):
-  """The service's path up to the batcher, as `Service.classify` takes it."""
-  with service.batcher.arriving() as arrival:
-    return arrival.submit(service.server.decode(data))
-
-
 class _LoopThread:
   """An asyncio server in a daemon thread; ``address`` once it listens."""
 
@@ -87,7 +81,7 @@ class _LoopThread:
 
 def aio_grpc(service: Service) -> _LoopThread:
   async def classify(request, context):
-    answer = await asyncio.wrap_future(_submit(service, request.payload))
+    answer = await asyncio.wrap_future(service.submit(request.payload)[0])
     return pb.ClassifyReply(logits=answer.logits.tolist(), batch_requests=answer.batch_requests)
 
   async def serve(box):
@@ -117,7 +111,7 @@ def asgi(service: Service) -> _LoopThread:
       body += message.get("body", b"")
       if not message.get("more_body"):
         break
-    answer = await asyncio.wrap_future(_submit(service, bytes(body)))
+    answer = await asyncio.wrap_future(service.submit(bytes(body))[0])
     out = answer.logits.astype("<f4").tobytes()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(len(out)).encode()),
@@ -214,17 +208,6 @@ def framing(kind, address, data, calls=40):
   return (up - sum(map(len, sent))) / calls
 
 
-def chunked_rate(server, data, total, chunk):
-  decoded = [server.decode(d) for d in data]
-  server.logits_from_decoded(decoded)
-  t0, n = time.perf_counter(), 0
-  while n < total:
-    for i in range(0, len(data), chunk):
-      server.logits_from_decoded([server.decode(d) for d in data[i:i + chunk]])
-    n += len(data)
-  return n / (time.perf_counter() - t0)
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--requests", type=int, default=60, help="per client and row")
@@ -254,7 +237,7 @@ def main():
         "| req/call | p50 ms | p99 ms | vs in process: all at once, 8 at a time")
   for r in range(args.rounds):
     at_once = inprocess_rate(reference, data, total)[0]
-    by_8 = chunked_rate(reference, data, total, CLIENTS)
+    by_8 = inprocess_rate(reference, data, total, chunk=CLIENTS)[0]
     print(f"round {r + 1}: in process {at_once:.0f} req/s all at once, {by_8:.0f} req/s "
           f"8 at a time")
     for name, kind, address, svc in transports:

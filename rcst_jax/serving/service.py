@@ -68,15 +68,20 @@ class Service:
                                   options.max_wait_ms / 1000)
     self.digest = variables_digest(model.variables)
 
-  def classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyReply:
+  def submit(self, data: bytes) -> tuple[futures.Future, float]:
+    """A payload decoded, checked and queued for a batch: (its pending
+    `Answer`, seconds decoding), or `payload.PayloadError`."""
     t0 = time.perf_counter()
     with self.batcher.arriving() as arrival:
-      try:
-        decoded = self.server.decode(request.payload)
-      except payload.PayloadError as e:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload: {e}")
+      decoded = self.server.decode(data)
       decode_s = time.perf_counter() - t0
-      pending = arrival.submit(decoded)
+      return arrival.submit(decoded), decode_s
+
+  def classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyReply:
+    try:
+      pending, decode_s = self.submit(request.payload)
+    except payload.PayloadError as e:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload: {e}")
     remaining = min(context.time_remaining() or math.inf, self.options.deadline_s)
     try:
       answer = pending.result(timeout=remaining)
