@@ -159,7 +159,8 @@ def _cmd_run(args, extra):
         out = collaborative_inference(np.stack(images), edge, server, point,
                                       layer=cal.gradcam_layer or "features",
                                       batch_size=args.batch_size, server_batch=args.batch_size,
-                                      remote=remote, on_server_error=args.on_server_error)
+                                      remote=remote, on_server_error=args.on_server_error,
+                                      send=args.send)
         _print_run_batch(good, out, point, names)
   finally:
     if remote is not None:
@@ -266,6 +267,11 @@ def _add_run_commands(sub) -> None:
   p.add_argument("--on-server-error", choices=("edge", "fail"), default="edge",
                  help="an unreachable server: keep the edge's prediction, marked "
                       "server_unreachable (default), or stop with an error")
+  p.add_argument("--send", choices=("each", "batch"), default="each",
+                 help="a remote server: one call per offloaded image (default; each image's "
+                      "own wire bytes and round trip), or one call per --batch-size images "
+                      "(the call's bytes shared among them by size; less framing and server "
+                      "CPU per image)")
   p.add_argument("--codec", type=argtypes.codec, default=None,
                  help="how the kept patches are coded: raw, zstd, webp-lossless, jpeg:Q, jpeg420:Q; "
                       "default: the certified codec (raw with --tau)")

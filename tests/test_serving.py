@@ -23,6 +23,7 @@ from rcst_jax.inference.server import Server  # noqa: E402
 from rcst_jax.serving.batcher import DynamicBatcher  # noqa: E402
 from rcst_jax.serving.client import RemoteServer, ServerRefused, ServerUnreachable  # noqa: E402
 from rcst_jax.serving import link as link_lib  # noqa: E402
+from rcst_jax.serving import rcst_pb2 as pb  # noqa: E402
 from rcst_jax.serving.link import Link  # noqa: E402
 from rcst_jax.serving.service import RcstServer, ServeOptions  # noqa: E402
 from test_cli import _files, calibration  # noqa: E402,F401  (the smoke demo's calibration)
@@ -105,6 +106,46 @@ def test_batched_answers_are_the_single_request_logits(model, served):
     assert len(d) < r.wire_up and r.wire_down > 4 * model.num_classes
     extra.append(r.wire_up - len(d) - 9 * ((len(d) + 8) // 16384))
   assert np.median(extra) < 52, extra
+  client.close()
+
+
+def test_a_batch_call_answers_each_payload_as_alone_or_with_its_own_error(model, served):
+  data = _payloads(9, seed=7)
+  want = _alone(model, data)
+  client = RemoteServer(served.address)
+  # A malformed payload among them is refused by name; the rest are answered.
+  got = client.classify_batch(data[:4] + [b"not a payload"] + data[4:])
+  assert isinstance(got[4], ServerRefused) and "payload 4:" in str(got[4])
+  assert got[4].code == grpc.StatusCode.INVALID_ARGUMENT
+  del got[4]
+  for r, w in zip(got, want):
+    np.testing.assert_array_equal(r.logits, w)
+  assert max(r.batch_requests for r in got) > 1
+  # The call's wire bytes, shared by payload size, add up to the link's count;
+  # the framing a payload bears is a fraction of a call of its own (48 B).
+  up0 = client.link.totals()[0]
+  got = client.classify_batch(data)
+  up = client.link.totals()[0] - up0
+  assert sum(r.wire_up for r in got) == up
+  assert all(r.wire_up >= len(d) for r, d in zip(got, data))
+  assert (up - sum(map(len, data))) / len(data) < 24
+  # Over the server's limits the client splits: 3 payloads a call, and whole
+  # raw payloads (150 KB each) one per call under the size cap; a payload over
+  # the cap alone is refused as too large, the others answered.
+  client._limits = (3, client._limits[1])
+  for r, w in zip(client.classify_batch(data), want):
+    np.testing.assert_array_equal(r.logits, w)
+  images = np.random.default_rng(8).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+  raw = [payload.encode_image_payload(x, np.ones(196, bool), GEO, "raw") for x in images]
+  assert sum(map(len, raw)) > served.service.max_message_bytes
+  got = client.classify_batch([raw[0], b"x" * (served.service.max_message_bytes + 1), raw[1]])
+  assert got[1].code == grpc.StatusCode.RESOURCE_EXHAUSTED
+  for r, w in zip([got[0], got[2]], _alone(model, raw)):
+    np.testing.assert_array_equal(r.logits, w)
+  # The server's own cap on payloads per call, named.
+  with pytest.raises(ServerRefused, match="65 payloads in one call") as e:
+    client._call(client._classify_batch, pb.ClassifyBatchRequest(payloads=[b""] * 65))
+  assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
   client.close()
 
 
@@ -282,6 +323,16 @@ def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calib
       assert b["bytes_sent"] < b["wire_bytes_up"] < b["bytes_sent"] + 200
       assert b["rtt_ms"] >= b["server_ms"] > 0
   assert offloaded >= 1
+  # --send batch: the same answers, the offloaded images of each edge batch in
+  # one call whose wire bytes they share (each still above its payload).
+  assert cli.main([*common, "--server", demo_served.address, "--send", "batch",
+                   "--batch-size", "3"]) == 0
+  batched = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  for a, b in zip(local, batched):
+    for k in ("prediction", "accepted_on_edge", "sent_indices", "bytes_sent", "status"):
+      assert a[k] == b[k], (k, a, b)
+    if b["status"] == "server":
+      assert b["bytes_sent"] < b["wire_bytes_up"] < b["bytes_sent"] + 200
   # A server that is not there: the edge's answers, marked; or an error with --on-server-error fail.
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -296,6 +347,10 @@ def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calib
     assert "wire_bytes_up" in b and (b["status"] == "edge" or b["prediction"] == _edge_pred(b))
   assert cli.main([*dead, "--on-server-error", "fail"]) == 2
   assert "after 2 attempts" in capsys.readouterr().err
+  with pytest.warns(UserWarning, match="after 2 attempts"):
+    assert cli.main([*dead, "--send", "batch"]) == 0
+  assert [json.loads(x)["status"] for x in capsys.readouterr().out.strip().splitlines()] \
+      == [b["status"] for b in fallback]
 
 
 def _edge_pred(record):

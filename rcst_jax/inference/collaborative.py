@@ -26,7 +26,7 @@ def collaborative_inference(images, edge: Model, server: Model | None,
                             point: methods.OperatingPoint, *, layer: str = "features",
                             batch_size: int = 16, server_batch: int = 16,
                             buckets: Sequence[int] = patches.BUCKETS, remote=None,
-                            on_server_error: str = "edge") -> dict:
+                            on_server_error: str = "edge", send: str = "each") -> dict:
   """Algorithm 2 on uint8 images [B, H, W, 3] at one operating point.
 
   ``layer`` is the Grad-CAM tap the calibration recorded; `batch_size`
@@ -38,13 +38,16 @@ def collaborative_inference(images, edge: Model, server: Model | None,
   time shared by its images, each payload's encoding).
 
   With ``remote`` (and ``server`` None) each payload goes to that server in
-  turn; the result adds per image the round trip, the server's reported
+  turn (``send="batch"``: all of them in one `ClassifyBatch` call, which
+  shares the call's wire bytes among them by size); the result adds per image the round trip, the server's reported
   time, the bytes on the wire each way and a ``status`` ("edge", "server" or
   "server_unreachable": no answer after the client's retries, the edge's
   prediction stands; ``on_server_error="fail"`` raises instead).
   """
   if on_server_error not in ("edge", "fail"):
     raise ValueError(f"on_server_error must be 'edge' or 'fail', got {on_server_error!r}")
+  if send not in ("each", "batch"):
+    raise ValueError(f"send must be 'each' or 'batch', got {send!r}")
   images = np.asarray(images, np.uint8)
   geo = Geometry.of_server(server) if remote is None else remote.geometry
   if images.ndim != 4 or images.shape[1:] != (geo.image_size, geo.image_size, geo.channels):
@@ -57,7 +60,7 @@ def collaborative_inference(images, edge: Model, server: Model | None,
   edge_s = (time.perf_counter() - t0) / max(len(images), 1)
   out = transmit(images, off[0], keep[0], fallback, geo, point.codec, server=server,
                  remote=remote, server_batch=server_batch, buckets=buckets,
-                 on_server_error=on_server_error)
+                 on_server_error=on_server_error, send=send)
   return {**out, "edge_s": np.full(len(images), edge_s), "p_max": e["p_max"],
           "probs": e["probs"], "aps_mask": e["aps_mask"], "patch_scores": e["patch_scores"],
           "cam": e["cam"]}
@@ -65,7 +68,8 @@ def collaborative_inference(images, edge: Model, server: Model | None,
 
 def transmit(images, off, keep, fallback, geo: Geometry, codec: str = "raw", *,
              server: Model | None = None, remote=None, server_batch: int = 16,
-             buckets: Sequence[int] = patches.BUCKETS, on_server_error: str = "edge") -> dict:
+             buckets: Sequence[int] = patches.BUCKETS, on_server_error: str = "edge",
+             send: str = "each") -> dict:
   """Algorithm 2 after any edge's decision (offloaded [n], keep [n, N],
   fallback [n]): one payload per offloaded image coded by ``codec``, the
   server (``server`` in process, or ``remote``) on what it decodes, Eq. 27.
@@ -80,7 +84,7 @@ def transmit(images, off, keep, fallback, geo: Geometry, codec: str = "raw", *,
     timing["encode_s"][i] = time.perf_counter() - t0
   server_pred = np.full(n, -1, np.int32)
   if remote is not None:
-    timing.update(_ask_remote(remote, payloads, server_pred, n, on_server_error))
+    timing.update(_ask_remote(remote, payloads, server_pred, n, on_server_error, send))
   elif payloads:
     logits = Server(server, server_batch, buckets).logits_from_payloads(list(payloads.values()))
     server_pred[list(payloads)] = logits.argmax(-1)
@@ -94,20 +98,28 @@ def transmit(images, off, keep, fallback, geo: Geometry, codec: str = "raw", *,
           **timing}
 
 
-def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: str) -> dict:
-  """Each payload to the remote server in turn (so each reply's wire bytes
-  are its own); fills server_pred, returns the per-image link figures."""
+def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: str,
+                send: str = "each") -> dict:
+  """The payloads to the remote server, each in turn (so each reply's wire
+  bytes are its own) or all in one batch call; fills server_pred, returns
+  the per-image link figures."""
   out = {k: np.zeros(n) for k in ("rtt_s", "server_s", "queue_s", "decode_s")}
   out.update(wire_up=np.zeros(n, np.int64), wire_down=np.zeros(n, np.int64))
-  for i, data in payloads.items():
+  items = list(payloads.items())
+  calls = [items] if send == "batch" and items else [[item] for item in items]
+  for call in calls:
     try:
-      r = remote.classify(data)
+      replies = remote.classify_batch([data for _, data in call]) if send == "batch" \
+          else [remote.classify(call[0][1])]
     except errors.ServerUnreachable:
       if on_server_error == "fail":
         raise
       continue
-    server_pred[i] = int(r.logits.argmax())
-    out["rtt_s"][i], out["server_s"][i], out["queue_s"][i] = r.rtt_s, r.compute_s, r.queue_s
-    out["decode_s"][i] = r.decode_s
-    out["wire_up"][i], out["wire_down"][i] = r.wire_up, r.wire_down
+    for (i, _), r in zip(call, replies):
+      if isinstance(r, Exception):  # refused: as `classify` raises it
+        raise r
+      server_pred[i] = int(r.logits.argmax())
+      out["rtt_s"][i], out["server_s"][i], out["queue_s"][i] = r.rtt_s, r.compute_s, r.queue_s
+      out["decode_s"][i] = r.decode_s
+      out["wire_up"][i], out["wire_down"][i] = r.wire_up, r.wire_down
   return out

@@ -7,6 +7,9 @@ server answers (a refused payload, a message over its cap) is a
 `ServerRefused` naming the status, never retried. With ``metered`` the
 channel runs through a `link.Link` relay, so each reply carries the bytes
 its request and answer took on the wire, HTTP/2 and gRPC framing included.
+`classify_batch` sends several payloads per call (`ClassifyBatch`): one
+call's transport cost shared by its payloads, which is what lets a served
+edge keep up with the in-process server (benchmarks/bench_transports.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from typing import Sequence
 
 import grpc
 import numpy as np
@@ -51,6 +55,37 @@ class Reply:
   attempts: int
 
 
+def _reply(r: pb.ClassifyReply, rtt: float, up: int, down: int, attempts: int) -> Reply:
+  return Reply(np.asarray(r.logits, np.float32), rtt, r.compute_ms / 1e3, r.queue_ms / 1e3,
+               r.decode_ms / 1e3, r.batch_requests, up, down, attempts)
+
+
+def _calls(payloads: Sequence[bytes], most: int, cap: int):
+  """``payloads`` cut, in order, into runs of at most ``most`` whose sizes
+  (each with its protobuf field prefix, at most 6 bytes) add up to at most
+  ``cap``; a payload over ``cap`` alone goes in a call of its own (the server
+  then refuses it as too large)."""
+  part, size = [], 0
+  for p in payloads:
+    if part and (len(part) == most or size + len(p) + 6 > cap):
+      yield part
+      part, size = [], 0
+    part.append(p)
+    size += len(p) + 6
+  if part:
+    yield part
+
+
+def _share(total: int, sizes: Sequence[int]) -> list[int]:
+  """``total`` split in proportion to ``sizes``, in whole bytes that add up
+  to it (largest remainders first)."""
+  weights = np.asarray(sizes, np.float64) + 1  # an empty payload still costs framing
+  exact = total * weights / weights.sum()
+  out = np.floor(exact).astype(np.int64)
+  out[np.argsort(out - exact, kind="stable")[:total - out.sum()]] += 1
+  return out.tolist()
+
+
 def parse_address(address: str) -> tuple[str, int]:
   m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})", address)
   if not m or not 0 < int(m.group(2)) < 65536:
@@ -86,6 +121,10 @@ class RemoteServer:
     self._classify = self.channel.unary_unary(
         f"/{SERVICE}/Classify", request_serializer=pb.ClassifyRequest.SerializeToString,
         response_deserializer=pb.ClassifyReply.FromString)
+    self._classify_batch = self.channel.unary_unary(
+        f"/{SERVICE}/ClassifyBatch", request_serializer=pb.ClassifyBatchRequest.SerializeToString,
+        response_deserializer=pb.ClassifyBatchReply.FromString)
+    self._limits = None  # (payloads, bytes) per ClassifyBatch call, from Describe
     self._describe = self.channel.unary_unary(
         f"/{SERVICE}/Describe", request_serializer=pb.DescribeRequest.SerializeToString,
         response_deserializer=pb.DescribeReply.FromString)
@@ -118,9 +157,39 @@ class RemoteServer:
     before = self.link.totals() if self.link else (0, 0)
     r, rtt, attempts = self._call(self._classify, pb.ClassifyRequest(payload=data))
     after = self.link.totals() if self.link else (0, 0)
-    return Reply(np.asarray(r.logits, np.float32), rtt, r.compute_ms / 1e3, r.queue_ms / 1e3,
-                 r.decode_ms / 1e3, r.batch_requests, after[0] - before[0],
-                 after[1] - before[1], attempts)
+    return _reply(r, rtt, after[0] - before[0], after[1] - before[1], attempts)
+
+  def classify_batch(self, payloads: Sequence[bytes]) -> list[Reply | ServerRefused]:
+    """Each payload's `Reply`, or the `ServerRefused` that names why the
+    server refused it (`ServerUnreachable` is raised, as by `classify`); the payloads go in as few calls as the
+    server's limits allow (`Describe`). A call's wire bytes are shared among
+    its payloads in proportion to their sizes (summing to the call's exactly);
+    its round trip is each one's ``rtt_s``."""
+    if self._limits is None:
+      d = self.describe()
+      # Per payload in the request: a 1-byte field tag and its length varint.
+      self._limits = (d.max_batch_payloads or 1, d.max_message_bytes - 64)
+    out: list = []
+    for part in _calls(payloads, *self._limits):
+      before = self.link.totals() if self.link else (0, 0)
+      try:
+        r, rtt, attempts = self._call(self._classify_batch,
+                                      pb.ClassifyBatchRequest(payloads=part))
+      except ServerRefused as e:  # the whole call (a payload over the size cap, alone)
+        out += [e] * len(part)
+        continue
+      after = self.link.totals() if self.link else (0, 0)
+      if len(r.replies) != len(part):
+        raise ServerRefused(f"{self.address} answered {len(r.replies)} replies to "
+                            f"{len(part)} payloads", grpc.StatusCode.INTERNAL)
+      sizes = [len(p) for p in part]
+      up = _share(after[0] - before[0], sizes)
+      down = _share(after[1] - before[1], sizes)
+      for i, x in enumerate(r.replies):
+        out.append(ServerRefused(f"{self.address} answered INVALID_ARGUMENT: {x.error}",
+                                 grpc.StatusCode.INVALID_ARGUMENT) if x.error
+                   else _reply(x, rtt, up[i], down[i], attempts))
+    return out
 
   def close(self) -> None:
     self.channel.close()

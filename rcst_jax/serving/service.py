@@ -5,7 +5,10 @@ before it listens, and answers `Classify` (one payload -> logits) through a
 `DynamicBatcher`. Payloads are decoded and checked in the request's thread,
 so a malformed one is answered INVALID_ARGUMENT with what is wrong and never
 reaches a batch. Listens on 127.0.0.1 unless told otherwise; the standard
-gRPC health service reports SERVING once compiled.
+gRPC health service reports SERVING once compiled. `ClassifyBatch` takes
+several payloads in one call (an edge's batch of offloaded images); they
+join the same dynamic batches, and each is answered as `Classify` answers it
+alone, or with its own named error.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class ServeOptions:
   batch: int = 8
   buckets: Sequence[int] = patches.BUCKETS
   max_wait_ms: float = 2.0       # how long a batch waits for more requests
-  max_requests: int = 64         # requests per batch (over all buckets)
+  max_requests: int = 64         # requests per batch (over all buckets), and
+                                 # payloads per ClassifyBatch call
   workers: int = 16              # gRPC handler threads (concurrent requests)
   # Server calls in flight at once (a batch's buckets run side by side);
   # 0: 2 on a CPU host with 2+ cores (rcst serve runs XLA on one thread a call).
@@ -77,33 +81,68 @@ class Service:
       decode_s = time.perf_counter() - t0
       return arrival.submit(decoded), decode_s
 
+  def _deadline(self, context) -> float:
+    return time.perf_counter() + min(context.time_remaining() or math.inf,
+                                     self.options.deadline_s)
+
+  @staticmethod
+  def _wait(pending: futures.Future, until: float, context):
+    remaining = max(0.0, until - time.perf_counter())
+    try:
+      return pending.result(timeout=remaining)
+    except futures.TimeoutError:
+      context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline: the server call did not finish within {remaining:.3f} s")
+
+  @staticmethod
+  def _reply(answer, decode_s: float) -> pb.ClassifyReply:
+    return pb.ClassifyReply(logits=answer.logits.tolist(), batch_requests=answer.batch_requests,
+                            queue_ms=answer.queue_s * 1e3, compute_ms=answer.compute_s * 1e3,
+                            decode_ms=decode_s * 1e3)
+
   def classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyReply:
+    until = self._deadline(context)
     try:
       pending, decode_s = self.submit(request.payload)
     except payload.PayloadError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload: {e}")
-    remaining = min(context.time_remaining() or math.inf, self.options.deadline_s)
-    try:
-      answer = pending.result(timeout=remaining)
-    except futures.TimeoutError:
-      context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"deadline: the server call did not finish within {remaining:.3f} s")
-    return pb.ClassifyReply(logits=answer.logits.tolist(), batch_requests=answer.batch_requests,
-                            queue_ms=answer.queue_s * 1e3, compute_ms=answer.compute_s * 1e3,
-                            decode_ms=decode_s * 1e3)
+    return self._reply(self._wait(pending, until, context), decode_s)
+
+  def classify_batch(self, request: pb.ClassifyBatchRequest, context) -> pb.ClassifyBatchReply:
+    until, n = self._deadline(context), len(request.payloads)
+    if n > self.options.max_requests:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{n} payloads in one call; this server takes at most "
+                    f"{self.options.max_requests}")
+    submitted = []
+    # Held while the call's payloads are decoded one after another, so a
+    # forming batch waits for the rest of them rather than starting between two.
+    with self.batcher.arriving():
+      for i, data in enumerate(request.payloads):
+        try:
+          submitted.append(self.submit(data))
+        except payload.PayloadError as e:
+          submitted.append(f"payload {i}: {e}")
+    return pb.ClassifyBatchReply(replies=[
+        pb.ClassifyReply(error=s) if isinstance(s, str)
+        else self._reply(self._wait(s[0], until, context), s[1]) for s in submitted])
 
   def describe(self, request, context) -> pb.DescribeReply:
     geo = self.server.geometry
     return pb.DescribeReply(version=__version__, model_digest=self.digest, grid=geo.grid,
                             patch=geo.patch, num_classes=self.server.model.num_classes,
                             buckets=list(self.server.buckets), batch=self.options.batch,
-                            max_message_bytes=self.max_message_bytes)
+                            max_message_bytes=self.max_message_bytes,
+                            max_batch_payloads=self.options.max_requests)
 
   def handler(self) -> grpc.GenericRpcHandler:
     unary = grpc.unary_unary_rpc_method_handler
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Classify": unary(self.classify, request_deserializer=pb.ClassifyRequest.FromString,
                           response_serializer=pb.ClassifyReply.SerializeToString),
+        "ClassifyBatch": unary(self.classify_batch,
+                               request_deserializer=pb.ClassifyBatchRequest.FromString,
+                               response_serializer=pb.ClassifyBatchReply.SerializeToString),
         "Describe": unary(self.describe, request_deserializer=pb.DescribeRequest.FromString,
                           response_serializer=pb.DescribeReply.SerializeToString)})
 
