@@ -1,7 +1,7 @@
 """What the transport costs a request under load, apart from the model:
 `rcst serve`'s gRPC server against two candidates, on the same service.
 
-  .venv/bin/python benchmarks/bench_transports.py [--requests 60] [--rounds 2]
+  .venv/bin/python benchmarks/bench_transports.py [--requests 64] [--rounds 2] [--pin]
 
 Eight client processes, each sending its requests in turn (the load check of
 benchmarks/bench_link.py), against one server process holding the service
@@ -9,6 +9,9 @@ benchmarks/bench_link.py), against one server process holding the service
 `DynamicBatcher` and the row-by-row server calls), behind:
   - gRPC, thread pool: `rcst serve` as shipped (`RcstServer`), clients
     `RemoteServer` (blocking calls);
+  - gRPC, 8 payloads a call: the same server, clients sending their payloads
+    8 at a time in one `ClassifyBatch` call (`RemoteServer.classify_batch`,
+    `rcst run --send batch`), so a call's transport cost is shared by 8;
   - gRPC, asyncio: the same handler on `grpc.aio` (one event-loop thread);
   - HTTP/1.1 ASGI: a bare ASGI app on uvicorn with httptools and uvloop
     (only if installed: `pip install uvicorn httptools uvloop`), clients
@@ -23,6 +26,11 @@ clients waiting on their answers can form). Framing: wire bytes up per
 request less the payload, through the `link.Link` meter. Payloads: 40
 random 224 x 224 images, 5-59 of 196 patches kept, jpeg420:50. No timm
 reference: the model is the same in every row; only the transport differs.
+
+The clients stand in for edge devices but share this machine's cores with
+the server, which the in-process reference does not. ``--pin`` gives the
+server (and the in-process reference, in the same process) core 0 alone and
+the clients the other cores, so both sides of the ratio have the same CPU.
 """
 
 import argparse
@@ -52,6 +60,7 @@ from rcst_jax.serving.service import SERVICE, RcstServer, ServeOptions, Service
 
 WEIGHTS = os.path.join(os.path.dirname(common.HERE), "weights")
 CLIENTS = 8
+PER_CALL = 8  # payloads per ClassifyBatch call
 
 
 def payloads(n=40, seed=0):
@@ -145,30 +154,37 @@ class _HttpClient:
     return int(r.getheader("x-batch"))
 
 
-def _client(kind, address, data, per_client, k, ready, start, results):
+def _client(kind, address, data, per_client, k, ready, start, results, cpus):
+  if cpus:
+    os.sched_setaffinity(0, cpus)
+  step = PER_CALL if kind == "grpc-batch" else 1
   if kind == "http":
     remote = _HttpClient(address)
-    call = remote.classify
+    call = lambda ds: [remote.classify(ds[0])]  # noqa: E731
   else:
     remote = RemoteServer(address, metered=False)
-    call = lambda d: remote.classify(d).batch_requests  # noqa: E731
+    if kind == "grpc-batch":
+      call = lambda ds: [r.batch_requests for r in remote.classify_batch(ds)]  # noqa: E731
+    else:
+      call = lambda ds: [remote.classify(ds[0]).batch_requests]  # noqa: E731
   for i in range(10):  # connection, HPACK tables
-    call(data[i % len(data)])
+    call([data[(i + j) % len(data)] for j in range(step)])
   ready.put(k)
   start.wait()
   c0, lat, sizes = _cpu_s(), [], []
-  for j in range(per_client):
+  for j in range(0, per_client, step):
     t = time.perf_counter()
-    sizes.append(call(data[(k * per_client + j) % len(data)]))
-    lat.append(time.perf_counter() - t)
+    got = call([data[(k * per_client + j + i) % len(data)] for i in range(step)])
+    lat += [time.perf_counter() - t] * len(got)
+    sizes += got
   results.put((lat, sizes, _cpu_s() - c0))
 
 
-def load(kind, address, data, per_client):
+def load(kind, address, data, per_client, cpus=None):
   ctx = multiprocessing.get_context("spawn")
   ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
   procs = [ctx.Process(target=_client, args=(kind, address, data, per_client, k, ready, start,
-                                             results)) for k in range(CLIENTS)]
+                                             results, cpus)) for k in range(CLIENTS)]
   for p in procs:
     p.start()
   for _ in procs:
@@ -193,12 +209,14 @@ def framing(kind, address, data, calls=40):
     remote = _HttpClient(link.address)
   else:
     remote = RemoteServer(address, metered=True, link=link)
-  for d in data[:10]:
-    remote.classify(d)
-  up0 = link.totals()[0]
+  step = PER_CALL if kind == "grpc-batch" else 1
+  call = remote.classify_batch if kind == "grpc-batch" else lambda ds: remote.classify(ds[0])
   sent = [data[i % len(data)] for i in range(calls)]
-  for d in sent:
-    remote.classify(d)
+  for i in range(0, 10 * step, step):
+    call(sent[i:i + step])
+  up0 = link.totals()[0]
+  for i in range(0, calls, step):
+    call(sent[i:i + step])
   up = link.totals()[0] - up0
   if kind == "http":
     remote.conn.close()
@@ -210,13 +228,26 @@ def framing(kind, address, data, calls=40):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--requests", type=int, default=60, help="per client and row")
+  ap.add_argument("--requests", type=int, default=64, help="per client and row (a multiple "
+                                                            f"of {PER_CALL})")
   ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--pin", action="store_true", help="server and in-process reference on core "
+                                                     "0 alone, clients on the others")
   args = ap.parse_args()
+  args.requests -= args.requests % PER_CALL
+  clients_cpus = None
+  if args.pin:  # before the model starts a backend: XLA sizes its threads by the mask
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+      raise SystemExit("--pin needs 2 cores")
+    os.sched_setaffinity(0, {cores[0]})
+    clients_cpus = set(cores[1:])
   model = load_model(f"{WEIGHTS}/demo_server")
   data, options = payloads(), ServeOptions()
   shipped = RcstServer(model, "127.0.0.1:0", options)
-  transports = [("gRPC, thread pool (rcst serve)", "grpc", shipped.address, shipped.service)]
+  transports = [("gRPC, thread pool (rcst serve)", "grpc", shipped.address, shipped.service),
+                (f"gRPC, {PER_CALL} payloads a call", "grpc-batch", shipped.address,
+                 shipped.service)]
   service = Service(model, options)
   transports.append(("gRPC, asyncio", "grpc", aio_grpc(service).address, service))
   have_asgi = all(importlib.util.find_spec(m) for m in ("uvicorn", "httptools", "uvloop"))
@@ -226,9 +257,12 @@ def main():
   reference = Server(model, options.batch, tuple(options.buckets), row_by_row=True,
                      concurrency=shipped.service.server.concurrency)
   total = CLIENTS * args.requests
-  print(f"CPU: {cpu_line()}, {os.cpu_count()} cores shared by the server and {CLIENTS} client "
-        f"processes; {args.requests} requests per client and row, 40 jpeg420:50 payloads "
-        f"(mean {np.mean([len(d) for d in data]):.0f} B)")
+  where = (f"core {min(os.sched_getaffinity(0))} for the server and the in-process reference, "
+           f"cores {sorted(clients_cpus)} for the {CLIENTS} client processes") if args.pin \
+      else f"{os.cpu_count()} cores shared by the server and {CLIENTS} client processes"
+  print(f"CPU: {cpu_line()}; {where}; server calls in flight "
+        f"{shipped.service.server.concurrency}; {args.requests} requests per client and row, "
+        f"40 jpeg420:50 payloads (mean {np.mean([len(d) for d in data]):.0f} B)")
   if not have_asgi:
     print("(HTTP/1.1 ASGI skipped: pip install uvicorn httptools uvloop)")
   print("framing, wire bytes up per request less the payload: " + ", ".join(
@@ -247,7 +281,7 @@ def main():
           classes = model.num_classes
           svc.batcher._run = lambda items, c=classes: np.zeros((len(items), c), np.float32)
         try:
-          m = load(kind, address, data, args.requests)
+          m = load(kind, address, data, args.requests, clients_cpus)
         finally:
           svc.batcher._run = real
         ratios = "" if mode == "null" else \
