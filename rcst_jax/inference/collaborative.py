@@ -39,8 +39,9 @@ def collaborative_inference(images, edge: Model, server: Model | None,
 
   With ``remote`` (and ``server`` None) each payload goes to that server in
   turn (``send="batch"``: all of them in one `ClassifyBatch` call, which
-  shares the call's wire bytes among them by size); the result adds per image the round trip, the server's reported
-  time, the bytes on the wire each way and a ``status`` ("edge", "server" or
+  shares the call's wire bytes among them by size); the result adds per
+  image the round trip, the server's reported time, the bytes on the wire
+  each way and a ``status`` ("edge", "server" or
   "server_unreachable": no answer after the client's retries, the edge's
   prediction stands; ``on_server_error="fail"`` raises instead).
   """

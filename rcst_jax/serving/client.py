@@ -161,13 +161,15 @@ class RemoteServer:
 
   def classify_batch(self, payloads: Sequence[bytes]) -> list[Reply | ServerRefused]:
     """Each payload's `Reply`, or the `ServerRefused` that names why the
-    server refused it (`ServerUnreachable` is raised, as by `classify`); the payloads go in as few calls as the
-    server's limits allow (`Describe`). A call's wire bytes are shared among
-    its payloads in proportion to their sizes (summing to the call's exactly);
-    its round trip is each one's ``rtt_s``."""
+    server refused it (`ServerUnreachable` is raised, as by `classify`). The
+    payloads go in as few calls as the server's limits allow (`Describe`). A
+    call's wire bytes are shared among its payloads in proportion to their
+    sizes (summing to the call's exactly); its round trip is each one's
+    ``rtt_s``."""
     if self._limits is None:
       d = self.describe()
-      # Per payload in the request: a 1-byte field tag and its length varint.
+      # 64 bytes of the size cap kept for the request's own framing (`_calls`
+      # counts each payload's field prefix).
       self._limits = (d.max_batch_payloads or 1, d.max_message_bytes - 64)
     out: list = []
     for part in _calls(payloads, *self._limits):
