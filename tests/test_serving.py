@@ -328,6 +328,7 @@ def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calib
   assert cli.main([*common, "--server", demo_served.address, "--send", "batch",
                    "--batch-size", "3"]) == 0
   batched = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  assert [b["image"] for b in batched] == paths
   for a, b in zip(local, batched):
     for k in ("prediction", "accepted_on_edge", "sent_indices", "bytes_sent", "status"):
       assert a[k] == b[k], (k, a, b)

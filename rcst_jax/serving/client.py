@@ -153,11 +153,17 @@ class RemoteServer:
   def describe(self) -> pb.DescribeReply:
     return self._call(self._describe, pb.DescribeRequest())[0]
 
-  def classify(self, data: bytes) -> Reply:
+  def _metered_call(self, fn, request):
+    """`_call`, and the bytes up and down the link took meanwhile (0 unmetered)."""
     before = self.link.totals() if self.link else (0, 0)
-    r, rtt, attempts = self._call(self._classify, pb.ClassifyRequest(payload=data))
+    answer, rtt, attempts = self._call(fn, request)
     after = self.link.totals() if self.link else (0, 0)
-    return _reply(r, rtt, after[0] - before[0], after[1] - before[1], attempts)
+    return answer, rtt, attempts, after[0] - before[0], after[1] - before[1]
+
+  def classify(self, data: bytes) -> Reply:
+    r, rtt, attempts, up, down = self._metered_call(self._classify,
+                                                    pb.ClassifyRequest(payload=data))
+    return _reply(r, rtt, up, down, attempts)
 
   def classify_batch(self, payloads: Sequence[bytes]) -> list[Reply | ServerRefused]:
     """Each payload's `Reply`, or the `ServerRefused` that names why the
@@ -173,20 +179,17 @@ class RemoteServer:
       self._limits = (d.max_batch_payloads or 1, d.max_message_bytes - 64)
     out: list = []
     for part in _calls(payloads, *self._limits):
-      before = self.link.totals() if self.link else (0, 0)
       try:
-        r, rtt, attempts = self._call(self._classify_batch,
-                                      pb.ClassifyBatchRequest(payloads=part))
+        r, rtt, attempts, up, down = self._metered_call(
+            self._classify_batch, pb.ClassifyBatchRequest(payloads=part))
       except ServerRefused as e:  # the whole call (a payload over the size cap, alone)
         out += [e] * len(part)
         continue
-      after = self.link.totals() if self.link else (0, 0)
       if len(r.replies) != len(part):
         raise ServerRefused(f"{self.address} answered {len(r.replies)} replies to "
                             f"{len(part)} payloads", grpc.StatusCode.INTERNAL)
       sizes = [len(p) for p in part]
-      up = _share(after[0] - before[0], sizes)
-      down = _share(after[1] - before[1], sizes)
+      up, down = _share(up, sizes), _share(down, sizes)
       for i, x in enumerate(r.replies):
         out.append(ServerRefused(f"{self.address} answered INVALID_ARGUMENT: {x.error}",
                                  grpc.StatusCode.INVALID_ARGUMENT) if x.error
