@@ -154,19 +154,21 @@ class _HttpClient:
     return int(r.getheader("x-batch"))
 
 
+def _caller(kind, remote):
+  """(call, payloads per call) for a client of ``kind``: call(payloads) ->
+  each one's requests per server call."""
+  if kind == "http":
+    return (lambda ds: [remote.classify(ds[0])]), 1
+  if kind == "grpc-batch":
+    return (lambda ds: [r.batch_requests for r in remote.classify_batch(ds)]), PER_CALL
+  return (lambda ds: [remote.classify(ds[0]).batch_requests]), 1
+
+
 def _client(kind, address, data, per_client, k, ready, start, results, cpus):
   if cpus:
     os.sched_setaffinity(0, cpus)
-  step = PER_CALL if kind == "grpc-batch" else 1
-  if kind == "http":
-    remote = _HttpClient(address)
-    call = lambda ds: [remote.classify(ds[0])]  # noqa: E731
-  else:
-    remote = RemoteServer(address, metered=False)
-    if kind == "grpc-batch":
-      call = lambda ds: [r.batch_requests for r in remote.classify_batch(ds)]  # noqa: E731
-    else:
-      call = lambda ds: [remote.classify(ds[0]).batch_requests]  # noqa: E731
+  remote = _HttpClient(address) if kind == "http" else RemoteServer(address, metered=False)
+  call, step = _caller(kind, remote)
   for i in range(10):  # connection, HPACK tables
     call([data[(i + j) % len(data)] for j in range(step)])
   ready.put(k)
@@ -209,8 +211,7 @@ def framing(kind, address, data, calls=40):
     remote = _HttpClient(link.address)
   else:
     remote = RemoteServer(address, metered=True, link=link)
-  step = PER_CALL if kind == "grpc-batch" else 1
-  call = remote.classify_batch if kind == "grpc-batch" else lambda ds: remote.classify(ds[0])
+  call, step = _caller(kind, remote)
   sent = [data[i % len(data)] for i in range(calls)]
   for i in range(0, 10 * step, step):
     call(sent[i:i + step])
