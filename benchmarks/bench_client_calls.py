@@ -23,9 +23,9 @@ import common  # noqa: F401  (XLA:CPU flags first)
 import numpy as np
 from bench_codecs import cpu_line
 
-from rcst_jax.geometry import Geometry
-from rcst_jax.inference import payload
 from rcst_jax.models.checkpoints import load_model
+from rcst_jax.payload import message as payload
+from rcst_jax.payload.geometry import Geometry
 from rcst_jax.serving import rcst_pb2 as pb
 from rcst_jax.serving.client import RemoteServer
 from rcst_jax.serving.service import RcstServer, ServeOptions

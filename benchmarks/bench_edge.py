@@ -23,8 +23,8 @@ import common  # noqa: E402
 from torch_worker import LAMBDA_HAT, Q_HAT  # noqa: E402
 
 from rcst_jax.inference import edge as edge_lib  # noqa: E402
-from rcst_jax.models.checkpoints import Model  # noqa: E402
 from rcst_jax.models import create_model, default_cfg  # noqa: E402
+from rcst_jax.models.checkpoints import Model  # noqa: E402
 
 
 def main():

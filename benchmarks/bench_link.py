@@ -53,10 +53,10 @@ import time
 import common  # noqa: F401  (XLA:CPU flags first)
 import jax
 import numpy as np
-
-from rcst_jax import spmd, xla_cpu
-from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.configs import demo as demo_config
+
+from rcst_jax.calibration.artifact import Calibration
+from rcst_jax.core import spmd, xla_cpu
 from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference import collaborative, methods
 from rcst_jax.inference import edge as edge_lib
@@ -236,7 +236,7 @@ def link_table(srv, edge, base, cal, images, codecs, rates, delay_s, kind, sock_
 
 
 def _payloads(out, images, codec, cal):
-  from rcst_jax.inference import payload
+  from rcst_jax.payload import message as payload
   for i in np.flatnonzero(out["offloaded"]):
     yield payload.encode_image_payload(images[i], out["keep"][i], cal.patch_geometry(), codec)
 

@@ -18,8 +18,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from rcst_jax.models import create_model  # noqa: E402
-from rcst_jax.models import efficientnet  # noqa: E402
+from rcst_jax.models import (
+  create_model,  # noqa: E402
+  efficientnet,  # noqa: E402
+)
 
 
 def effnet(workers, batches, repeats, inner, rounds=False):

@@ -44,8 +44,8 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rcst_jax import xla_cpu  # noqa: E402
 from rcst_jax.cli import parse_config  # noqa: E402
+from rcst_jax.core import xla_cpu  # noqa: E402
 from rcst_jax.data.sources import load_sources, run_transform  # noqa: E402
 from rcst_jax.inference import edge as edge_lib  # noqa: E402
 from rcst_jax.inference import methods, patches  # noqa: E402

@@ -49,10 +49,10 @@ import numpy as np
 from bench_codecs import cpu_line
 from bench_link import _cpu_s, inprocess_rate
 
-from rcst_jax.geometry import Geometry
-from rcst_jax.inference import payload
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import load_model
+from rcst_jax.payload import message as payload
+from rcst_jax.payload.geometry import Geometry
 from rcst_jax.serving import rcst_pb2 as pb
 from rcst_jax.serving.client import RemoteServer, parse_address
 from rcst_jax.serving.link import Link

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from rcst_jax import xla_cpu
+from rcst_jax.core import xla_cpu
 
 # Importing rcst_jax no longer tunes XLA:CPU; the numbers in RESULTS.md were
 # measured with the `rcst` command's settings, so apply them before any
@@ -183,6 +183,7 @@ def random_variables(module, *args, seed: int = 0, **kwargs):
 def print_run_header(workers, args, note: str) -> None:
   """The machine, versions and protocol line every benchmark starts with."""
   import os
+
   import jax
   info = workers[TIMM].info
   print(f"backend={jax.default_backend()} cpus={os.cpu_count()} jax={jax.__version__} "

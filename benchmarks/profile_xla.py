@@ -31,8 +31,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from rcst_jax.models import create_model  # noqa: E402
-from rcst_jax.models import efficientnet  # noqa: E402
+from rcst_jax.models import (
+  create_model,  # noqa: E402
+  efficientnet,  # noqa: E402
+)
 
 _DEF = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
 _FUSION = re.compile(r"%([\w.\-]+) = (\w+\[[\d,]*\])\S* fusion\(.*?calls=%([\w.\-]+)")

@@ -146,7 +146,7 @@ if CLONE and REPO_DIR not in sys.path:  # an editable install is only seen after
   sys.path.insert(0, REPO_DIR)
 os.makedirs(WORKDIR, exist_ok=True)
 import rcst_jax
-from rcst_jax import xla_cpu
+from rcst_jax.core import xla_cpu
 
 xla_cpu.tune()  # the `rcst` command's XLA:CPU settings; must precede any computation
 print("rcst_jax from", os.path.dirname(rcst_jax.__file__))
@@ -323,7 +323,7 @@ else:
 import time
 
 from rcst_jax.cli import parse_config
-from rcst_jax.evaluate import evaluate_config
+from rcst_jax.jobs.evaluate import evaluate_config
 
 OUTPUT_DIR = os.path.join(WORKDIR, "imagenet" if DATASET == "imagenet2012" else DATASET)
 if QUICK_LOOK:

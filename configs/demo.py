@@ -14,7 +14,6 @@ to ./outputs/demo under the current directory.
 from importlib import resources
 
 import ml_collections
-
 from rcst_jax.configs import imagenet
 
 VARIANTS = {"": "4,000 calibration / 2,000 test images", "quick=N": "N images, N/5 calibrating",

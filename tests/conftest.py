@@ -49,6 +49,7 @@ def demo_smoke(tmp_path_factory):
   Other tests reuse its cache (e.g. `rcst calibrate` certifies from it)."""
   import contextlib
   import io
+
   from rcst_jax import cli
   out = tmp_path_factory.mktemp("demo") / "demo"
   buf = io.StringIO()

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 
-from rcst_jax.models.checkpoints import Model
 from rcst_jax.models import create_model
+from rcst_jax.models.checkpoints import Model
 
 NUM_CLASSES = 12
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -9,20 +9,22 @@ import os
 
 import jax
 import numpy as np
+import paper_rules
 import pytest
 from PIL import Image
 
-import paper_rules
-from rcst_jax import cli, evaluate
-from rcst_jax.inference import codecs, collaborative, methods, patches
-from rcst_jax.inference import edge as edge_lib
-from rcst_jax.inference.selection import random_ranks
-from rcst_jax.models.checkpoints import load_model
-from rcst_jax.sweep import metrics
+from rcst_jax import cli
 from rcst_jax.data import ImageFolder, batches
 from rcst_jax.data.sources import run_transform
 from rcst_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
-from rcst_jax.geometry import Geometry
+from rcst_jax.inference import collaborative, methods, patches
+from rcst_jax.inference import edge as edge_lib
+from rcst_jax.inference.selection import random_ranks
+from rcst_jax.jobs import evaluate
+from rcst_jax.models.checkpoints import load_model
+from rcst_jax.payload import codecs
+from rcst_jax.payload.geometry import Geometry
+from rcst_jax.sweep import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(REPO, "weights")

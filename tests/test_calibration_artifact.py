@@ -15,8 +15,8 @@ from rcst_jax import cli
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration, CalibrationError
 from rcst_jax.data.synthetic import SyntheticShapes
-from rcst_jax.geometry import Geometry
 from rcst_jax.inference.methods import OperatingPoint
+from rcst_jax.payload.geometry import Geometry
 from rcst_jax.stats import ltt
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")

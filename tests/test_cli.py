@@ -5,15 +5,15 @@ import json
 import os
 
 import numpy as np
+import paper_rules
 import pytest
 from PIL import Image
 
-import paper_rules
 from rcst_jax import cli
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.data.synthetic import SyntheticShapes
-from rcst_jax.inference import payload
+from rcst_jax.payload import message as payload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(REPO, "weights")

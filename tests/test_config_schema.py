@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-import rcst_jax.evaluate
+import rcst_jax.jobs.evaluate
 import rcst_jax.models.loading
 from rcst_jax import cli
-from rcst_jax.config import schema
-from rcst_jax.errors import ConfigError
+from rcst_jax.core.errors import ConfigError
+from rcst_jax.settings import schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -20,11 +20,11 @@ def no_models(monkeypatch):
   """Loading a model (or data) during these probes is itself a failure."""
   def refuse(*a, **k):
     raise AssertionError("models or data loaded before the config was validated")
-  for module in (rcst_jax.models.loading, rcst_jax.evaluate):
+  for module in (rcst_jax.models.loading, rcst_jax.jobs.evaluate):
     monkeypatch.setattr(module, "load_models", refuse)
   # `calibrate` without the certificate loads the edge alone.
-  monkeypatch.setattr(rcst_jax.evaluate, "load_model", refuse)
-  monkeypatch.setattr(rcst_jax.evaluate, "load_sources", refuse)
+  monkeypatch.setattr(rcst_jax.jobs.evaluate, "load_model", refuse)
+  monkeypatch.setattr(rcst_jax.jobs.evaluate, "load_sources", refuse)
 
 
 @pytest.mark.parametrize("path", ["imagenet.py", "demo.py"])
@@ -92,7 +92,7 @@ def test_library_callers_are_validated_too(no_models):
   with config.unlocked():
     config.chunk_size = 0
   with pytest.raises(ConfigError, match="config.chunk_size = 0"):
-    rcst_jax.evaluate.evaluate_config(config)
+    rcst_jax.jobs.evaluate.evaluate_config(config)
 
 
 @pytest.mark.parametrize("key,value,allowed", [
@@ -158,11 +158,12 @@ def test_run_explain_predict_refuse_bad_numbers(argv, message, capsys):
     ("--config.buckets=(8,)", "largest bucket"), ("--config.k_grid=(10,400)", "exceed the 196")])
 def test_checks_that_need_the_server_grid(tmp_path, override, message):
   import small_models
-  from rcst_jax.sweep import engine
+
+  from rcst_jax.core.errors import ConfigError
   from rcst_jax.data.sources import Sources
   from rcst_jax.data.synthetic import SyntheticShapes
-  from rcst_jax.errors import ConfigError
   from rcst_jax.models.loading import Models
+  from rcst_jax.sweep import engine
   config = cli.parse_config("imagenet:smoke", [f"--config.output_dir={tmp_path}", override])
   models = Models(small_models.server(), small_models.server(), small_models.server())
   with pytest.raises(ConfigError, match=message):

@@ -10,8 +10,15 @@ from PIL import Image
 
 from rcst_jax.data import folder, imagenet, labels, synthetic
 from rcst_jax.data.preprocess import (
-    Held,
-    BadImageError, Example, Preprocess, batches, center_crop, load_image, normalize)
+  BadImageError,
+  Example,
+  Held,
+  Preprocess,
+  batches,
+  center_crop,
+  load_image,
+  normalize,
+)
 
 
 def _jpeg_bytes(array, mode="RGB", fmt="JPEG") -> bytes:

@@ -2,16 +2,17 @@
 
 import jax
 import numpy as np
-import pytest
-
 import paper_rules
+import pytest
 import small_models
+
 from rcst_jax.calibration.artifact import Calibration
-from rcst_jax.inference import collaborative, patches, payload
+from rcst_jax.inference import collaborative, patches
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import server as server_lib
 from rcst_jax.inference.edge import softmax_fn
 from rcst_jax.inference.methods import OperatingPoint
+from rcst_jax.payload import message as payload
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_host_map_keeps_order_bounds_lookahead_and_raises():
   import threading
   import time
 
-  from rcst_jax import spmd
+  from rcst_jax.core import spmd
   read, lock = [], threading.Lock()
 
   def items():
@@ -170,7 +171,9 @@ def test_edge_step_sharded_runs_per_device(models):
   edge step or calibration softmax (a micro-batched trunk under plain jit
   all-gathered the batch and ran all of it on every device), the same outputs."""
   import re
+
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
   from rcst_jax.models.checkpoints import Model
   assert jax.device_count() == 8  # tests/conftest.py forces 8 host devices
   edge, _ = models

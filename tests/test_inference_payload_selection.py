@@ -5,13 +5,15 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import paper_rules
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import paper_rules
-from rcst_jax.geometry import Geometry
-from rcst_jax.inference import codecs, payload, selection
+from rcst_jax.inference import selection
+from rcst_jax.payload import codecs
+from rcst_jax.payload import message as payload
+from rcst_jax.payload.geometry import Geometry
 
 N = 196
 

@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import paper_rules
 import pytest
 import torch
-
-import paper_rules
 from conftest import randomize_batchnorm, timm_state_dict_numpy
+
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import saliency
 from rcst_jax.models.checkpoints import Model

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import max_rel_err, randomize_batchnorm
 from PIL import Image
 
-from conftest import max_rel_err, randomize_batchnorm
-from rcst_jax.models import checkpoints
 from rcst_jax import cli
+from rcst_jax.models import checkpoints
 from rcst_jax.models.state_dict import ConversionError, load_state_dict
 
 timm = pytest.importorskip("timm")

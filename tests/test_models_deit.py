@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import max_rel_err, timm_state_dict_numpy
+
 from rcst_jax.inference import patches as P
 from rcst_jax.models import deit
 from rcst_jax.models.state_dict import ConversionError, StateDictReader

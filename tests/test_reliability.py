@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcst_jax import cli, fileio
+from rcst_jax import cli
 from rcst_jax.calibration.algorithm1 import calibrate
 from rcst_jax.calibration.artifact import CalibrationError
+from rcst_jax.core import fileio
+from rcst_jax.core.errors import OutputRefusedError
 from rcst_jax.data import preprocess
-from rcst_jax.errors import OutputRefusedError
 from rcst_jax.models import checkpoints, create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,7 +349,7 @@ def test_calibrate_refuses_bad_loss_bound(B):
 
 WRITER = """
 import sys
-from rcst_jax.fileio import atomic_write_text
+from rcst_jax.core.fileio import atomic_write_text
 path, tag = sys.argv[1], sys.argv[2]
 for i in range(150):
   atomic_write_text(path, (tag * 1000 + "\\n") * 40 + "end\\n")

@@ -15,14 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_reliability import run
 
+from rcst_jax.core.errors import ConfigError
 from rcst_jax.data import folder
-from rcst_jax.errors import ConfigError
-from rcst_jax.geometry import Geometry
-from rcst_jax.inference import codecs, methods, selection
+from rcst_jax.inference import methods, selection
+from rcst_jax.payload import codecs
+from rcst_jax.payload.geometry import Geometry
 from rcst_jax.report import outputs
 from rcst_jax.sweep import metrics
-from test_reliability import run
 
 # File names as a file system may hold them: not UTF-8, a backslash, UTF-8.
 ODD = (b"x_\xff.png", b"y_\xfe\\z.png", "caf\u00e9.png".encode())

@@ -3,8 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from rcst_jax.report import plots
-from rcst_jax.report import tables
+from rcst_jax.report import plots, tables
 
 SERVER = 0.818
 

@@ -16,17 +16,18 @@ import pytest
 grpc = pytest.importorskip("grpc")  # the [serve] extra; `make test` installs it
 
 import small_models  # noqa: E402
+from test_cli import _files, calibration  # noqa: E402,F401  (the smoke demo's calibration)
+
 from rcst_jax import cli  # noqa: E402
-from rcst_jax.geometry import Geometry  # noqa: E402
-from rcst_jax.inference import payload  # noqa: E402
 from rcst_jax.inference.server import Server  # noqa: E402
-from rcst_jax.serving.batcher import DynamicBatcher  # noqa: E402
-from rcst_jax.serving.client import RemoteServer, ServerRefused, ServerUnreachable  # noqa: E402
+from rcst_jax.payload import message as payload  # noqa: E402
+from rcst_jax.payload.geometry import Geometry  # noqa: E402
 from rcst_jax.serving import link as link_lib  # noqa: E402
 from rcst_jax.serving import rcst_pb2 as pb  # noqa: E402
+from rcst_jax.serving.batcher import DynamicBatcher  # noqa: E402
+from rcst_jax.serving.client import RemoteServer, ServerRefused, ServerUnreachable  # noqa: E402
 from rcst_jax.serving.link import Link  # noqa: E402
 from rcst_jax.serving.service import RcstServer, ServeOptions  # noqa: E402
-from test_cli import _files, calibration  # noqa: E402,F401  (the smoke demo's calibration)
 
 BUCKETS = (16, 64, 196)
 GEO = Geometry()
@@ -362,6 +363,7 @@ def test_rcst_serve_command_listens_reports_health_and_stops_on_sigterm():
   import signal
   import subprocess
   import sys
+
   from grpc_health.v1 import health_pb2, health_pb2_grpc
   proc = subprocess.Popen([sys.executable, "-m", "rcst_jax.cli", "serve", "--server",
                            f"{cli_weights()}/demo_server", "--address", "127.0.0.1:0",
@@ -386,7 +388,7 @@ def test_rcst_serve_command_listens_reports_health_and_stops_on_sigterm():
 
 
 def test_serving_asks_xla_for_one_intra_op_thread_unless_told_otherwise(monkeypatch):
-  from rcst_jax import xla_cpu
+  from rcst_jax.core import xla_cpu
   monkeypatch.delenv("RCST_XLA_CPU_TUNING", raising=False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=512")
   xla_cpu.tune_for_serving()

@@ -8,9 +8,9 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 import numpy as np
+import paper_rules
 import pytest
 
-import paper_rules
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.algorithm1 import calibrate
 from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationWarning

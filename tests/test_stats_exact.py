@@ -143,6 +143,6 @@ def test_vectorised_order_free_and_wired_into_ltt():
 
 
 def test_schema_accepts_exact():
-  from rcst_jax.config import schema
+  from rcst_jax.settings import schema
   assert schema.SCHEMA["certify.test"]("exact") is None
   assert schema.SCHEMA["certify.test"]("exactly") is not None

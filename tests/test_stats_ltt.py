@@ -276,8 +276,8 @@ def test_bonferroni_mode_tests_every_configuration_at_delta_over_m():
 def test_byte_cost_is_the_reported_byte_cost():
   """The byte cost LTT minimises equals metrics' byte cost of the same decisions."""
   from rcst_jax.calibration import certificate
-  from rcst_jax.geometry import Geometry
-  from rcst_jax.inference import payload
+  from rcst_jax.payload import message as payload
+  from rcst_jax.payload.geometry import Geometry
   from rcst_jax.sweep import metrics
   rng = np.random.default_rng(3)
   g = Geometry()
@@ -450,7 +450,7 @@ def test_the_pilot_line_names_the_images_each_cost_needs():
   import ml_collections
 
   from rcst_jax.calibration import certificate
-  from rcst_jax.geometry import Geometry
+  from rcst_jax.payload.geometry import Geometry
   rng, n = np.random.default_rng(5), 2000
   labels = rng.integers(0, 10, n)
   server_only = labels.copy()

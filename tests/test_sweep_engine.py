@@ -7,15 +7,15 @@ import os
 import jax
 import numpy as np
 import pytest
-
 import small_models
-from rcst_jax import evaluate
+
 from rcst_jax.calibration import algorithm1
 from rcst_jax.cli import parse_config
 from rcst_jax.data import BadImageError, Example
 from rcst_jax.data.sources import Sources
 from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference import server
+from rcst_jax.jobs import evaluate
 from rcst_jax.models.loading import Models
 from rcst_jax.sweep import cache, engine, outcomes, passes
 

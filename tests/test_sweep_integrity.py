@@ -12,11 +12,13 @@ import pytest
 import small_models
 from PIL import Image
 
-from rcst_jax import cli, evaluate, fileio
+from rcst_jax import cli
 from rcst_jax.calibration import algorithm1, certificate
 from rcst_jax.cli import parse_config
+from rcst_jax.core import fileio
+from rcst_jax.core.errors import ConfigError, OutputRefusedError
 from rcst_jax.data.sources import load_sources, run_transform
-from rcst_jax.errors import ConfigError, OutputRefusedError
+from rcst_jax.jobs import evaluate
 from rcst_jax.models.loading import Models
 from rcst_jax.sweep import engine
 

@@ -1,16 +1,16 @@
 """The demo trainer on tiny models and 32x32 images: learning, state, seeds, saving."""
 
 import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from rcst_jax.models import checkpoints
 from rcst_jax.inference import patches as P
-from rcst_jax import train as T
-from rcst_jax.models import create_model
+from rcst_jax.jobs import train as T
+from rcst_jax.models import checkpoints, create_model
 
 SIZE, CLASSES = 32, 4  # a 2x2 patch grid keeps compiles short
 TINY_EFFNET = dict(channel_multiplier=0.25, depth_multiplier=0.25, drop_rate=0.0,

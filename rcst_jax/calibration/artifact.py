@@ -19,12 +19,12 @@ import numpy as np
 
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.certificate import encode_float
+from rcst_jax.core.errors import ConfigError, RcstError
+from rcst_jax.core.fileio import atomic_write_text
 from rcst_jax.data.preprocess import Preprocess
-from rcst_jax.errors import ConfigError, RcstError
-from rcst_jax.fileio import atomic_write_text
-from rcst_jax.geometry import Geometry
 from rcst_jax.inference.methods import OperatingPoint
 from rcst_jax.models.checkpoints import variables_digest
+from rcst_jax.payload.geometry import Geometry
 
 
 class CalibrationError(RcstError):

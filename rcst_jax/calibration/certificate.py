@@ -19,8 +19,9 @@ import math
 
 import numpy as np
 
-from rcst_jax.inference import codecs
-from rcst_jax.stats import ltt, sizing as sizing_rule
+from rcst_jax.payload import codecs
+from rcst_jax.stats import ltt
+from rcst_jax.stats import sizing as sizing_rule
 
 
 def tau_grid(config) -> tuple:

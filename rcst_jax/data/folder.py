@@ -12,9 +12,9 @@ import logging
 import os
 from typing import Mapping
 
+from rcst_jax.core.errors import ConfigError
 from rcst_jax.data import labels as labels_lib
 from rcst_jax.data.preprocess import Example, Preprocess
-from rcst_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm")

@@ -22,10 +22,10 @@ import warnings
 
 from tqdm.auto import tqdm
 
+from rcst_jax.core.fileio import atomic_write_text
 from rcst_jax.data.folder import ImageFolder
 from rcst_jax.data.imagenet import TfdsSource
 from rcst_jax.data.synthetic import SyntheticShapes
-from rcst_jax.fileio import atomic_write_text
 
 _BLOCK = 1 << 20
 

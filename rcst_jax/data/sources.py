@@ -16,13 +16,13 @@ import warnings
 
 import numpy as np
 
+from rcst_jax.core.errors import ConfigError
 from rcst_jax.data import imagenet
 from rcst_jax.data.folder import ImageFolder
 from rcst_jax.data.identity import source_identity
 from rcst_jax.data.imagenet import calibration_test_split
 from rcst_jax.data.preprocess import Preprocess
 from rcst_jax.data.synthetic import SyntheticShapes
-from rcst_jax.errors import ConfigError
 
 _TRANSFORM_KEYS = ("input_size", "crop_pct", "interpolation")
 

@@ -14,12 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
-from rcst_jax import errors
-from rcst_jax.geometry import Geometry
+from rcst_jax.core import errors
 from rcst_jax.inference import edge as edge_lib
-from rcst_jax.inference import methods, patches, payload
+from rcst_jax.inference import methods, patches
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import Model
+from rcst_jax.payload import message as payload
+from rcst_jax.payload.geometry import Geometry
 
 
 def collaborative_inference(images, edge: Model, server: Model | None,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax import spmd
+from rcst_jax.core import spmd
 from rcst_jax.data import normalize
 from rcst_jax.inference import saliency, selection
 from rcst_jax.models.checkpoints import Model
@@ -25,7 +25,7 @@ from rcst_jax.stats import conformal
 def _edge_step(variables, images, lambda_hat, q_hat, *, module, mean, std, layer, grid,
                sharding=None):
   # Per device: the micro-batched trunk would otherwise run the whole batch on
-  # every device (see rcst_jax.spmd).
+  # every device (see rcst_jax.core.spmd).
   return spmd.per_device(functools.partial(_edge_rows, module=module, mean=mean, std=std,
                                            layer=layer, grid=grid), sharding)(
       variables, images, lambda_hat, q_hat)
@@ -52,7 +52,7 @@ def edge_step(edge: Model, images, lambda_hat, q_hat, *, layer: str = "features"
   aps_mask [B,C] (Eqs. 17-18), aps_size, cam [B,h,w] (Eq. 22 before Up) and
   patch_scores [B, grid*grid] (Eq. 23). ``sharding``: the NamedSharding that
   splits ``images`` along the batch (multi-device): each device then runs its
-  own rows (:func:`rcst_jax.spmd.per_device`); the results are the same.
+  own rows (:func:`rcst_jax.core.spmd.per_device`); the results are the same.
   """
   edge = edge.inference()  # e.g. BatchNorm folded; computed once per Model
   return _edge_step(edge.variables, images, jnp.float32(lambda_hat), jnp.float32(q_hat),
@@ -63,7 +63,7 @@ def edge_step(edge: Model, images, lambda_hat, q_hat, *, layer: str = "features"
 def softmax_fn(model: Model, sharding=None, with_attn: bool = False):
   """Jitted softmax of the model's inference form (the form edge_step runs),
   with the CLS attention (the baseline edge's patch scores) if ``with_attn``.
-  ``sharding`` splits the batch: each device runs its own rows (rcst_jax.spmd)."""
+  ``sharding`` splits the batch: each device runs its own rows (rcst_jax.core.spmd)."""
   model = model.inference()
   mean, std = tuple(model.metadata["mean"]), tuple(model.metadata["std"])
   module = model.module

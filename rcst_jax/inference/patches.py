@@ -21,17 +21,10 @@ from typing import Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.payload.patches import patchify
+
 BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96,
            112, 128, 144, 160, 176, 196)
-
-
-def patchify(images, p: int = 16):
-  """[B, H, W, C] -> [B, N, p, p, C], patches in row-major grid order."""
-  b, h, w, c = images.shape
-  if h % p or w % p:
-    raise ValueError(f"image {h}x{w} is not divisible into {p}x{p} patches")
-  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p, p, c)
 
 
 def unpatchify(patches, grid: tuple[int, int]):

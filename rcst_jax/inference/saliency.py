@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rcst_jax import spmd
+from rcst_jax.core import spmd
 
 
 def aps_weights(probs: jax.Array, aps_mask: jax.Array) -> jax.Array:
@@ -34,7 +34,7 @@ def forward_with_taps(module, variables, x, layer: str, **kwargs):
     raise ValueError(f"layer {layer!r} is not a Grad-CAM tap; available: "
                      f"{sorted(k.removesuffix('_tap') for k in template)}")
   zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), template)
-  # Per-image maps vary over a shard_map's axes as x does (rcst_jax.spmd): left
+  # Per-image maps vary over a shard_map's axes as x does (rcst_jax.core.spmd): left
   # device-invariant, their gradient would be summed over the devices' images.
   zeros = spmd.vary_like(zeros, x)
   plain = {k: v for k, v in variables.items() if k != "perturbations"}

@@ -25,10 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.settings.schema import EMPTY_POLICIES
 from rcst_jax.stats.conformal import sequential_cumsum
-
-EMPTY_POLICIES = ("cls_only", "argmax", "edge")
-
 
 # ---------------------------------------------------------------------------
 # Selection rules: [B, N] scores -> [B, N] keep mask.

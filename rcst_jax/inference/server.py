@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax.geometry import Geometry
-from rcst_jax.inference import patches, payload
+from rcst_jax.inference import patches
 from rcst_jax.inference.edge import pad_rows
 from rcst_jax.models.checkpoints import Model
+from rcst_jax.payload import message as payload
+from rcst_jax.payload.geometry import Geometry
 
 
 def _server_tokens(variables, sent, idx, valid, module):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rcst_jax import fileio
+from rcst_jax.core import fileio
 from rcst_jax.data import normalize
 from rcst_jax.models import create_model, inference_form
 from rcst_jax.models.metadata import (  # re-exported: the model directory's API

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.core.spmd import map_chunks, on_cpu
 from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rcst_jax.models import variants
 from rcst_jax.models.state_dict import StateDictReader, check_against_template
-from rcst_jax.spmd import map_chunks, on_cpu
 
 # Masked attention logits. Finite so a row whose keys are all masked stays
 # NaN-free; exp(-1e9 - max) is exactly 0 in float32.

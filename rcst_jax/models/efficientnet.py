@@ -46,10 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_jax.core.spmd import map_chunks, on_cpu
 from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rcst_jax.models import variants
 from rcst_jax.models.state_dict import StateDictReader, check_against_template
-from rcst_jax.spmd import map_chunks, on_cpu
 
 # timm's _gen_efficientnet / _gen_efficientnet_lite stage definitions.
 B0_BLOCKS = (
@@ -497,7 +497,7 @@ class EfficientNet(nn.Module):
     instead of a fresh, page-faulted temp buffer per call. Under jit
     with the batch sharded over devices, XLA all-gathers the batch in front
     of this loop and every device runs all of it: run the model per device
-    instead (rcst_jax.spmd.per_device, as pipeline.edge_step does)."""
+    instead (rcst_jax.core.spmd.per_device, as pipeline.edge_step does)."""
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(EfficientNet)
               if f.init and f.name not in ("parent", "name")}
     # Only the stages above the last resolution: from the last downsampling

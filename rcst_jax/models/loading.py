@@ -8,8 +8,9 @@ import os
 import jax.numpy as jnp
 
 from rcst_jax.models.checkpoints import Model, load_model
+from rcst_jax.settings import schema
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in schema.DTYPES}
 
 
 @dataclasses.dataclass

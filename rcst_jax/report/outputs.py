@@ -12,7 +12,7 @@ import numpy as np
 
 from rcst_jax import __version__
 from rcst_jax.calibration.certificate import describe
-from rcst_jax.fileio import OutputDir, atomic_write_bytes, atomic_write_text, write_json
+from rcst_jax.core.fileio import OutputDir, atomic_write_bytes, atomic_write_text, write_json
 from rcst_jax.models.predict import class_names_for
 from rcst_jax.report import explain, plots, tables
 from rcst_jax.sweep import metrics

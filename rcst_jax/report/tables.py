@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rcst_jax.fileio import atomic_open, atomic_write_text
-from rcst_jax.geometry import Geometry
+from rcst_jax.core.fileio import atomic_open, atomic_write_text
 from rcst_jax.inference import methods
+from rcst_jax.payload.geometry import Geometry
 from rcst_jax.sweep.metrics import codecs_in, for_codec  # noqa: F401 (re-exported)
 
 REFERENCES = tuple(m.name for m in methods.ALL_METHODS if m.reference)

@@ -22,8 +22,8 @@ from typing import Sequence
 import grpc
 import numpy as np
 
-from rcst_jax import errors
-from rcst_jax.geometry import Geometry
+from rcst_jax.core import errors
+from rcst_jax.payload.geometry import Geometry
 from rcst_jax.serving import rcst_pb2 as pb
 from rcst_jax.serving.link import Link
 from rcst_jax.serving.service import SERVICE

@@ -22,10 +22,13 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rcst_jax import __version__, spmd
-from rcst_jax.inference import codecs, patches, payload
+from rcst_jax import __version__
+from rcst_jax.core import spmd
+from rcst_jax.inference import patches
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import Model, variables_digest
+from rcst_jax.payload import codecs
+from rcst_jax.payload import message as payload
 from rcst_jax.serving import rcst_pb2 as pb
 from rcst_jax.serving.batcher import DynamicBatcher
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration, CalibrationError
-from rcst_jax.fileio import atomic_write_bytes, plain
+from rcst_jax.core.fileio import atomic_write_bytes, plain
 from rcst_jax.models.checkpoints import variables_digest
 
 CACHE_VERSION = 6

@@ -13,9 +13,10 @@ import codecs
 
 import numpy as np
 
-from rcst_jax.geometry import Geometry
-from rcst_jax.inference import codecs as codecs_lib
-from rcst_jax.inference import methods, payload, selection
+from rcst_jax.inference import methods, selection
+from rcst_jax.payload import codecs as codecs_lib
+from rcst_jax.payload import message as payload
+from rcst_jax.payload.geometry import Geometry
 from rcst_jax.stats import conformal
 
 PER_IMAGE_COLUMNS = ("key", "label", "method", "param", "codec", "offloaded", "kept", "bytes",

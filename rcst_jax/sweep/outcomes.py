@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from rcst_jax.calibration import algorithm1, certificate
 from rcst_jax.data.sources import Sources
-from rcst_jax.inference import codecs
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import methods
+from rcst_jax.payload import codecs
 from rcst_jax.sweep import cache
 
 

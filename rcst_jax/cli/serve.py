@@ -7,8 +7,9 @@ from __future__ import annotations
 import time
 import warnings
 
-from rcst_jax import argtypes, errors, xla_cpu
-from rcst_jax.fileio import dumps
+from rcst_jax.cli import argtypes
+from rcst_jax.core import errors, xla_cpu
+from rcst_jax.core.fileio import dumps
 from rcst_jax.models.checkpoints import load_model
 
 

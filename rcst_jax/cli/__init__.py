@@ -11,19 +11,22 @@ import warnings
 
 import numpy as np
 
-from rcst_jax import __version__, argtypes, errors, networked, xla_cpu
+from rcst_jax import __version__
 from rcst_jax.calibration.artifact import Calibration
-from rcst_jax.config import files
-from rcst_jax.config.schema import validate
+from rcst_jax.cli import argtypes
+from rcst_jax.cli import serve as networked
+from rcst_jax.core import errors, xla_cpu
+from rcst_jax.core.fileio import dumps
 from rcst_jax.data.preprocess import BadItemError
 from rcst_jax.data.sources import transform_from_record
-from rcst_jax.evaluate import calibrate_config, evaluate_config, verify_calibration
-from rcst_jax.fileio import dumps
 from rcst_jax.inference.collaborative import collaborative_inference
+from rcst_jax.jobs.evaluate import calibrate_config, evaluate_config, verify_calibration
+from rcst_jax.jobs.train import train_demo
 from rcst_jax.models.checkpoints import load_model
 from rcst_jax.models.predict import class_names_for, predict_files
 from rcst_jax.report import explain, plots
-from rcst_jax.train import train_demo
+from rcst_jax.settings import files
+from rcst_jax.settings.schema import validate
 
 
 def _cmd_convert(args, extra):

@@ -13,14 +13,14 @@ import jax
 
 from rcst_jax.calibration import algorithm1, certificate
 from rcst_jax.calibration.artifact import Calibration, CalibrationError
-from rcst_jax.config import schema
+from rcst_jax.core.errors import ConfigError, OutputRefusedError
+from rcst_jax.core.fileio import OutputDir, atomic_write_text
 from rcst_jax.data.sources import Sources, load_sources, run_transform
-from rcst_jax.errors import ConfigError, OutputRefusedError
-from rcst_jax.fileio import OutputDir, atomic_write_text
-from rcst_jax.geometry import Geometry
 from rcst_jax.models.checkpoints import load_model, module_from_metadata, read_metadata
 from rcst_jax.models.loading import Models, load_models, with_dtype
+from rcst_jax.payload.geometry import Geometry
 from rcst_jax.report import outputs, tables
+from rcst_jax.settings import schema
 from rcst_jax.sweep import engine
 
 

@@ -35,9 +35,9 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
+from rcst_jax.core.fileio import atomic_savez
 from rcst_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 from rcst_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
-from rcst_jax.fileio import atomic_savez
 from rcst_jax.inference import patches as P
 from rcst_jax.inference.server import Server
 from rcst_jax.models import checkpoints, create_model, default_cfg, family_of

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from rcst_jax.inference import codecs
+from rcst_jax.payload import codecs
 
 
 def _number(text: str, cast, ok, what: str):

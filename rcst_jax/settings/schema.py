@@ -15,15 +15,17 @@ import difflib
 import math
 from typing import Any, Callable, Optional
 
-from rcst_jax.errors import ConfigError
-from rcst_jax.inference.selection import EMPTY_POLICIES
-from rcst_jax.models.loading import DTYPES
+from rcst_jax.core.errors import ConfigError
 
 Checker = Callable[[Any], Optional[str]]
 
 DATA_SOURCES = ("synthetic", "folder", "imagenet2012", "imagenet_v2", "imagenette")
 GRADCAM_LAYERS = ("features", "conv_head")
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+
+# Domains the schema checks; the modules that use them import them from here.
+DTYPES = ("float32", "bfloat16")                 # models.loading
+EMPTY_POLICIES = ("cls_only", "argmax", "edge")  # inference.selection
 
 
 # --- checkers: value -> None (allowed) or what is allowed --------------------------------
@@ -118,7 +120,7 @@ def grid_of(item: Checker, min_len: int = 1, increasing: bool = False) -> Checke
 
 
 def codec_spec(v):
-  from rcst_jax.inference import codecs  # noqa: PLC0415 (the codec table is the domain)
+  from rcst_jax.payload import codecs  # noqa: PLC0415 (the codec table is the domain)
   try:
     codecs.parse(v)
     return None if isinstance(v, str) else "a codec name"
@@ -130,7 +132,7 @@ def codec_list(min_len: int) -> Checker:
   each = grid_of(codec_spec, min_len=min_len)
 
   def check(v):
-    from rcst_jax.inference import codecs  # noqa: PLC0415
+    from rcst_jax.payload import codecs  # noqa: PLC0415
     why = each(v)
     if why is None:
       try:
@@ -148,7 +150,7 @@ def devices(v):
 
 
 def _dtypes():
-  return tuple(DTYPES)
+  return DTYPES
 
 
 def _empty_policies():

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rcst_jax.errors import OutputRefusedError
+from rcst_jax.core.errors import OutputRefusedError
 
 
 def _tmp_name(path: str) -> str:

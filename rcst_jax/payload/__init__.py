@@ -1,0 +1,6 @@
+"""The wire format: what an offloaded image sends, its codecs and exact bytes.
+
+Pure numpy plus the codec libraries (simplejpeg, Pillow, zstandard): the
+JAX-free edge and the server both code payloads with it, so nothing here may
+import JAX or any rcst_jax layer above `core`.
+"""
