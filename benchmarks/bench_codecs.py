@@ -1,4 +1,4 @@
-"""Bytes and single-core speed of the payload codecs (`inference/codecs.py`)
+"""Bytes and single-core speed of the payload codecs (`payload/codecs.py`)
 next to the alternatives they were chosen over, on the same K kept patches.
 
   .venv/bin/python benchmarks/bench_codecs.py [--k 60] [--repeats 30] [--synthetic 3] [--quick]

@@ -10,11 +10,11 @@ shaped link:
   tbf   (default where it works: root, `unshare`, `ip`, `tc`) the bench re-runs
         itself in a private network namespace (`unshare --net`) whose
         loopback gets MTU 1500 and a kernel `tc tbf` at the rate, burst one
-        packet (`serving.link.TbfLoopback`). The edge's one TCP hop is the
-        relay `serving.link.Link` (meter + one-way delay, since this kernel
+        packet (`tbf.TbfLoopback`). The edge's one TCP hop is the
+        relay `serving.meter.Link` (meter + one-way delay, since this kernel
         has no netem), which reaches the server over a Unix socket, off the
         shaped interface. Both directions share the one qdisc.
-  user  `serving.link.Link` paces each direction itself: 1,500-byte pieces
+  user  `serving.meter.Link` paces each direction itself: 1,500-byte pieces
         at the rate, plus the delay.
 
 Per row it prints the measured end-to-end latency of offloaded images (edge
@@ -25,7 +25,7 @@ Per row it prints the measured end-to-end latency of offloaded images (edge
 where RTT is the link's own round trip (the median of 20 empty `Describe`
 calls through it, less their transmission) and transmission is each
 message's bytes on the link over the rate, less the token bucket's burst
-under tbf (`serving.link.transmit_s`); bytes on the link are the metered
+under tbf (`tbf.transmit_s`); bytes on the link are the metered
 request and reply (HTTP/2 and gRPC framing included), scaled under tbf by the
 qdisc's own count (TCP/IP headers, ACKs). Also: bytes / rate + 2 x delay,
 and the framing overhead (wire bytes up / payload bytes - 1). Then Table 2
@@ -54,6 +54,7 @@ import common  # noqa: F401  (XLA:CPU flags first)
 import jax
 import numpy as np
 from rcst_jax.configs import demo as demo_config
+from tbf import TbfLoopback, tbf_available, transmit_s
 
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.core import spmd, xla_cpu
@@ -63,10 +64,10 @@ from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference.collaborative import collaborative_inference
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import load_model
-from rcst_jax.report import tables
+from rcst_jax.report import styles, tables
 from rcst_jax.report.tables import latency_ms
 from rcst_jax.serving.client import RemoteServer
-from rcst_jax.serving.link import Link, TbfLoopback, tbf_available, transmit_s
+from rcst_jax.serving.meter import Link
 from rcst_jax.serving.service import RcstServer, ServeOptions
 
 xla_cpu.tune_for_serving()  # this process is the server: as `rcst serve` runs it
@@ -165,7 +166,7 @@ def edges(cal, results_path, codec, edge, base, images, eta, seed):
     pt = (within.get(m.name) or {}).get("within_gap")
     if pt is None:
       continue
-    label = f"{m.short} ({m.param} {pt['param']:g})"
+    label = f"{styles.SHORT_NAMES[m.name]} ({m.param} {pt['param']:g})"
     rows[label] = (baseline(m, pt["param"]) if m.edge == methods.BASELINE else proposed(
         methods.OperatingPoint(cal.lambda_hat, cal.q_hat, pt["param"], codec=codec)))
   if cal.certificate is not None and cal.certificate.get("certified"):

@@ -74,7 +74,7 @@ def main():
     models = load_models(config)
     transform = run_transform(models.edge.metadata)
     sources = load_sources(config, transform)
-    ev = engine.Evaluation(config, models, sources, out, transform, progress=False)
+    ev = engine.Sweep(config, models, sources, out, transform, progress=False)
     # Keep every Server the sweep makes (one per chunk) for its token stats:
     # sweep.passes instantiates the class by this name.
     servers, server_cls = [], server_lib.Server
@@ -141,7 +141,7 @@ def main():
             f"{1e6 * dt / tokens:>9.1f} {100 * waste:>7.1f}% {server.stats.ratio:>11.3f}", flush=True)
 
 
-# The sweep's phases (Evaluation.timings), whole sweep first; "other" is the
+# The sweep's phases (Sweep.timings), whole sweep first; "other" is the
 # rest: data loading outside the timed passes, caching, metrics.
 PHASES = (("total_s", "full sweep"), ("calibration_s", "calibration (Algorithm 1)"),
           ("cert_calibration_s", "certification: Algorithm 1 on fit"),
@@ -153,7 +153,7 @@ PHASES = (("total_s", "full sweep"), ("calibration_s", "calibration (Algorithm 1
 
 
 def sweep_phases(t: dict, total: float) -> dict:
-  """Seconds per phase from ``Evaluation.timings`` (keys of PHASES)."""
+  """Seconds per phase from ``Sweep.timings`` (keys of PHASES)."""
   cert = {k: t.get(f"certification_{k}_s", 0.0) for k in ("calibration", "edge", "server")}
   out = {"total_s": total, "calibration_s": t.get("calibration_s", 0.0),
          **{f"cert_{k}_s": v for k, v in cert.items()},

@@ -23,7 +23,7 @@ process CPU, client CPU, requests per server call, wall p50/p99; then
 throughput against the in-process server (`bench_link.inprocess_rate`) with
 every payload in hand at once, and handed them 8 at a time (the most that 8
 clients waiting on their answers can form). Framing: wire bytes up per
-request less the payload, through the `link.Link` meter. Payloads: 40
+request less the payload, through the `meter.Link` relay. Payloads: 40
 random 224 x 224 images, 5-59 of 196 patches kept, jpeg420:50. No timm
 reference: the model is the same in every row; only the transport differs.
 
@@ -55,8 +55,9 @@ from rcst_jax.payload import message as payload
 from rcst_jax.payload.geometry import Geometry
 from rcst_jax.serving import rcst_pb2 as pb
 from rcst_jax.serving.client import RemoteServer, parse_address
-from rcst_jax.serving.link import Link
-from rcst_jax.serving.service import SERVICE, RcstServer, ServeOptions, Service
+from rcst_jax.serving.meter import Link
+from rcst_jax.serving.protocol import SERVICE
+from rcst_jax.serving.service import RcstServer, ServeOptions, Service
 
 WEIGHTS = os.path.join(os.path.dirname(common.HERE), "weights")
 CLIENTS = 8

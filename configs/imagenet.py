@@ -26,7 +26,8 @@ def parse_arg(arg):
   arg = (arg or "").strip()
   name, _, value = arg.partition("=")
   if name not in ("", "smoke", "quick") or (name == "quick") != bool(value):
-    raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(k or '(none)' for k in VARIANTS)}")
+    known = ", ".join(k or "(none)" for k in VARIANTS)
+    raise ValueError(f"unknown config variant {arg!r}; known: {known}")
   return name, (int(value) if value else None)
 
 
@@ -81,7 +82,7 @@ def _base():
   c.empty_policy = "cls_only"    # attention-sum with 0 kept patches: CLS-only server, as Im et al.
   c.gradcam_layer = "features"   # last conv stage of EfficientNet-B0 (bn2 + act output)
   c.seed = 0                     # random-k baseline
-  # How the kept patches are coded (inference/codecs.py): every method and
+  # How the kept patches are coded (payload/codecs.py): every method and
   # parameter is evaluated with each codec listed; "raw" is always evaluated.
   # raw | zstd | webp-lossless | jpeg:Q (4:4:4) | jpeg420:Q. A lossy codec reruns the
   # server on the decoded patches; a compressed one encodes every payload.
@@ -94,7 +95,7 @@ def _base():
   c.batch_size = 128             # per step, across all local devices
   c.server_batch = 128
   # Smallest batch for a bucket's remainder (power-of-two shapes down to it,
-  # see pipeline.Server); 0: server_batch, i.e. full batches only. Lower
+  # see inference.server.Server); 0: server_batch, i.e. full batches only. Lower
   # (e.g. server_batch // 8) pads fewer rows for more compiled shapes.
   c.server_min_batch = 0
   # Tokens per server call at most (0: server_batch rows whatever the bucket).

@@ -1,10 +1,12 @@
-"""The calibration artifact's certificate: what `certify_run` records, what loading
+"""The calibration artifact's certificate: what `pick_certified_pair` records, what loading
 refuses (strict JSON, a transform that fits the geometry, a sealed and consistent
 certificate), `verify`, `describe`, and `rcst run` on an uncertified certificate."""
 
+import functools
 import json
 import math
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -17,7 +19,6 @@ from rcst_jax.calibration.artifact import Calibration, CalibrationError
 from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference.methods import OperatingPoint
 from rcst_jax.payload.geometry import Geometry
-from rcst_jax.stats import ltt
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 TAUS = (0.2, 0.6)
@@ -32,7 +33,7 @@ def _config(**certify):
 
 
 def _outcomes(seed=0):
-  """Calibration outcomes shaped as sweep/outcomes.py builds them: an edge right
+  """Calibration outcomes shaped as sweep/certification.py builds them: an edge right
   with probability p_max, a 90 % server that keeps 150 or 60 patches."""
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, 12, N)
@@ -46,9 +47,9 @@ def _outcomes(seed=0):
 
 
 def _certify(config=None, out=None):
-  return certificate.certify_run(_config() if config is None else config,
-                                 _outcomes() if out is None else out, TAUS, Geometry(),
-                                 0.95, N_FIT)[0]
+  return certificate.pick_certified_pair(_config() if config is None else config,
+                                         _outcomes() if out is None else out, TAUS, Geometry(),
+                                         0.95, N_FIT)[0]
 
 
 @pytest.fixture(scope="module")
@@ -85,27 +86,89 @@ def test_the_certificate_records_grids_levels_order_seed_adjusted_p_and_digest(c
   assert cert["order_seed"] == certificate.order_seed(3) != certificate.order_seed(4)
   assert cert["split"] == 0.5 and cert["n_fit"] == N_FIT
   assert cert["digest"] == certificate.digest(cert) and len(cert["digest"]) == 64
-  # p_value is the chosen pair's fixed-sequence (adjusted) p-value, at the recorded order.
-  xs, eps = certificate.losses(config, _outcomes(), np.asarray(config.certify.lambda_grid))
-  cost = ltt.patch_cost(_outcomes()["p_max"], _outcomes()["kept"], config.certify.lambda_grid,
-                        196, per_image=True)
-  res = ltt.pareto_testing(xs, cost, eps, 0.1, order_seed=cert["order_seed"],
-                           split_indices=(np.arange(N_FIT), np.arange(N_FIT, N)))
-  l, t = res.chosen
-  assert (cert["lambda_hat"], cert["tau"]) == (config.certify.lambda_grid[l], TAUS[t])
-  assert cert["p_value"] == res.adjusted[l, t] >= res.pvalues[l, t]
   # Round trip: what is written loads back as it was.
   path = tmp_path / "cal.json"
   _calibration(cert).to_json(path)
   assert Calibration.from_json(path).certificate == cert
 
 
+@functools.lru_cache(maxsize=None)
+def _binomial_tail(k: int, n: int, eps: float) -> float:
+  """P(Binom(n, eps) <= k), summed exactly in rationals."""
+  p = Fraction(str(eps))
+  return float(sum(math.comb(n, j) * p**j * (1 - p)**(n - j) for j in range(k + 1)))
+
+
+def _ltt_by_hand(out, lambdas, levels, delta):
+  """({certified pair: adjusted p-value}, the chosen pair, {pair: its p-values
+  and costs}), with the rule written out. Per (lambda, tau), Algorithm 2's
+  binary losses. On the fitting split (the first N_FIT images): each pair's
+  binomial p-value (the max over risks) and mean patch cost; the Pareto front
+  is the pairs whose p-value is below that of every cheaper pair. The testing
+  order: the front, then the rest, each by p-value, then cost, then grid index.
+  Fixed-sequence testing on the testing split along that order, stopping at
+  the first p-value above delta; a certified pair's adjusted p-value is the
+  largest so far. The chosen pair: the certified one of least mean cost over
+  all images."""
+  labels, edge_pred, server_only = out["labels"], out["edge_pred"], out["server_only_pred"]
+  pairs, stats = [], {}
+  for l, lam in enumerate(lambdas):
+    accept = out["p_max"].astype(np.float32) >= np.float32(lam)   # Eq. 15, in float32
+    for t in range(len(TAUS)):
+      pred = np.where(accept, edge_pred, out["server_pred"][t])
+      loss = {"degradation": (pred != labels) & (server_only == labels),
+              "edge_risk": accept & (edge_pred != labels)}
+      cost = np.where(accept, 0, out["kept"][t]) / 196
+
+      def pvalue(part):
+        return max(_binomial_tail(int(loss[r][part].sum()), len(labels[part]), e)
+                   for r, e in levels.items())
+      fit, test = slice(0, N_FIT), slice(N_FIT, N)
+      pairs.append((l, t))
+      stats[l, t] = dict(fit_p=pvalue(fit), fit_cost=cost[fit].mean(), test_p=pvalue(test),
+                         cost=cost.mean())
+  by_cost = sorted(pairs, key=lambda q: (stats[q]["fit_cost"], stats[q]["fit_p"]))
+  front = {q for i, q in enumerate(by_cost)
+           if all(stats[q]["fit_p"] < stats[c]["fit_p"] for c in by_cost[:i])}
+  order = sorted(pairs, key=lambda q: (q not in front, stats[q]["fit_p"],
+                                       stats[q]["fit_cost"], q))
+  adjusted = {}
+  for q in order:
+    if stats[q]["test_p"] > delta:
+      break
+    adjusted[q] = max([stats[q]["test_p"], *adjusted.values()])  # the running max
+  chosen = min(adjusted, key=lambda q: (stats[q]["cost"], q))
+  return adjusted, chosen, stats
+
+
+def test_the_certified_pair_is_fixed_sequence_ltt_worked_by_hand():
+  """The exact binomial test on degradation (epsilon) and edge risk (alpha_crc):
+  pick_certified_pair's pair, count, adjusted p-value and cost equal the rule
+  worked out in `_ltt_by_hand`, which shares no code with it. At this epsilon
+  the sequence stops before 3 pairs that pass on their own, and the chosen
+  pair's adjusted p-value is an earlier pair's, not its own."""
+  config = _config(risks=("degradation", "edge_risk"), test="binomial", epsilon=0.04)
+  out = _outcomes()
+  lambdas = config.certify.lambda_grid
+  adjusted, (l, t), stats = _ltt_by_hand(out, lambdas, {"degradation": 0.04,
+                                                       "edge_risk": 0.1}, 0.1)
+  passing = [q for q, v in stats.items() if v["test_p"] <= 0.1]
+  assert len(adjusted) == 4 and len(passing) == 7
+  assert adjusted[l, t] > stats[l, t]["test_p"]
+  cert = certificate.pick_certified_pair(config, out, TAUS, Geometry(), 0.95, N_FIT)[0]
+  assert cert["certified"] and cert["certified_count"] == len(adjusted)
+  assert (cert["lambda_hat"], cert["tau"], cert["codec"]) == (lambdas[l], TAUS[t], "raw")
+  assert cert["p_value"] == pytest.approx(adjusted[l, t], rel=1e-9, abs=1e-300)
+  assert cert["cost_calibration"] == pytest.approx(stats[l, t]["cost"], rel=1e-12)
+  assert (cert["n_fit"], cert["n_test"]) == (N_FIT, N - N_FIT)
+
+
 def test_the_oracle_is_the_cheapest_pair_within_epsilon_on_these_images():
-  """certify_run's grid names the oracle: by hand, Algorithm 2's system
+  """pick_certified_pair's grid names the oracle: by hand, Algorithm 2's system
   prediction per (lambda, tau), its accuracy against server-only's, and the
   fraction of patches sent."""
   config, out = _config(risks=("accuracy_drop",), epsilon=0.02), _outcomes()
-  _, grid = certificate.certify_run(config, out, TAUS, Geometry(), 0.95, N_FIT)
+  _, grid = certificate.pick_certified_pair(config, out, TAUS, Geometry(), 0.95, N_FIT)
   best = None
   for lam in config.certify.lambda_grid:
     accept = out["p_max"] >= lam
@@ -196,7 +259,7 @@ def _uncertified(cert, **fields):
 def test_an_uncertified_certificate_is_server_only_whatever_pair_it_holds(cert):
   cal = _calibration(_uncertified(cert, lambda_hat=0.0, tau=0.6))
   assert cal.operating_point() == OperatingPoint(math.inf, 0.95, 0.0, certified=False)
-  # certify_run's own fallback, from a request nothing meets.
+  # pick_certified_pair's own fallback, from a request nothing meets.
   none = _certify(_config(epsilon=0.001, risks=("system_error",)))
   assert not none["certified"] and none["p_value"] is None and none["lambda_hat"] == "inf"
   assert _calibration(none).operating_point() == OperatingPoint(math.inf, 0.95, 0.0,
@@ -275,7 +338,8 @@ def test_the_codec_is_a_third_axis_certified_by_exact_bytes():
     out = {**base, "server_pred": np.concatenate([base["server_pred"], jpeg_pred]),
            "kept": np.tile(base["kept"], (2, 1)),
            "bytes": np.concatenate([raw_bytes * 6 // 10, raw_bytes // 10])}
-    cert, grid = certificate.certify_run(config, out, TAUS, Geometry(), 0.95, N_FIT, specs)
+    cert, grid = certificate.pick_certified_pair(config, out, TAUS, Geometry(), 0.95, N_FIT,
+                                                 specs)
     assert cert["certified"] and cert["codec_grid"] == list(specs)
     assert cert["grid_size"] == len(config.certify.lambda_grid) * len(TAUS) * 2
     assert cert["codec"] == ("jpeg:75" if jpeg_ok else "webp-lossless")

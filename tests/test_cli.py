@@ -21,17 +21,17 @@ WEIGHTS = os.path.join(REPO, "weights")
 
 def _refuse_model_calls(m):
   """Every model call `rcst calibrate` could make, refused where the library
-  looks it up: Algorithm 1 (sweep.engine and sweep.outcomes call
+  looks it up: Algorithm 1 (sweep.engine and sweep.certification call
   `algorithm1.algorithm1` on the module), the edge step (sweep.passes calls
   `edge_lib.edge_step`, and `edge_step_batched` for a certified view) and the
   server (`Server.logits_from_images`, the class sweep.passes instantiates)."""
   from rcst_jax.calibration import algorithm1
   from rcst_jax.inference import server
-  from rcst_jax.sweep import engine, outcomes, passes
+  from rcst_jax.sweep import certification, engine, passes
 
   def refuse(*a, **k):
     raise AssertionError("rcst calibrate ran a model although the evaluation cache has it all")
-  assert engine.algorithm1 is algorithm1 and outcomes.algorithm1 is algorithm1
+  assert engine.algorithm1 is algorithm1 and certification.algorithm1 is algorithm1
   assert passes.Server is server.Server
   for obj, name in ((algorithm1, "algorithm1"), (passes.edge_lib, "edge_step"),
                     (passes.edge_lib, "edge_step_batched"),

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+import rcst_jax.jobs.calibrate
 import rcst_jax.jobs.evaluate
 import rcst_jax.models.loading
 from rcst_jax import cli
@@ -20,11 +21,12 @@ def no_models(monkeypatch):
   """Loading a model (or data) during these probes is itself a failure."""
   def refuse(*a, **k):
     raise AssertionError("models or data loaded before the config was validated")
-  for module in (rcst_jax.models.loading, rcst_jax.jobs.evaluate):
+  for module in (rcst_jax.models.loading, rcst_jax.jobs.evaluate, rcst_jax.jobs.calibrate):
     monkeypatch.setattr(module, "load_models", refuse)
   # `calibrate` without the certificate loads the edge alone.
-  monkeypatch.setattr(rcst_jax.jobs.evaluate, "load_model", refuse)
-  monkeypatch.setattr(rcst_jax.jobs.evaluate, "load_sources", refuse)
+  monkeypatch.setattr(rcst_jax.jobs.calibrate, "load_model", refuse)
+  for module in (rcst_jax.jobs.evaluate, rcst_jax.jobs.calibrate):
+    monkeypatch.setattr(module, "load_sources", refuse)
 
 
 @pytest.mark.parametrize("path", ["imagenet.py", "demo.py"])
@@ -167,5 +169,5 @@ def test_checks_that_need_the_server_grid(tmp_path, override, message):
   config = cli.parse_config("imagenet:smoke", [f"--config.output_dir={tmp_path}", override])
   models = Models(small_models.server(), small_models.server(), small_models.server())
   with pytest.raises(ConfigError, match=message):
-    engine.Evaluation(config, models, Sources(SyntheticShapes("test", 2), SyntheticShapes("test", 2)),
-                      str(tmp_path))
+    engine.Sweep(config, models, Sources(SyntheticShapes("test", 2), SyntheticShapes("test", 2)),
+                 str(tmp_path))

@@ -1,6 +1,7 @@
 """Data: preprocessing parity, robust batching, splits, tfds (mocked), folders, synthetic."""
 
 import collections
+import hashlib
 import io
 import json
 
@@ -16,8 +17,14 @@ from rcst_jax.data.preprocess import (
   Preprocess,
   batches,
   center_crop,
-  load_image,
   normalize,
+  open_rgb,
+)
+
+# Imagenette's 10 classes, in imagenette's label order.
+IMAGENETTE_WNIDS = (
+    "n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+    "n03394916", "n03417042", "n03425413", "n03445777", "n03888257",
 )
 
 
@@ -75,9 +82,9 @@ def test_from_timm_cfg_and_center_crop_rounding():
 
 @pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"),
                                       ("CMYK", "JPEG"), ("I;16", "PNG")])
-def test_load_image_converts_to_rgb(rng, mode, fmt):
+def test_open_rgb_converts_to_rgb(rng, mode, fmt):
   data = _jpeg_bytes(_random_image(rng, 40, 30), mode, fmt)
-  out = load_image(data)
+  out = np.asarray(open_rgb(data))
   assert out.shape == (40, 30, 3) and out.dtype == np.uint8
   ref = Image.open(io.BytesIO(data))
   if mode == "I;16":  # 16-bit samples span 0..65535: scaled by 1/257, not clipped at 255
@@ -89,10 +96,10 @@ def test_load_image_converts_to_rgb(rng, mode, fmt):
 
 def test_bad_images_raise(tmp_path, rng):
   with pytest.raises(BadImageError):
-    load_image(b"this is not an image")
+    open_rgb(b"this is not an image")
   truncated = _jpeg_bytes(_random_image(rng, 64, 64))[:300]
   with pytest.raises(BadImageError):
-    load_image(truncated)
+    open_rgb(truncated)
   (tmp_path / "x.jpg").write_text("hello")
   with pytest.raises(BadImageError):
     Preprocess()(tmp_path / "x.jpg")
@@ -185,9 +192,12 @@ def test_calibration_test_split():
   assert not np.array_equal(a.cal_idx, c.cal_idx)
   assert a.record["seed"] == 0 and a.record["n_cal"] == 10_000 and a.record["n_test"] == 40_000
   json.dumps(a.record)  # goes into the calibration artifact
-  np.testing.assert_array_equal(imagenet.split_from_record(a.record).test_idx, a.test_idx)
-  with pytest.raises(ValueError):
-    imagenet.split_from_record(dict(a.record, cal_sha256="0" * 16))
+  # The record redoes the split, and its digest is of the calibration indices.
+  r = a.record
+  again = imagenet.calibration_test_split(r["n_total"], r["n_cal"], r["seed"])
+  np.testing.assert_array_equal(again.test_idx, a.test_idx)
+  assert r["cal_sha256"] == hashlib.sha256(
+      np.asarray(a.cal_idx, "<i8").tobytes()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- tfds (mocked, no TensorFlow)
@@ -221,7 +231,7 @@ def test_imagenette_and_v2_on_tfds_mock_data():
     ex = [nette[i] for i in range(len(nette))]
     v2 = imagenet.imagenet_v2(pil_decode=False)
     assert v2[0].image.shape == (224, 224, 3) and 0 <= v2[0].label < 1000
-  allowed = set(labels.wnids_to_indices(labels.IMAGENETTE_WNIDS))
+  allowed = set(labels.wnids_to_indices(IMAGENETTE_WNIDS))
   assert all(e.label in allowed for e in ex) and ex[0].key.startswith("imagenette")
 
 
@@ -280,7 +290,7 @@ def test_imagenet_labels_and_imagenette_indices():
   assert len(wnids) == 1000 and wnids == sorted(wnids)
   assert labels.imagenet_class_names()[0] == "tench"
   assert labels.imagenet_class_names(short=False)[701] == "parachute, chute"
-  assert labels.wnids_to_indices(labels.IMAGENETTE_WNIDS) == [
+  assert labels.wnids_to_indices(IMAGENETTE_WNIDS) == [
       0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
 
 
@@ -289,7 +299,7 @@ def test_imagenet_wnids_match_tfds():
   names = tfds.builder("imagenet2012").info.features["label"].names
   assert names == labels.imagenet_wnids()
   nette = tfds.builder("imagenette").info.features["label"].names
-  assert tuple(nette) == labels.IMAGENETTE_WNIDS
+  assert tuple(nette) == IMAGENETTE_WNIDS
 
 
 # ---------------------------------------------------------------- image folder
@@ -380,4 +390,3 @@ def test_synthetic_arrays_match_items():
   assert images.shape == (6, 224, 224, 3) and labels_.dtype == np.int32
   np.testing.assert_array_equal(images[5], src[5].image)
   assert labels_.tolist() == [src[i].label for i in range(6)]
-  np.testing.assert_array_equal(src.object_mask(5), src.scene(5).mask)

@@ -279,7 +279,7 @@ def test_16bit_png_scaled_not_clipped(tmp_path):
   a = np.tile(a, (4, 2))
   path = png(tmp_path / "deep.png", a)
   assert Image.open(path).mode.startswith("I")
-  got = preprocess.load_image(path)
+  got = np.asarray(preprocess.open_rgb(path))
   hand = np.array([[0, 0, 1, 1, 117], [128, 233, 254, 255, 255]], np.uint8)  # round(v/257)
   np.testing.assert_array_equal(got[..., 0], np.tile(hand, (4, 2)))
   assert (got[..., 0] == got[..., 2]).all()

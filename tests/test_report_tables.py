@@ -7,9 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from rcst_jax.report import tables
+from rcst_jax.inference import methods
+from rcst_jax.report import styles, tables
 
 SERVER = 0.818
+
+
+def test_every_method_has_one_style_in_table_order():
+  """report/styles.py shows every method of inference/methods.py, in its table order."""
+  assert list(styles.STYLES) == [m.name for m in methods.ALL_METHODS]
+  assert tables.display_name("attention_sum") == "Attention Sum"
+  assert tables.SHORT_NAMES["attention_sum"] == "Att-Sum"
+  assert set(styles.MARKERS) == {m.name for m in methods.ALL_METHODS if not m.reference}
 
 
 def pt(method, cost, acc, **kw):

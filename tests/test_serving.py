@@ -1,11 +1,13 @@
 """`rcst serve` and the networked edge on loopback: dynamic batching gives
 the single-request logits bit for bit, `rcst run --server HOST:PORT` answers
-as the in-process run, and bad requests, a dead or slow server and a restart
-are answered with named errors while the server keeps serving."""
+as the in-process run (counting wire bytes only with --meter), and bad
+requests, a dead or slow server and a restart are answered with named errors
+while the server keeps serving."""
 
 import json
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -16,19 +18,28 @@ import pytest
 grpc = pytest.importorskip("grpc")  # the [serve] extra; `make test` installs it
 
 import small_models  # noqa: E402
-from test_cli import _files, calibration  # noqa: E402,F401  (the smoke demo's calibration)
+import test_cli  # noqa: E402
+from test_cli import _files  # noqa: E402
 
 from rcst_jax import cli  # noqa: E402
 from rcst_jax.inference.server import Server  # noqa: E402
 from rcst_jax.payload import message as payload  # noqa: E402
 from rcst_jax.payload.geometry import Geometry  # noqa: E402
-from rcst_jax.serving import link as link_lib  # noqa: E402
+from rcst_jax.serving import client as client_lib  # noqa: E402
+from rcst_jax.serving import protocol  # noqa: E402
 from rcst_jax.serving import rcst_pb2 as pb  # noqa: E402
 from rcst_jax.serving.batcher import DynamicBatcher  # noqa: E402
 from rcst_jax.serving.client import RemoteServer, ServerRefused, ServerUnreachable  # noqa: E402
-from rcst_jax.serving.link import Link  # noqa: E402
+from rcst_jax.serving.meter import Link  # noqa: E402
 from rcst_jax.serving.service import RcstServer, ServeOptions  # noqa: E402
 
+# The kernel shaper is benchmark tooling (benchmarks/tbf.py), tested here.
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+import tbf  # noqa: E402
+
+calibration = test_cli.calibration  # the fixture: the smoke demo's calibration
 BUCKETS = (16, 64, 196)
 GEO = Geometry()
 
@@ -72,6 +83,15 @@ def _alone(model, data):
   return out
 
 
+def test_the_protocol_is_rcst_proto():
+  """The names and messages both ends build from are the ones rcst.proto declares."""
+  service = pb.DESCRIPTOR.services_by_name["Server"]
+  assert service.full_name == protocol.SERVICE
+  assert {m.name: (m.input_type.name, m.output_type.name) for m in service.methods} == {
+      name: (request.DESCRIPTOR.name, reply.DESCRIPTOR.name)
+      for name, (request, reply) in protocol.METHODS.items()}
+
+
 def test_batched_answers_are_the_single_request_logits(model, served):
   data = _payloads(12)
   want = _alone(model, data)
@@ -82,7 +102,7 @@ def test_batched_answers_are_the_single_request_logits(model, served):
   # It ran the real rows only (bucket slots, no padded rows).
   assert srv.stats.processed == sum(b["rows"] * (bucket + 1)
                                     for bucket, b in srv.stats.by_bucket.items())
-  client = RemoteServer(served.address)
+  client = RemoteServer(served.address, metered=True)
   got = [None] * len(data)
 
   def ask(i):
@@ -113,7 +133,7 @@ def test_batched_answers_are_the_single_request_logits(model, served):
 def test_a_batch_call_answers_each_payload_as_alone_or_with_its_own_error(model, served):
   data = _payloads(9, seed=7)
   want = _alone(model, data)
-  client = RemoteServer(served.address)
+  client = RemoteServer(served.address, metered=True)
   # A malformed payload among them is refused by name; the rest are answered.
   got = client.classify_batch(data[:4] + [b"not a payload"] + data[4:])
   assert isinstance(got[4], ServerRefused) and "payload 4:" in str(got[4])
@@ -143,6 +163,13 @@ def test_a_batch_call_answers_each_payload_as_alone_or_with_its_own_error(model,
   assert got[1].code == grpc.StatusCode.RESOURCE_EXHAUSTED
   for r, w in zip([got[0], got[2]], _alone(model, raw)):
     np.testing.assert_array_equal(r.logits, w)
+  # Unmetered, the same answers and no wire bytes.
+  plain = RemoteServer(served.address)
+  got = plain.classify_batch(data[:3])
+  assert all(r.wire_up is r.wire_down is None for r in got)
+  for r, w in zip(got, want):
+    np.testing.assert_array_equal(r.logits, w)
+  plain.close()
   # The server's own cap on payloads per call, named.
   with pytest.raises(ServerRefused, match="65 payloads in one call") as e:
     client._call(client._classify_batch, pb.ClassifyBatchRequest(payloads=[b""] * 65))
@@ -167,7 +194,9 @@ def test_bad_requests_get_named_errors_and_the_server_keeps_serving(model, serve
   # A slow client trickling a broken HTTP/2 preface holds a connection, not the server.
   slow = socket.create_connection(("127.0.0.1", served.port))
   slow.sendall(b"PRI * HTTP/2.0\r\n")
-  np.testing.assert_array_equal(client.classify(good).logits, _alone(model, [good])[0])
+  r = client.classify(good)
+  np.testing.assert_array_equal(r.logits, _alone(model, [good])[0])
+  assert not client.metered and r.wire_up is r.wire_down is None  # unmetered by default
   slow.close()
   client.close()
 
@@ -251,8 +280,9 @@ def test_link_paces_at_its_rate_and_adds_its_delay():
 
 
 _TBF_PROBE = """
-import socket, threading, time
-from rcst_jax.serving.link import TbfLoopback, transmit_s
+import socket, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from tbf import TbfLoopback
 tbf = TbfLoopback()
 tbf.set(2e6)
 echo = socket.create_server(("127.0.0.1", 0))
@@ -275,19 +305,18 @@ print(took, tbf.sent_bytes() - sent0)
 """
 
 
-@pytest.mark.skipif(not link_lib.tbf_available(),
+@pytest.mark.skipif(not tbf.tbf_available(),
                     reason="needs root, unshare, ip and tc with the tbf qdisc")
 def test_kernel_tbf_link_paces_at_its_rate():
   # 40 kB echoed through a 2 Mb/s tbf on a private namespace's loopback: both
   # directions share the one qdisc, so the time is all the qdisc's bytes
   # (payload twice, TCP/IP headers, ACKs) over the rate, less one burst.
   import subprocess
-  import sys
-  out = subprocess.run(["unshare", "--net", sys.executable, "-c", _TBF_PROBE],
+  out = subprocess.run(["unshare", "--net", sys.executable, "-c", _TBF_PROBE, BENCHMARKS],
                        capture_output=True, text=True, timeout=60, check=True).stdout
   took, on_link = (float(x) for x in out.split())
   assert 80_000 < on_link < 90_000, on_link
-  want = float(link_lib.transmit_s(on_link, 2e6, link_lib.TbfLoopback.BURST))
+  want = float(tbf.transmit_s(on_link, 2e6, tbf.TbfLoopback.BURST))
   assert want * 0.9 < took < want * 1.15, (took, want)
 
 
@@ -312,7 +341,7 @@ def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calib
   capsys.readouterr()
   assert cli.main([*common, "--server", f"{cli_weights()}/demo_server"]) == 0
   local = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-  assert cli.main([*common, "--server", demo_served.address]) == 0
+  assert cli.main([*common, "--server", demo_served.address, "--meter"]) == 0
   remote = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
   assert [r["image"] for r in remote] == paths
   offloaded = 0
@@ -327,7 +356,7 @@ def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calib
   # --send batch: the same answers, the offloaded images of each edge batch in
   # one call whose wire bytes they share (each still above its payload).
   assert cli.main([*common, "--server", demo_served.address, "--send", "batch",
-                   "--batch-size", "3"]) == 0
+                   "--batch-size", "3", "--meter"]) == 0
   batched = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
   assert [b["image"] for b in batched] == paths
   for a, b in zip(local, batched):
@@ -346,7 +375,8 @@ def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calib
   for a, b in zip(local, fallback):
     assert b["status"] == ("edge" if a["accepted_on_edge"] else "server_unreachable")
     assert b["bytes_sent"] == a["bytes_sent"]
-    assert "wire_bytes_up" in b and (b["status"] == "edge" or b["prediction"] == _edge_pred(b))
+    assert "wire_bytes_up" not in b  # not metered
+    assert b["status"] == "edge" or b["prediction"] == _edge_pred(b)
   assert cli.main([*dead, "--on-server-error", "fail"]) == 2
   assert "after 2 attempts" in capsys.readouterr().err
   with pytest.warns(UserWarning, match="after 2 attempts"):
@@ -357,6 +387,31 @@ def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calib
 
 def _edge_pred(record):
   return record["edge_prediction"]
+
+
+def test_run_meters_the_wire_only_when_asked(demo_served, calibration, tmp_path, capsys,
+                                             monkeypatch):
+  """Without --meter `rcst run --server HOST:PORT` opens no relay and prints no
+  wire bytes; its answers are those of the metered run, which adds them."""
+  relays = []
+  monkeypatch.setattr(client_lib, "Link", lambda target: relays.append(target) or Link(target))
+  common = ["run", "--edge", f"{cli_weights()}/demo_edge", "--calibration", str(calibration),
+            "--tau", "0.5", "--codec", "jpeg420:50", "--server", demo_served.address,
+            *_files(tmp_path, n=6)]
+  capsys.readouterr()
+  runs = {}
+  for meter in ([], ["--meter"]):
+    opened = len(relays)
+    assert cli.main([*common, *meter]) == 0
+    assert len(relays) - opened == len(meter)  # one relay with --meter, none without
+    runs[bool(meter)] = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  plain, metered = runs[False], runs[True]
+  assert any(r["status"] == "server" for r in plain)
+  for a, b in zip(plain, metered):
+    assert set(b) - set(a) == {"wire_bytes_up", "wire_bytes_down"}
+    for k in ("image", "prediction", "edge_prediction", "accepted_on_edge", "p_max", "aps_set",
+              "sent_indices", "patches_sent", "codec", "bytes_sent", "status"):
+      assert a[k] == b[k], (k, a, b)
 
 
 def test_rcst_serve_command_listens_reports_health_and_stops_on_sigterm():

@@ -308,15 +308,43 @@ def test_validation_rejects_alpha(rng, alpha):
 # Calibration artifact.
 
 
+def _lambda_hat_by_hand(p_max, wrong, alpha, B=1):
+  """Eqs. 12-14 by scanning: the smallest float32 lambda in [0, 1] with
+  (accepted wrong samples + B) / (n + 1) <= alpha. Acceptance only changes just
+  above a score, so the candidates are 0 and the next float32 above each score."""
+  p_max = np.asarray(p_max, np.float32)
+  n, a = len(p_max), Fraction(str(alpha))
+  cands = sorted({np.float32(0)} | {np.nextafter(v, np.float32(np.inf)) for v in p_max})
+  for lam in cands:
+    if lam <= 1 and (int(np.sum((p_max >= lam) & wrong)) + B) <= a * (n + 1):
+      return float(lam), True
+  return math.inf, False
+
+
+def _aps_q_hat_by_hand(probs, labels, alpha):
+  """Eqs. 2-3: each score is the float32 mass of the classes ranked at or above
+  the label (ties: lower index first); q_hat the ceil((n+1)(1-alpha))-th smallest."""
+  scores = []
+  for row, y in zip(np.asarray(probs, np.float32), labels):
+    acc = np.float32(0)
+    for c in sorted(range(len(row)), key=lambda j: (-float(row[j]), j)):
+      acc = np.float32(acc + row[c])
+      if c == y:
+        break
+    scores.append(float(acc))
+  k = _exact_k(len(scores), alpha)
+  return math.inf if k > len(scores) else sorted(scores)[k - 1]
+
+
 def test_calibrate_and_json_round_trip(rng, tmp_path):
   p, y = _synthetic(rng, 400)
   cal = calibrate(p, y, 0.05, 0.1, edge_model="efficientnet_b0", server_model="deit_base",
                      dataset="synthetic", split="cal", gradcam_layer="features",
                      transform={"resize_size": 256, "crop_size": 224, "interpolation": "bicubic"},
                      geometry={"image_size": 224, "patch": 16, "channels": 3})
-  lam, ok = cf.crc_lambda_hat(p.max(1), p.argmax(1) != y, 0.05)
-  assert cal.lambda_hat == float(lam) and cal.lambda_valid == bool(ok)
-  assert cal.q_hat == float(cf.aps_q_hat(cf.aps_scores(p, y), 0.1))
+  lam, ok = _lambda_hat_by_hand(p.max(1), p.argmax(1) != y, 0.05)
+  assert ok and cal.lambda_hat == lam and cal.lambda_valid
+  assert cal.q_hat == _aps_q_hat_by_hand(p, y, 0.1)
   assert cal.n == 400
   path = tmp_path / "cal.json"
   cal.to_json(path)

@@ -127,19 +127,26 @@ def test_pvalues_are_valid_under_the_null(null, test):
 # Multiple testing.
 
 
-def test_fixed_sequence_stops_at_first_failure():
-  assert ltt.fixed_sequence([0.01, 0.02, 0.2, 0.01], 0.05) == 2
-  assert ltt.fixed_sequence([0.06, 0.0, 0.0], 0.05) == 0
-  assert ltt.fixed_sequence([0.05, 0.05], 0.05) == 2      # p <= delta rejects
-  assert ltt.fixed_sequence([], 0.05) == 0
-  assert ltt.fixed_sequence(np.zeros(7), 0.05) == 7
+def test_fixed_sequence_adjusted_stops_at_first_failure():
+  # Adjusted p = running max, so adjusted <= delta rejects up to the first p > delta.
+  for p, want in [([0.01, 0.02, 0.2, 0.01], [0.01, 0.02, 0.2, 0.2]),
+                  ([0.06, 0.0, 0.0], [0.06, 0.06, 0.06]),
+                  ([0.05, 0.05], [0.05, 0.05]),          # p <= delta rejects: 2
+                  ([], []),
+                  (np.zeros(7), np.zeros(7))]:
+    np.testing.assert_array_equal(ltt.fixed_sequence_adjusted(p), want)
+  assert (ltt.fixed_sequence_adjusted([0.01, 0.02, 0.2, 0.01]) <= 0.05).sum() == 2
 
 
-def test_bonferroni():
+def test_bonferroni_adjusted():
+  # min(1, m p) with m = 4: rejected at delta = 0.05 iff p <= 0.05 / 4.
   p = np.array([[0.001, 0.02], [0.0125, 0.3]])
-  np.testing.assert_array_equal(ltt.bonferroni(p, 0.05), [[True, False], [True, False]])
-  assert ltt.bonferroni(np.full(100, 0.0005), 0.05).all()
-  assert not ltt.bonferroni(np.full(100, 0.0006), 0.05).any()
+  np.testing.assert_allclose(ltt.bonferroni_adjusted(p), [[0.004, 0.08], [0.05, 1.0]],
+                             rtol=1e-15)
+  np.testing.assert_array_equal(ltt.bonferroni_adjusted(p) <= 0.05,
+                                [[True, False], [True, False]])
+  assert (ltt.bonferroni_adjusted(np.full(100, 0.0005)) <= 0.05).all()
+  assert not (ltt.bonferroni_adjusted(np.full(100, 0.0006)) <= 0.05).any()
 
 
 def test_pareto_order_front_first():
@@ -224,7 +231,8 @@ def test_ltt_end_to_end_validity_and_cost(kind, eps, delta, test):
     # The check has teeth: "cheapest config with empirical risk <= eps" is not valid.
     ok = losses.mean(-1) <= e
     naive_bad += ok.any() and risk.ravel()[np.flatnonzero(ok)[np.argmin(cost_pop[ok])]] > e
-    mask = ltt.bonferroni(ltt.config_pvalues(losses, e, delta, test), delta)
+    pv = ltt.config_pvalues(losses, e, delta, test)
+    mask = pv <= delta / pv.size              # Bonferroni over the whole grid, by hand
     cost_bf.append(cost_pop[mask].min() if mask.any() else 1.0)
   rate, fwer = bad / draws, any_bad / draws
   print(f"{kind}: chose a config in {chosen_any}/{draws}, violation rate {rate:.3f} "
@@ -274,20 +282,18 @@ def test_bonferroni_mode_tests_every_configuration_at_delta_over_m():
 
 
 def test_byte_cost_is_the_reported_byte_cost():
-  """The byte cost LTT minimises equals metrics' byte cost of the same decisions."""
+  """The byte cost LTT minimises is Table 1's: the payload bytes of the images
+  the edge offloads (p_max < lambda in float32, Eq. 15) over n raw images."""
   from rcst_jax.calibration import certificate
-  from rcst_jax.payload import message as payload
   from rcst_jax.payload.geometry import Geometry
-  from rcst_jax.sweep import metrics
   rng = np.random.default_rng(3)
-  g = Geometry()
-  p_max, kept = rng.random(50), rng.integers(0, 197, (4, 50))
+  p_max, nbytes = rng.random(50), rng.integers(13, 150566, (4, 50))
   lambdas = np.array([0.0, 0.3, 0.8, 1.01])
-  got = certificate.byte_cost(p_max, payload.payload_bytes(kept, g), lambdas, g)
+  got = certificate.byte_cost(p_max, nbytes, lambdas, Geometry())
   for l, lam in enumerate(lambdas):
     for t in range(4):
-      off = p_max < lam
-      want = payload.byte_ratio(off, metrics.point_bytes(off, kept[t], g), g)
+      off = ~(p_max.astype(np.float32) >= np.float32(lam))
+      want = nbytes[t][off].sum() / (50 * 224 * 224 * 3)
       assert abs(got[l, t] - want) < 1e-12
 
 
@@ -306,7 +312,7 @@ def _class_sorted_draws(draws, n, seed=0):
   labels = np.sort(rng.integers(0, 10, (draws, n)), -1)
   x = (rng.random((draws, n)) < rates[labels]).astype(float)
   fit = np.sort(rng.permuted(np.tile(np.arange(n), (draws, 1)), axis=1)[:, :n // 2], -1)
-  test = np.array([np.setdiff1d(np.arange(n), f) for f in fit])   # sorted, like outcomes.split
+  test = np.array([np.setdiff1d(np.arange(n), f) for f in fit])   # sorted, like certification.split
   return x, fit, test, float(rates[labels].mean())
 
 
@@ -393,7 +399,9 @@ def test_adjusted_pvalues_by_hand():
   assert res.adjusted[1, 0] == pytest.approx(p[0, 1]) and p[1, 0] < p[0, 1]  # earlier max
   np.testing.assert_array_equal(res.certified, [[False, True], [True, False]])
   np.testing.assert_array_equal(res.certified, res.adjusted <= 0.1)
-  assert res.certified.sum() == ltt.fixed_sequence(p.ravel()[res.order], 0.1)
+  ordered = list(p.ravel()[res.order])      # rejected: the run before the first p > delta
+  assert res.certified.sum() == next(
+      (i for i, v in enumerate(ordered) if v > 0.1), len(ordered))
   bf = ltt.pareto_testing(losses, costs, 0.2, 0.1, test="binomial", split_indices=split,
                           multiple_testing="bonferroni")
   np.testing.assert_allclose(bf.adjusted, np.minimum(1.0, 4 * p), rtol=1e-9)
@@ -470,7 +478,7 @@ def test_the_pilot_line_names_the_images_each_cost_needs():
   need = math.ceil(1.2815515655446004 ** 2 * (m - m * m) / (0.05 - m) ** 2)
   assert f"<= 0.2: {need:,}" in line, line
   assert "1,200" not in line and "(2,000 fitting images, exact test" in line
-  assert f"this run tests on 100, " in line
+  assert "this run tests on 100, " in line
   assert ("enough for cost 0.153" in line) == (need <= 100), line
   # lambda = 0 accepts every image: the edge is always wrong, a drop of 1 per image.
   assert "<= 0.1:" not in line

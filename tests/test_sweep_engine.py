@@ -1,4 +1,4 @@
-"""Evaluation engine: ImageNet path on tfds mock data, sharding, resume, bad items."""
+"""The sweep engine: ImageNet path on tfds mock data, sharding, resume, bad items."""
 
 import dataclasses
 import json
@@ -17,7 +17,7 @@ from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference import server
 from rcst_jax.jobs import evaluate
 from rcst_jax.models.loading import Models
-from rcst_jax.sweep import cache, engine, outcomes, passes
+from rcst_jax.sweep import cache, certification, engine, passes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,8 +72,8 @@ def test_imagenet_path_on_mock_data(tmp_path):
 
 
 def _points(tmp_path, models, sources, *overrides, **run_kw):
-  ev = engine.Evaluation(_config(tmp_path, *overrides), models, sources, str(tmp_path),
-                           progress=False)
+  ev = engine.Sweep(_config(tmp_path, *overrides), models, sources, str(tmp_path),
+                    progress=False)
   return ev, ev.run(**run_kw)
 
 
@@ -114,7 +114,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, models12, monkeypa
   sources = _synthetic_sources()
   opts = ("--config.chunk_size=8",)
   _, clean = _points(tmp_path / "clean", models12, sources, *opts)
-  run_chunk, ran = engine.Evaluation.run_chunk, []
+  run_chunk, ran = engine.Sweep.run_chunk, []
 
   def interrupted_after_one(self, c, *a, **k):
     if ran:
@@ -122,7 +122,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, models12, monkeypa
     ran.append(c)
     return run_chunk(self, c, *a, **k)
   with monkeypatch.context() as m:
-    m.setattr(engine.Evaluation, "run_chunk", interrupted_after_one)
+    m.setattr(engine.Sweep, "run_chunk", interrupted_after_one)
     with pytest.raises(_Interrupt):
       _points(tmp_path / "resumed", models12, sources, *opts)
   assert ran == [0]
@@ -133,7 +133,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, models12, monkeypa
     recomputed.append(c)
     return run_chunk(self, c, *a, **k)
   with monkeypatch.context() as m:
-    m.setattr(engine.Evaluation, "run_chunk", recording)
+    m.setattr(engine.Sweep, "run_chunk", recording)
     ev, resumed = _points(tmp_path / "resumed", models12, sources, *opts)
   assert recomputed == [1, 2]
   assert resumed["chunks_computed"] == 2 and clean["chunks_computed"] == 3
@@ -228,13 +228,13 @@ def test_recertifying_reuses_the_calibration_outcomes(tmp_path, models12, monkey
   def no_server(*a, **k):
     raise AssertionError("the server ran again")
   monkeypatch.setattr(passes.Server, "logits_from_images", no_server)
-  again = engine.Evaluation(_config(tmp_path, *on, "--config.certify.epsilon=0.2",
-                                    "--config.certify.test=hb"), models12, sources,
-                            str(tmp_path), progress=False).calibrate().certificate
+  again = engine.Sweep(_config(tmp_path, *on, "--config.certify.epsilon=0.2",
+                               "--config.certify.test=hb"), models12, sources,
+                       str(tmp_path), progress=False).calibrate().certificate
   assert again["epsilon"] == 0.2 and again["test"] == "hb"
   assert again["n_fit"] == first["n_fit"] and again["q_hat"] == first["q_hat"]
-  exact = engine.Evaluation(_config(tmp_path, *on, "--config.certify.test=exact"), models12,
-                            sources, str(tmp_path), progress=False).calibrate().certificate
+  exact = engine.Sweep(_config(tmp_path, *on, "--config.certify.test=exact"), models12,
+                       sources, str(tmp_path), progress=False).calibrate().certificate
   assert exact["test"] == "exact" and exact["n_test"] == first["n_test"]
 
 
@@ -253,7 +253,7 @@ def test_certification_runs_from_an_existing_evaluation_cache(tmp_path, models12
       raise AssertionError(f"{what} ran again")
     return f
   with monkeypatch.context() as m:  # the test-set sweep must not rerun
-    m.setattr(engine.Evaluation, "run_chunk", refuse("the sweep"))
+    m.setattr(engine.Sweep, "run_chunk", refuse("the sweep"))
     ev, reused = _points(tmp_path / "a", models12, sources, *on)
   assert reused["chunks_computed"] == 0 and reused["certified_chunks_computed"] == 2
   assert reused["points"] == fresh["points"]
@@ -262,8 +262,8 @@ def test_certification_runs_from_an_existing_evaluation_cache(tmp_path, models12
   # A request nothing meets: the server-only fallback, and no model runs at all.
   # Refused where they are looked up: sweep.passes calls edge_lib.edge_step (and
   # edge_step_batched for a certified view) and instantiates Server; sweep.engine
-  # and sweep.outcomes call algorithm1.algorithm1 on the module.
-  assert engine.algorithm1 is algorithm1 and outcomes.algorithm1 is algorithm1
+  # and sweep.certification call algorithm1.algorithm1 on the module.
+  assert engine.algorithm1 is algorithm1 and certification.algorithm1 is algorithm1
   assert passes.Server is server.Server
   for name in ("edge_step", "edge_step_batched"):
     monkeypatch.setattr(passes.edge_lib, name, refuse(name))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from rcst_jax import cli
 from rcst_jax.calibration import algorithm1, certificate
+from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.cli import parse_config
 from rcst_jax.core import fileio
 from rcst_jax.core.errors import ConfigError, OutputRefusedError
@@ -56,8 +57,8 @@ def _config(tmp_path, data, *overrides):
 
 def _run(config, models):
   transform = run_transform(models.edge.metadata)
-  ev = engine.Evaluation(config, models, load_sources(config, transform), config.output_dir,
-                         transform, progress=False)
+  ev = engine.Sweep(config, models, load_sources(config, transform), config.output_dir,
+                    transform, progress=False)
   return ev, ev.run()
 
 
@@ -118,7 +119,7 @@ def test_tampered_chunk_and_calibration_are_reported_and_recomputed(tmp_path, mo
   cal_path = ev.store.calibration_path()
   d = json.load(open(cal_path))
   d["lambda_hat"] = 0.0 if d["lambda_hat"] != 0.0 else 0.5
-  evaluate.Calibration.from_dict(d)  # valid: only the manifest can tell
+  Calibration.from_dict(d)  # valid: only the manifest can tell
   with open(cal_path, "w") as f:
     json.dump(d, f, indent=2)
   with pytest.warns(UserWarning, match="does not match its manifest") as record:
@@ -221,7 +222,7 @@ def test_calibrate_verify_recomputes_the_artifact(demo_smoke, capsys, tmp_path):
   d["certificate"] = certificate.seal(d["certificate"])
   forged = tmp_path / "forged.json"
   forged.write_text(json.dumps(d))
-  evaluate.Calibration.from_json(forged)
+  Calibration.from_json(forged)
   assert cli.main(argv + [str(forged)]) == 2
   err = capsys.readouterr().err
   assert "does not match its recomputation" in err and "certificate.q_hat" in err

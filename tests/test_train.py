@@ -8,9 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rcst_jax.inference import patches as P
 from rcst_jax.jobs import train as T
 from rcst_jax.models import checkpoints, create_model
+from rcst_jax.payload.patches import patchify
 
 SIZE, CLASSES = 32, 4  # a 2x2 patch grid keeps compiles short
 TINY_EFFNET = dict(channel_multiplier=0.25, depth_multiplier=0.25, drop_rate=0.0,
@@ -87,10 +87,10 @@ def test_augment_moves_coverage_with_the_image():
   # Each patch is painted with its own coverage value, so they must still agree after.
   rng = np.random.default_rng(1)
   coverage = rng.integers(0, 4, (16, 4)).astype(np.float32) / 4
-  images = P.unpatchify(np.broadcast_to(
-      (coverage * 255)[:, :, None, None, None], (16, 4, 16, 16, 3)), (2, 2))
+  paint = (coverage * 255).reshape(16, 2, 2)  # row-major 2 x 2 grid of 16 x 16 patches
+  images = np.repeat(np.repeat(paint, 16, axis=1), 16, axis=2)[..., None].repeat(3, axis=-1)
   out, cov = T.augment(jax.random.PRNGKey(3), jnp.asarray(images), jnp.asarray(coverage))
-  np.testing.assert_allclose(P.patchify(out).mean(axis=(2, 3, 4)), np.asarray(cov) * 255)
+  np.testing.assert_allclose(patchify(out).mean(axis=(2, 3, 4)), np.asarray(cov) * 255)
   assert not np.array_equal(np.asarray(cov), coverage)
 
 

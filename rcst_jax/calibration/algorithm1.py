@@ -23,12 +23,10 @@ from rcst_jax.inference.edge import softmax_fn
 from rcst_jax.models.checkpoints import Model, variables_digest
 from rcst_jax.payload.geometry import Geometry
 from rcst_jax.stats.conformal import (
-  aps_order_stat,
-  aps_rank,
+  aps_q_hat,
   aps_scores,
   check_alpha,
-  crc_max_errors,
-  crc_threshold,
+  crc_lambda_hat,
   validate_calibration_inputs,
 )
 
@@ -48,8 +46,8 @@ def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bo
   p = jnp.asarray(p, jnp.float32)
   y = jnp.asarray(y, jnp.int32)
   n = int(p.shape[0])
-  lam, valid = crc_threshold(p.max(-1), jnp.argmax(p, -1) != y, crc_max_errors(n, a_crc, B))
-  q = aps_order_stat(aps_scores(p, y), aps_rank(n, a_aps))
+  lam, valid = crc_lambda_hat(p.max(-1), jnp.argmax(p, -1) != y, a_crc, B)
+  q = aps_q_hat(aps_scores(p, y), a_aps)
   if not bool(valid):
     msg = (f"CRC cannot control the risk at alpha_crc={a_crc} with n={n} calibration samples "
            f"(needs n >= B/alpha - 1 and no wrong sample with p_max == 1); "

@@ -1,12 +1,12 @@
 """The whole-system certificate of a run: Learn-then-Test on calibration outcomes.
 
-The engine supplies, for every calibration image, what Algorithm 2 would do
-at every tau of the grid (with the APS q_hat fitted on the first split only,
-so the second split's losses stay exchangeable with test images): the edge's
-prediction and p_max, the server's prediction on the kept patches and on the
-full image. A lambda grid only changes acceptance, so it costs no server work.
-`certify_run` turns that into losses, runs Pareto Testing (stats/ltt.py) and
-returns the certificate stored in the calibration artifact, sealed with a
+No model runs here: `pick_certified_pair` reads the outcomes the sweep's passes
+recorded (sweep/certification.py), for every calibration image what Algorithm
+2 would do at every tau (the edge's prediction and p_max, the server's on the
+kept patches and on the full image; q_hat fitted on the first split only, so
+the second split's losses stay exchangeable with test images), runs Pareto
+Testing on their losses (stats/ltt.py) and returns the certified (lambda, tau,
+codec) as the certificate stored in the calibration artifact, sealed with a
 digest of its fields; `check` is what loading it verifies, `verify` compares
 it with one recomputed from the same outcomes, `describe` says it in words.
 """
@@ -77,9 +77,11 @@ def encode_float(x: float):
   return "inf" if x == math.inf else x
 
 
-def certify_run(config, out: dict, taus, geometry, q_hat_fit: float,
-                n_fit: int, codec_specs=("raw",)) -> tuple[dict, dict]:
-  """(certificate for the artifact, grid arrays for the figure).
+def pick_certified_pair(config, out: dict, taus, geometry, q_hat_fit: float,
+                        n_fit: int, codec_specs=("raw",)) -> tuple[dict, dict]:
+  """Learn-then-Test on calibration outcomes (no model runs): the cheapest
+  (lambda, tau, codec) certified, or server-only when none is, as (sealed
+  certificate for the artifact, grid arrays for the figure).
 
   `out` holds the calibration outcomes with the fitting split first (n_fit
   images), then the testing split; its per-configuration arrays

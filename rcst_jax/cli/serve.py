@@ -1,6 +1,6 @@
 """The command line's networked parts: `rcst serve`, and the client `rcst run
---server HOST:PORT` connects with. gRPC is the [serve] extra, imported only here
-and only when one of these runs."""
+--server HOST:PORT` connects with (through the byte meter with --meter). gRPC
+is the [serve] extra, imported only here and only when one of these runs."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def connect(args, cal):
   from rcst_jax.serving.client import RemoteServer, ServerUnreachable
   geometry = cal.patch_geometry()
   remote = RemoteServer(args.server, deadline_s=args.deadline, retries=args.retries,
-                        geometry=geometry)
+                        geometry=geometry, metered=args.meter)
   try:
     d = remote.describe()
   except ServerUnreachable as e:

@@ -1,9 +1,10 @@
 """Files we write: atomic replacement and strict JSON, in one place.
 
 Every output (cache chunks, calibration, tables, summaries) goes through
-``atomic_write`` so a reader never sees a half-written file under its final
-name. Temporary names carry the pid and random bytes: two runs, or several
-hosts on one shared filesystem, never write the same temporary file.
+``atomic_open`` (or its ``atomic_write_*`` / ``atomic_savez`` wrappers) so a
+reader never sees a half-written file under its final name. Temporary names
+carry the pid and random bytes: two runs, or several hosts on one shared
+filesystem, never write the same temporary file.
 """
 
 from __future__ import annotations

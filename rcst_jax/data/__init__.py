@@ -15,7 +15,6 @@ from rcst_jax.data.imagenet import (
     imagenet2012,
     imagenet_v2,
     imagenette,
-    split_from_record,
 )
 from rcst_jax.data.preprocess import (
     IMAGENET_MEAN,
@@ -28,14 +27,13 @@ from rcst_jax.data.preprocess import (
     ImageSource,
     Preprocess,
     batches,
-    load_image,
     normalize,
 )
 from rcst_jax.data.synthetic import SyntheticShapes
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BadImageError", "BadItemError", "BadLabelError",
-    "Batch", "Example", "ImageSource", "Preprocess", "batches", "load_image", "normalize",
+    "Batch", "Example", "ImageSource", "Preprocess", "batches", "normalize",
     "ImageFolder", "TfdsSource", "calibration_test_split", "imagenet2012", "imagenet_v2",
-    "imagenette", "split_from_record", "SyntheticShapes",
+    "imagenette", "SyntheticShapes",
 ]

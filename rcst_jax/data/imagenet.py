@@ -51,7 +51,7 @@ SPLIT_SEED = 0
 class Split(NamedTuple):
   cal_idx: np.ndarray   # sorted int64 indices into the validation set
   test_idx: np.ndarray  # sorted, disjoint from cal_idx, together all of range(n_total)
-  record: dict          # goes into the calibration artifact; `split_from_record` redoes it
+  record: dict          # goes into the calibration artifact: enough to redo the split
 
 
 def _digest(idx: np.ndarray) -> str:
@@ -76,15 +76,6 @@ def calibration_test_split(n_total: int = IMAGENET_VAL_SIZE, n_cal: int = CALIBR
                 rule="np.random.default_rng(seed).permutation(n_total)[:n_cal] calibrate",
                 cal_sha256=_digest(cal_idx))
   return Split(cal_idx, test_idx, record)
-
-
-def split_from_record(record: dict) -> Split:
-  """Re-creates a recorded split and checks it is the same (e.g. across numpy versions)."""
-  split = calibration_test_split(record["n_total"], record["n_cal"], record["seed"])
-  if split.record["cal_sha256"] != record["cal_sha256"]:
-    raise ValueError("calibration split differs from the recorded one "
-                     f"({split.record['cal_sha256']} != {record['cal_sha256']})")
-  return split
 
 
 # ---------------------------------------------------------------- tfds sources

@@ -13,13 +13,6 @@ import importlib.resources
 
 NUM_IMAGENET_CLASSES = 1000
 
-# Imagenette's 10 classes as ImageNet-1k indices, in imagenette's label order.
-IMAGENETTE_WNIDS = (
-    "n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
-    "n03394916", "n03417042", "n03425413", "n03445777", "n03888257",
-)
-
-
 @functools.lru_cache(maxsize=None)
 def _rows() -> tuple[tuple[str, str], ...]:
   text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text()

@@ -123,11 +123,6 @@ def open_rgb(path_or_bytes: str | os.PathLike | bytes) -> Image.Image:
     raise BadImageError(f"cannot decode image {name}: {e}") from e
 
 
-def load_image(path_or_bytes: str | os.PathLike | bytes) -> np.ndarray:
-  """Returns the image as a uint8 [H, W, 3] RGB array; raises BadImageError."""
-  return np.asarray(open_rgb(path_or_bytes), dtype=np.uint8)
-
-
 def array_to_rgb(image: np.ndarray) -> np.ndarray:
   """Makes a decoded array uint8 [H, W, 3]: gray [H,W] / [H,W,1] and RGBA accepted."""
   image = np.asarray(image)

@@ -87,6 +87,16 @@ class Sources:
         bound = max(bound, int(getattr(src, "num_classes", 0)))
     return bound
 
+  def check_labels(self, named_metadata: dict) -> None:
+    """Every image's label must be a class of every model ({name: metadata}):
+    refused before any model runs."""
+    bound = self.label_bound()
+    for name, meta in named_metadata.items():
+      n = int(meta["num_classes"])
+      if bound > n:
+        raise ConfigError(f"the data ({self.name}) has class indices up to {bound - 1}, but the "
+                          f"{name} model has {n} classes; use a label map onto its classes")
+
 
 def load_sources(config, transform: Preprocess) -> Sources:
   """The data of `config.data`, every image through `transform`."""

@@ -344,9 +344,6 @@ class SyntheticShapes:
     sc = self.scene(index)
     return Example(sc.image, sc.label, f"synthetic/{self.split}/{index}")
 
-  def object_mask(self, index: int) -> np.ndarray:
-    return self.scene(index).mask
-
   def arrays(self, indices=None, workers: int = 0, progress: bool = True,
              coverage: bool = False):
     """(images uint8 [N,S,S,3], labels int32 [N]) in memory, e.g. for training;

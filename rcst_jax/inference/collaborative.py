@@ -42,9 +42,10 @@ def collaborative_inference(images, edge: Model, server: Model | None,
   turn (``send="batch"``: all of them in one `ClassifyBatch` call, which
   shares the call's wire bytes among them by size); the result adds per
   image the round trip, the server's reported time, the bytes on the wire
-  each way and a ``status`` ("edge", "server" or
-  "server_unreachable": no answer after the client's retries, the edge's
-  prediction stands; ``on_server_error="fail"`` raises instead).
+  each way (``wire_up``, ``wire_down``; a metered remote's only) and a
+  ``status`` ("edge", "server" or "server_unreachable": no answer after the
+  client's retries, the edge's prediction stands; ``on_server_error="fail"``
+  raises instead).
   """
   if on_server_error not in ("edge", "fail"):
     raise ValueError(f"on_server_error must be 'edge' or 'fail', got {on_server_error!r}")
@@ -104,9 +105,10 @@ def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: st
                 send: str = "each") -> dict:
   """The payloads to the remote server, each in turn (so each reply's wire
   bytes are its own) or all in one batch call; fills server_pred, returns
-  the per-image link figures."""
+  the per-image link figures (wire bytes only if the remote counts them)."""
   out = {k: np.zeros(n) for k in ("rtt_s", "server_s", "queue_s", "decode_s")}
-  out.update(wire_up=np.zeros(n, np.int64), wire_down=np.zeros(n, np.int64))
+  if remote.metered:
+    out.update(wire_up=np.zeros(n, np.int64), wire_down=np.zeros(n, np.int64))
   items = list(payloads.items())
   calls = [items] if send == "batch" and items else [[item] for item in items]
   for call in calls:
@@ -123,5 +125,6 @@ def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: st
       server_pred[i] = int(r.logits.argmax())
       out["rtt_s"][i], out["server_s"][i], out["queue_s"][i] = r.rtt_s, r.compute_s, r.queue_s
       out["decode_s"][i] = r.decode_s
-      out["wire_up"][i], out["wire_down"][i] = r.wire_up, r.wire_down
+      if remote.metered:
+        out["wire_up"][i], out["wire_down"][i] = r.wire_up, r.wire_down
   return out

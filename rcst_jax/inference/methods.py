@@ -1,12 +1,13 @@
 """The method table and the one decision rule of Algorithm 2 behind every number.
 
 Each method is declared once: which edge it reads, its offload rule, its
-selection rule and parameter (with the config key of its grid), and how it is
-shown. `decide` turns one edge's outputs into, per image, (offloaded, kept
-patches, fallback prediction) for a whole parameter grid in one vmapped call;
-`combine` is Eq. 27. `collaborative.collaborative_inference`, the sweep engine,
-`rcst explain` and the gallery all go through these two functions, so adding
-a method is one entry here plus its selection function in `selection`.
+selection rule and parameter (with the config key of its grid), nothing about
+how it is shown (report/styles.py). `decide` turns one edge's outputs into,
+per image, (offloaded, kept patches, fallback prediction) for a whole
+parameter grid in one vmapped call; `combine` is Eq. 27.
+`collaborative.collaborative_inference`, the sweep engine, `rcst explain` and
+the gallery all go through these two functions, so adding a method is one
+entry here, its selection function in `selection` and its style.
 
 An edge "view" is a dict of per-image arrays: ``pred`` [n] (the edge's top-1,
 the answer when nothing is offloaded), ``accept`` [n] bool (the edge's own
@@ -42,16 +43,14 @@ class OperatingPoint:
   q_hat: float
   tau: float
   certified: bool = False
-  codec: str = "raw"   # how the kept patches are coded (inference/codecs.py)
+  codec: str = "raw"   # how the kept patches are coded (payload/codecs.py)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+  """What decides: the edge it reads, its offload and selection rules (shown by
+  ``name`` in report/styles.py)."""
   name: str
-  display: str                      # Table 1 / Figure 1
-  short: str                        # Table 2 / Figure 2
-  color: str
-  marker: Optional[str]
   edge: str                         # which edge's view it reads
   param: Optional[str] = None       # parameter name ("tau", "k", ...)
   grid_key: Optional[str] = None    # config key of its grid
@@ -62,26 +61,19 @@ class Method:
   reference: bool = False           # server-only / edge-only: rows, never candidates
 
 
-SERVER_ONLY = Method("server_only", "Server-only", "Server-only", "black", None, EDGE,
-                     offload="all", reference=True)
-EDGE_ONLY = Method("edge_only", "Edge-only", "Edge-only", "tab:purple", None, EDGE,
-                   offload="none", reference=True)
-PROPOSED = Method("proposed", "Proposed", "Proposed", "tab:red", "o", EDGE, "tau", "tau_grid",
-                  selection.select_threshold)
-RANDOM = Method("random", "Random", "Random", "tab:gray", "s", BASELINE, "k", "k_grid",
-                selection.select_random_k, score_key="rank")
-TOPK = Method("topk", "Top-K", "Top-K", "tab:blue", "^", BASELINE, "k", "k_grid",
-              selection.select_topk)
-ATTENTION_SUM = Method("attention_sum", "Attention Sum", "Att-Sum", "tab:green", "D", BASELINE,
-                       "delta_sum", "delta_sum_grid", selection.select_attention_sum,
-                       may_be_empty=True)
+SERVER_ONLY = Method("server_only", EDGE, offload="all", reference=True)
+EDGE_ONLY = Method("edge_only", EDGE, offload="none", reference=True)
+PROPOSED = Method("proposed", EDGE, "tau", "tau_grid", selection.select_threshold)
+RANDOM = Method("random", BASELINE, "k", "k_grid", selection.select_random_k, score_key="rank")
+TOPK = Method("topk", BASELINE, "k", "k_grid", selection.select_topk)
+ATTENTION_SUM = Method("attention_sum", BASELINE, "delta_sum", "delta_sum_grid",
+                       selection.select_attention_sum, may_be_empty=True)
 
 # The Learn-then-Test choice (calibration/certificate.py): one (lambda, tau) point,
 # with its own acceptance threshold and the APS q_hat of the fitting split,
 # so it reads an edge view of its own ("certified"). Added to a sweep only
 # when certification is configured.
-CERTIFIED = Method("certified", "Certified (LTT)", "Certified", "tab:orange", "*", "certified",
-                   "tau", None, selection.select_threshold)
+CERTIFIED = Method("certified", "certified", "tau", None, selection.select_threshold)
 
 # Sweep order: the paper's rows, then the references.
 METHODS = (RANDOM, TOPK, ATTENTION_SUM, PROPOSED, SERVER_ONLY, EDGE_ONLY)

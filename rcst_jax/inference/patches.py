@@ -1,7 +1,8 @@
-"""Image <-> patch layout and fixed-shape padding of patch selections.
+"""Gathering selected patches and fixed-shape padding of patch selections.
 
 Patches are numbered row-major over the (H/p) x (W/p) grid, as ViT token
-order is. A selection of K patches travels to the server as
+order is (`payload.patches.patchify`, shared with the wire format). A
+selection of K patches travels to the server as
 ``(patches [B,K,p,p,3], idx [B,K], valid [B,K])``.
 
 Bucketing: jit compiles once per input shape, and K varies per image. We pad
@@ -11,7 +12,6 @@ K up to the next size in ``BUCKETS``, so a whole evaluation compiles at most
 padded sequence, CLS included, is at most 27 % longer than the real one
 (K = 11 -> 12 ... K = 12 -> 16), 6.9 % on average over K = 1..196, and below
 K = 9 at most one slot is padding (high tau keeps only a few patches).
-:func:`max_padding_overhead` computes the exact bound.
 """
 
 from __future__ import annotations
@@ -25,16 +25,6 @@ from rcst_jax.payload.patches import patchify
 
 BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96,
            112, 128, 144, 160, 176, 196)
-
-
-def unpatchify(patches, grid: tuple[int, int]):
-  """[B, gh*gw, p, p, C] -> [B, gh*p, gw*p, C]; inverse of :func:`patchify`."""
-  b, n, p, _, c = patches.shape
-  gh, gw = grid
-  if n != gh * gw:
-    raise ValueError(f"{n} patches do not fill a {gh}x{gw} grid")
-  x = patches.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh * p, gw * p, c)
 
 
 def gather_patches(images, idx, p: int = 16):
@@ -52,13 +42,6 @@ def bucket_for(k: int, buckets: Sequence[int] = BUCKETS) -> int:
     if size >= k:
       return int(size)
   raise ValueError(f"{k} patches exceed the largest bucket {max(buckets)}")
-
-
-def max_padding_overhead(buckets: Sequence[int] = BUCKETS, min_k: int = 1,
-                         num_prefix: int = 1) -> float:
-  """Worst ratio (padded tokens) / (real tokens) over k in [min_k, max bucket]."""
-  return max((bucket_for(k, buckets) + num_prefix) / (k + num_prefix)
-             for k in range(min_k, max(buckets) + 1))
 
 
 def as_keep_mask(selection, num_patches: int | None = None):
@@ -111,8 +94,8 @@ def group_by_bucket(selection, buckets: Sequence[int] = BUCKETS,
   return {int(s): np.flatnonzero(sizes == s) for s in np.unique(sizes)}
 
 
-def iter_buckets(selection, buckets: Sequence[int] = BUCKETS,
-                 num_patches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def iter_buckets(selection, buckets: Sequence[int] = BUCKETS, num_patches: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Yields (rows, idx [R,S], valid [R,S]) per bucket, smallest bucket first (numpy)."""
   keep = np.asarray(as_keep_mask(selection, num_patches))
   for size, rows in sorted(group_by_bucket(keep, buckets).items()):

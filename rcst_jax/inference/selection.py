@@ -4,15 +4,17 @@ Selection works on a [B, N] score grid (N = P*P patches, row-major) and returns
 boolean keep masks [B, N]; everything there is jnp and jit-able.
 
 Empty selections. The paper's rule (select_threshold) never sends zero patches
-(Eq. 25). The baselines of Im et al. can: `attention_sum_threshold` keeps only
-the prefix whose cumulative sum is <= delta, and `attention_threshold` keeps
-cam >= delta. In their code (iil-postech/semantic-attention,
-engine/__init__.py + vision_transformer_server.py) an offloaded image with no
-kept patch is still sent to the server, which gathers zero patch tokens and
-classifies from the CLS token alone; it counts as 0 patches in the cost. That
-is our default, "cls_only" (the payload is then a header-only message). `apply_empty_policy` offers the two alternatives explicitly: "argmax"
-(keep the top patch, as Eq. 25 does) and "edge" (keep the edge prediction:
-the image counts as accepted and costs nothing).
+(Eq. 25). The baselines of Im et al. can: their attention-sum rule
+(`select_attention_sum`) keeps only the prefix whose cumulative sum is <= delta,
+and their attention-threshold rule keeps cam >= delta. In their code
+(iil-postech/semantic-attention, engine/__init__.py +
+vision_transformer_server.py) an offloaded image with no kept patch is still
+sent to the server, which gathers zero patch tokens and classifies from the CLS
+token alone; it counts as 0 patches in the cost. That is our default,
+"cls_only" (the payload is then a header-only message). `apply_empty_policy`
+offers the two alternatives explicitly: "argmax" (keep the top patch, as Eq. 25
+does) and "edge" (keep the edge prediction: the image counts as accepted and
+costs nothing).
 """
 
 from __future__ import annotations

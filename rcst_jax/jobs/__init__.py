@@ -1,2 +1,2 @@
-"""Whole runs from a config: evaluation (the sweep and its outputs),
-calibration and its verification, and training the demo models."""
+"""Whole runs from a config: `evaluate` (the sweep and its outputs), `calibrate`
+(the calibration file and its verification), `train` (the demo models)."""

@@ -497,7 +497,7 @@ class EfficientNet(nn.Module):
     instead of a fresh, page-faulted temp buffer per call. Under jit
     with the batch sharded over devices, XLA all-gathers the batch in front
     of this loop and every device runs all of it: run the model per device
-    instead (rcst_jax.core.spmd.per_device, as pipeline.edge_step does)."""
+    instead (rcst_jax.core.spmd.per_device, as inference.edge.edge_step does)."""
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(EfficientNet)
               if f.init and f.name not in ("parent", "name")}
     # Only the stages above the last resolution: from the last downsampling

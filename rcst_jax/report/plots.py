@@ -15,11 +15,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rcst_jax.inference import methods
 from rcst_jax.report import tables
+from rcst_jax.report.styles import COLORS, MARKERS, SHORT_NAMES
 
-COLORS = {m.name: m.color for m in methods.ALL_METHODS}
-MARKERS = {m.name: m.marker for m in methods.ALL_METHODS if m.marker}
 DPI = 150
 
 
@@ -138,7 +136,7 @@ def build_figure2(op_points, rates=tables.RATES_MBPS, log_y: bool = False,
   Groups are upload rates; bars within a group are methods (server-only first
   unless server_only_cost is None). A method with no point gets no bar.
   """
-  names = names or tables.SHORT_NAMES
+  names = names or SHORT_NAMES
   methods = list(op_points)
   labels = ([] if server_only_cost is None else ["server_only"]) + methods
   fig = _figure(figsize=(10.0, 3.8))

@@ -1,6 +1,6 @@
 """Operating points, latency and the paper's Tables 1-2 from sweep results.
 
-Input is the evaluation engine's list of operating points: one dict per
+Input is the sweep engine's list of operating points: one dict per
 (method, threshold) with `accuracy` (fraction), `cost` (patch-count ratio,
 the paper's measure), `cost_bytes` (exact payload ratio) and diagnostics.
 `server_only` and `edge_only` are reference rows, never candidates.
@@ -18,14 +18,12 @@ import numpy as np
 from rcst_jax.core.fileio import atomic_open, atomic_write_text
 from rcst_jax.inference import methods
 from rcst_jax.payload.geometry import Geometry
+from rcst_jax.report.styles import DISPLAY_NAMES, SHORT_NAMES
 from rcst_jax.sweep.metrics import codecs_in, for_codec  # noqa: F401 (re-exported)
 
 REFERENCES = tuple(m.name for m in methods.ALL_METHODS if m.reference)
 # The method table's order; methods not listed follow in order of first appearance.
 METHOD_ORDER = tuple(m.name for m in methods.ALL_METHODS if not m.reference)
-DISPLAY_NAMES = {m.name: m.display for m in methods.ALL_METHODS}
-# Table 2 and Figure 2 use the short name.
-SHORT_NAMES = {m.name: m.short for m in methods.ALL_METHODS}
 # Methods whose single point is their operating point in both settings of
 # Table 1 (chosen before the test set is seen, not read off it).
 SINGLE_POINT = ("certified",)

@@ -1,6 +1,7 @@
-"""The edge-server link: `rcst serve` (a gRPC server with dynamic batching),
-the networked edge's client, and a metered, shapeable loopback link.
+"""The edge-server link: `rcst serve` (`service`: gRPC with dynamic batching
+from `batcher`), the networked edge's `client`, the `protocol` both agree on,
+and `meter`, a loopback relay that counts the link's bytes when asked.
 
-Needs the [serve] extra (grpcio, grpcio-health-checking); nothing else in
-rcst_jax imports this package.
+Needs the [serve] extra (grpcio, grpcio-health-checking); only the command
+line's `serve` module imports this package, and only when it runs.
 """

@@ -1,12 +1,13 @@
 """The networked edge's side of the link: one payload -> the server's logits
-over gRPC, with deadlines, bounded retries and a wire meter.
+over gRPC, with deadlines, bounded retries and an optional wire meter.
 
 UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential backoff
 (``retries`` times), then raised as `ServerUnreachable`; anything else the
 server answers (a refused payload, a message over its cap) is a
-`ServerRefused` naming the status, never retried. With ``metered`` the
-channel runs through a `link.Link` relay, so each reply carries the bytes
-its request and answer took on the wire, HTTP/2 and gRPC framing included.
+`ServerRefused` naming the status, never retried. With ``metered`` (off by
+default: `rcst run --meter`) the channel runs through a `meter.Link` relay,
+so each reply carries the bytes its request and answer took on the wire,
+HTTP/2 and gRPC framing included; unmetered, those are None.
 `classify_batch` sends several payloads per call (`ClassifyBatch`): one
 call's transport cost shared by its payloads, which is what lets a served
 edge keep up with the in-process server (benchmarks/bench_transports.py).
@@ -24,9 +25,9 @@ import numpy as np
 
 from rcst_jax.core import errors
 from rcst_jax.payload.geometry import Geometry
+from rcst_jax.serving import protocol
 from rcst_jax.serving import rcst_pb2 as pb
-from rcst_jax.serving.link import Link
-from rcst_jax.serving.service import SERVICE
+from rcst_jax.serving.meter import Link
 
 _RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -50,12 +51,13 @@ class Reply:
   queue_s: float        # waiting on the server for its batch
   decode_s: float
   batch_requests: int
-  wire_up: int          # bytes on the wire towards the server (0 unmetered)
-  wire_down: int
+  wire_up: int | None   # bytes on the wire towards the server (None unmetered)
+  wire_down: int | None
   attempts: int
 
 
-def _reply(r: pb.ClassifyReply, rtt: float, up: int, down: int, attempts: int) -> Reply:
+def _reply(r: pb.ClassifyReply, rtt: float, up: int | None, down: int | None,
+           attempts: int) -> Reply:
   return Reply(np.asarray(r.logits, np.float32), rtt, r.compute_ms / 1e3, r.queue_ms / 1e3,
                r.decode_ms / 1e3, r.batch_requests, up, down, attempts)
 
@@ -98,18 +100,20 @@ class RemoteServer:
   geometry the edge encodes for (the calibration's)."""
 
   def __init__(self, address: str, *, deadline_s: float = 10.0, retries: int = 3,
-               backoff_s: float = 0.25, metered: bool = True, geometry: Geometry = Geometry(),
+               backoff_s: float = 0.25, metered: bool = False, geometry: Geometry = Geometry(),
                link: Link | None = None):
-    """``link``: a relay already in front of the server, metering (and maybe
-    shaping) the channel, which goes through it instead of a new one
-    (`close` closes it too)."""
+    """``metered``: through a new `meter.Link` relay of its own, to count
+    each call's bytes on the wire; ``link``: a relay already in front of the
+    server, metering (and maybe shaping) the channel, which goes through it
+    instead (`close` closes it too)."""
     self.address, self.deadline_s, self.geometry = address, deadline_s, geometry
     self.retries, self.backoff_s = retries, backoff_s
     target = parse_address(address) if link is None else None
     self.link = link if link is not None else Link(target) if metered else None
     self.channel = grpc.insecure_channel(
         self.link.address if self.link else address,
-        options=[("grpc.max_receive_message_length", 1 << 22),
+        options=[("grpc.max_receive_message_length", protocol.MAX_REPLY_BYTES),
+                 # The server's own cap on requests decides (`Describe`).
                  ("grpc.max_send_message_length", 1 << 22),
                  ("grpc.enable_retries", 0),  # ours are bounded and counted
                  ("grpc.http2.bdp_probe", 0),  # no bandwidth pings on a metered link
@@ -118,16 +122,21 @@ class RemoteServer:
                  ("grpc.http2.lookahead_bytes", 16384),
                  ("grpc.initial_reconnect_backoff_ms", 100),
                  ("grpc.max_reconnect_backoff_ms", 1000)])
-    self._classify = self.channel.unary_unary(
-        f"/{SERVICE}/Classify", request_serializer=pb.ClassifyRequest.SerializeToString,
-        response_deserializer=pb.ClassifyReply.FromString)
-    self._classify_batch = self.channel.unary_unary(
-        f"/{SERVICE}/ClassifyBatch", request_serializer=pb.ClassifyBatchRequest.SerializeToString,
-        response_deserializer=pb.ClassifyBatchReply.FromString)
+    self._classify = self._method(protocol.CLASSIFY)
+    self._classify_batch = self._method(protocol.CLASSIFY_BATCH)
+    self._describe = self._method(protocol.DESCRIBE)
     self._limits = None  # (payloads, bytes) per ClassifyBatch call, from Describe
-    self._describe = self.channel.unary_unary(
-        f"/{SERVICE}/Describe", request_serializer=pb.DescribeRequest.SerializeToString,
-        response_deserializer=pb.DescribeReply.FromString)
+
+  @property
+  def metered(self) -> bool:
+    """Whether each `Reply` carries its bytes on the wire."""
+    return self.link is not None
+
+  def _method(self, name: str):
+    request, reply = protocol.METHODS[name]
+    return self.channel.unary_unary(protocol.path(name),
+                                    request_serializer=request.SerializeToString,
+                                    response_deserializer=reply.FromString)
 
   def _call(self, fn, request):
     # A blocking call: this thread polls for the answer itself. The future API
@@ -154,10 +163,12 @@ class RemoteServer:
     return self._call(self._describe, pb.DescribeRequest())[0]
 
   def _metered_call(self, fn, request):
-    """`_call`, and the bytes up and down the link took meanwhile (0 unmetered)."""
-    before = self.link.totals() if self.link else (0, 0)
+    """`_call`, and the bytes up and down the link took meanwhile (None unmetered)."""
+    if not self.link:
+      return *self._call(fn, request), None, None
+    before = self.link.totals()
     answer, rtt, attempts = self._call(fn, request)
-    after = self.link.totals() if self.link else (0, 0)
+    after = self.link.totals()
     return answer, rtt, attempts, after[0] - before[0], after[1] - before[1]
 
   def classify(self, data: bytes) -> Reply:
@@ -170,8 +181,8 @@ class RemoteServer:
     server refused it (`ServerUnreachable` is raised, as by `classify`). The
     payloads go in as few calls as the server's limits allow (`Describe`). A
     call's wire bytes are shared among its payloads in proportion to their
-    sizes (summing to the call's exactly); its round trip is each one's
-    ``rtt_s``."""
+    sizes (summing to the call's exactly; None unmetered); its round trip
+    is each one's ``rtt_s``."""
     if self._limits is None:
       d = self.describe()
       # 64 bytes of the size cap kept for the request's own framing (`_calls`
@@ -189,7 +200,8 @@ class RemoteServer:
         raise ServerRefused(f"{self.address} answered {len(r.replies)} replies to "
                             f"{len(part)} payloads", grpc.StatusCode.INTERNAL)
       sizes = [len(p) for p in part]
-      up, down = _share(up, sizes), _share(down, sizes)
+      up, down = ((_share(up, sizes), _share(down, sizes)) if self.metered
+                  else ([None] * len(part),) * 2)
       for i, x in enumerate(r.replies):
         out.append(ServerRefused(f"{self.address} answered INVALID_ARGUMENT: {x.error}",
                                  grpc.StatusCode.INVALID_ARGUMENT) if x.error

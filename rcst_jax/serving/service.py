@@ -29,10 +29,10 @@ from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import Model, variables_digest
 from rcst_jax.payload import codecs
 from rcst_jax.payload import message as payload
+from rcst_jax.serving import protocol
 from rcst_jax.serving import rcst_pb2 as pb
 from rcst_jax.serving.batcher import DynamicBatcher
-
-SERVICE = "rcst.v1.Server"
+from rcst_jax.serving.protocol import SERVICE
 
 
 def max_payload_bytes(server: Server) -> int:
@@ -139,15 +139,14 @@ class Service:
                             max_batch_payloads=self.options.max_requests)
 
   def handler(self) -> grpc.GenericRpcHandler:
-    unary = grpc.unary_unary_rpc_method_handler
+    """Every method of `protocol.METHODS`, served by the method of that name."""
+    impl = {protocol.CLASSIFY: self.classify, protocol.CLASSIFY_BATCH: self.classify_batch,
+            protocol.DESCRIBE: self.describe}
     return grpc.method_handlers_generic_handler(SERVICE, {
-        "Classify": unary(self.classify, request_deserializer=pb.ClassifyRequest.FromString,
-                          response_serializer=pb.ClassifyReply.SerializeToString),
-        "ClassifyBatch": unary(self.classify_batch,
-                               request_deserializer=pb.ClassifyBatchRequest.FromString,
-                               response_serializer=pb.ClassifyBatchReply.SerializeToString),
-        "Describe": unary(self.describe, request_deserializer=pb.DescribeRequest.FromString,
-                          response_serializer=pb.DescribeReply.SerializeToString)})
+        name: grpc.unary_unary_rpc_method_handler(
+            impl[name], request_deserializer=request.FromString,
+            response_serializer=reply.SerializeToString)
+        for name, (request, reply) in protocol.METHODS.items()})
 
 
 class RcstServer:
@@ -164,7 +163,7 @@ class RcstServer:
         futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rcst-rpc"),
         handlers=[self.service.handler()],
         options=[("grpc.max_receive_message_length", cap),
-                 ("grpc.max_send_message_length", 1 << 22),
+                 ("grpc.max_send_message_length", protocol.MAX_REPLY_BYTES),
                  ("grpc.so_reuseport", 0),
                  # No bandwidth-probing PINGs: each one's ACK is 17 bytes up
                  # after the reply, metered into the edge's next request. The

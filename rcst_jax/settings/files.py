@@ -30,12 +30,6 @@ def names() -> list[str]:
   return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__))
 
 
-def resolve(spec: str) -> str:
-  """A config spec -> 'path/to/file.py[:arg]'."""
-  _, path, arg = _locate(spec)
-  return path if arg is None else f"{path}:{arg}"
-
-
 def _locate(spec: str) -> tuple[str, str, str | None]:
   """(what the user named, the .py path, the get_config argument or None)."""
   if os.path.isfile(spec):  # an existing file wins, even with a ':' in its name

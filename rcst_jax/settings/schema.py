@@ -54,16 +54,8 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
-def finite(v):
-  return None if _is_real(v) and math.isfinite(v) else "a finite number"
-
-
 def positive(v):
   return None if _is_real(v) and math.isfinite(v) and v > 0 else "a finite number > 0"
-
-
-def non_negative(v):
-  return None if _is_real(v) and math.isfinite(v) and v >= 0 else "a finite number >= 0"
 
 
 def open_unit(v):
@@ -213,7 +205,7 @@ SCHEMA: dict[str, Checker] = {
     "host_concurrency": non_negative_int,
     "chunk_size": positive_int,
     "buckets": grid_of(positive_int, increasing=True),
-    # whole-system certification (Learn-then-Test, rcst_jax/certify.py)
+    # whole-system certification (Learn-then-Test, calibration/certificate.py)
     "certify.enabled": boolean,
     "certify.epsilon": open_unit,
     "certify.delta": open_unit,

@@ -131,12 +131,6 @@ def _upper(csum, lost, ranks):
   return np.minimum(np.take(csum, ranks) * (1 + 1e-10) + lost, 1.0)
 
 
-def _cdf(n: int, eps: float, q):
-  """P_q(T* <= T*(u)) for every outcome u in `_outcomes` order, [B, M] (an upper bound)."""
-  last = _outcomes(n, eps)[3]
-  return np.stack([_upper(*_cumsum(n, eps, row), last) for row in np.asarray(q, np.float64)])
-
-
 @functools.lru_cache(maxsize=8)
 def _ranges(n: int, eps: float, gamma: float):
   """Intervals [lo[k], hi[k]] meeting the Clopper-Pearson set for ph given N_half = k."""

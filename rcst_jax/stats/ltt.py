@@ -53,7 +53,7 @@ __all__ = [
     "decisions", "accuracy_drop", "degradation", "system_error", "edge_risk", "offload_cost",
     "patch_cost",
     "rescale_accuracy_drop", "binomial_pvalue", "hb_pvalue", "wsr_pvalue", "config_pvalues",
-    "fixed_sequence", "bonferroni", "fixed_sequence_adjusted", "bonferroni_adjusted",
+    "fixed_sequence_adjusted", "bonferroni_adjusted",
     "pareto_order", "LTTResult", "pareto_testing",
 ]
 
@@ -213,18 +213,6 @@ def config_pvalues(losses, eps, delta: float, test: str = "wsr"):
 # Family-wise error control.
 
 
-def fixed_sequence(pvals_in_order, delta: float) -> int:
-  """Number of hypotheses rejected by fixed-sequence testing (stop at the first p > delta)."""
-  fail = np.asarray(pvals_in_order) > delta
-  return int(np.argmax(fail)) if fail.any() else int(fail.size)
-
-
-def bonferroni(pvals, delta: float):
-  """Rejection mask p <= delta / m."""
-  p = np.asarray(pvals)
-  return p <= delta / max(p.size, 1)
-
-
 def pareto_order(cost, margin):
   """Flat order: the (cost, margin) Pareto front by margin, then the rest by margin."""
   cost, margin = np.ravel(cost), np.ravel(margin)
@@ -240,7 +228,7 @@ def fixed_sequence_adjusted(pvals_in_order):
   """Adjusted p-values of fixed-sequence testing: max_{i<=j} p_(i) at position j.
 
   The j-th hypothesis is rejected iff its adjusted p-value is <= delta, i.e.
-  iff it and every one before it has p <= delta (what `fixed_sequence` counts).
+  iff it and every one before it has p <= delta: testing stops at the first p > delta.
   """
   p = np.asarray(pvals_in_order, np.float64)
   return np.maximum.accumulate(p) if p.size else p

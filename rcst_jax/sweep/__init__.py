@@ -1,1 +1,1 @@
-"""The evaluation sweep: every operating point of every method on a test set, cached."""
+"""The sweep: every operating point of every method on a test set, cached (`engine.Sweep`)."""

@@ -1,7 +1,7 @@
 """The sweep: Algorithm 1 once, then Algorithm 2 at every operating point.
 
 Flow (one way): calibration set -> edge softmax -> Algorithm 1 (lambda_hat,
-q_hat), plus the whole-system certificate when configured (`outcomes`).
+q_hat), plus the whole-system certificate when configured (`certification`).
 Test set, chunk by chunk: the edges once per image, every method's whole
 grid decided at once, the server once per distinct (image, kept set)
 (`passes`), Eq. 27; each finished chunk written atomically (`cache`), so a
@@ -34,7 +34,8 @@ from rcst_jax.models.checkpoints import variables_digest
 from rcst_jax.models.loading import Models
 from rcst_jax.payload import codecs
 from rcst_jax.payload.geometry import Geometry
-from rcst_jax.sweep import cache, metrics, outcomes
+from rcst_jax.sweep import cache, metrics
+from rcst_jax.sweep.certification import Certification
 from rcst_jax.sweep.passes import Passes, point_arrays
 
 
@@ -51,7 +52,9 @@ def check_against_geometry(config, geometry: Geometry) -> None:
 
 
 @dataclasses.dataclass
-class Evaluation:
+class Sweep:
+  """One run over the config's data: `calibrate` (Algorithm 1 and the
+  certificate), then `run` (every chunk of the test set, cached, aggregated)."""
   config: object
   models: Models
   sources: Sources
@@ -79,7 +82,7 @@ class Evaluation:
     self.passes = Passes(self.config, self.models, self.mesh, self.geometry)
     self.skipped = collections.Counter()
     self.certificate = self.certification_grid = self.certified_point = None
-    self.cal_held = self.certification_sizing = None
+    self.certification_sizing = None
     self.timings = collections.defaultdict(float)
 
   def _identify_inputs(self) -> None:
@@ -106,8 +109,8 @@ class Evaluation:
     t0 = time.perf_counter()
     certifying = bool(self.config.get("certify") and self.config.certify.enabled)
     # The certification reads the calibration images twice more: decode or render them once.
-    self.cal_held = Held(self.sources.cal_source) if certifying else None
-    sources = (dataclasses.replace(self.sources, cal_source=self.cal_held) if certifying
+    held = Held(self.sources.cal_source) if certifying else None
+    sources = (dataclasses.replace(self.sources, cal_source=held) if certifying
                else self.sources)
     cached = self.store.load_calibration(self.cal_inputs)
     if cached is None:
@@ -125,8 +128,7 @@ class Evaluation:
     t1 = time.perf_counter()
     self.timings["calibration_s"] += t1 - t0
     if certifying:
-      cert, self.certification_grid = outcomes.certify(self, cal)
-      self.cal_held = None
+      cert = self._certify(held)
       cal = dataclasses.replace(cal, certificate=cert)
       # The artifact published with the results is this file, byte for byte.
       key = cache.certified_id(cert)
@@ -136,6 +138,17 @@ class Evaluation:
       self.published_calibration = self.store.calibration_path(key)
       self.timings["certification_s"] += time.perf_counter() - t1
     return cal
+
+  def _certify(self, images) -> dict:
+    """The certificate from the calibration ``images``; keeps its figure's grid,
+    pilot line and timings."""
+    got = Certification(self.config, self.models, self.sources, self.passes, self.store,
+                        self.cal_inputs, self.transform, self.progress, self.skipped
+                        ).run(images, self.certification_sizing)
+    self.certification_grid, self.certification_sizing = got.grid, got.sizing
+    for k, v in got.timings.items():
+      self.timings[k] += v
+    return got.certificate
 
   # -- chunks of the test set
 

@@ -3,13 +3,11 @@
 Input: the engine's arrays (images along the last axis): labels [n],
 offloaded / kept / server_pred / pred [P, n] for the P operating points, and
 the edges' own outputs (edge_* for the proposed CNN, base_* for the baseline
-DeiT). Costs come from `transmit` (patch_ratio, payload_bytes, byte_ratio),
+DeiT). Costs come from `payload.message` (patch_ratio, payload_bytes, byte_ratio),
 risk and APS statistics from `conformal`.
 """
 
 from __future__ import annotations
-
-import codecs
 
 import numpy as np
 
@@ -25,25 +23,16 @@ PER_IMAGE_COLUMNS = ("key", "label", "method", "param", "codec", "offloaded", "k
 
 def key_text(key) -> str:
   """An image key as printable, reversible text: its raw bytes as UTF-8, with
-  undecodable bytes as \\xNN and a literal backslash doubled (key_from_text
-  undoes it), so a file name that is not UTF-8 never breaks a text output."""
+  undecodable bytes as \\xNN and a literal backslash doubled (Python's
+  codecs.escape_decode undoes it), so a file name that is not UTF-8 never
+  breaks a text output."""
   raw = selection.key_bytes(key if isinstance(key, bytes) else str(key))
   return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
-
-
-def key_from_text(text: str) -> bytes:
-  """The raw bytes of a key written by key_text."""
-  return codecs.escape_decode(text.encode("utf-8"))[0]
 
 
 def _edge_arrays(arrays: dict, method: methods.Method):
   prefix = "base" if method.edge == methods.BASELINE else "edge"  # certified: the same CNN
   return arrays[f"{prefix}_pred"], arrays[f"{prefix}_p_max"]
-
-
-def point_bytes(offloaded, kept, geometry: Geometry) -> np.ndarray:
-  """Raw payload bytes per image (0 when answered on the edge)."""
-  return np.where(offloaded, payload.payload_bytes(kept, geometry), 0).astype(np.int64)
 
 
 def aggregate(arrays: dict, points, geometry: Geometry, alpha_crc: float | None = None,

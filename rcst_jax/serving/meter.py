@@ -1,28 +1,25 @@
-"""A TCP relay on loopback that meters, and optionally shapes, a link.
+"""A TCP relay on loopback that counts a link's bytes: `rcst run --meter`.
 
 `Link(target)` listens on 127.0.0.1 and forwards every connection to
-``target`` ((host, port), or a Unix socket path), counting the bytes each way: what the edge's
-requests cost on the wire, HTTP/2 and gRPC framing included. With
-``rate_bps`` it paces each direction like a token-bucket filter with no
-burst (1,500-byte pieces at the rate), and ``delay_s`` adds one-way
-propagation delay: the user-space stand-in for ``tc tbf`` + ``netem``
-(this kernel has no netem). A Unix socket target keeps the relay's second
-hop off the loopback interface, so a kernel `tc tbf` on ``lo`` shapes only
-the edge's hop (benchmarks/bench_link.py).
+``target`` ((host, port), or a Unix socket path), counting the bytes each
+way: what the edge's requests cost on the wire, HTTP/2 and gRPC framing
+included. A measurement tool: `RemoteServer` goes through one only when
+asked (``metered=True``), since every byte then crosses two more sockets.
+
+For the benchmarks it can also shape the link: ``rate_bps`` paces each
+direction like a token-bucket filter with no burst (1,500-byte pieces at the
+rate) and ``delay_s`` adds one-way propagation delay, the user-space stand-in
+for ``tc tbf`` + ``netem``. A Unix socket target keeps the relay's second hop
+off the loopback interface, so a kernel `tc tbf` on ``lo`` (benchmarks/tbf.py)
+shapes only the edge's hop (benchmarks/bench_link.py).
 """
 
 from __future__ import annotations
 
 import collections
-import os
-import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
-
-import numpy as np
 
 PIECE = 1500  # bytes paced at once: one Ethernet MTU
 
@@ -146,59 +143,3 @@ class Link:
   def close(self) -> None:
     self._closed = True
     self._listener.close()
-
-
-# ---------------------------------------------------------------- the kernel's shaper
-
-
-def transmit_s(nbytes, rate_bps: float, burst: int = 0):
-  """Seconds to send messages of ``nbytes`` link bytes at ``rate_bps`` from a
-  full token bucket of ``burst`` bytes, which pass at once (0: the pacer
-  above, which serialises every byte)."""
-  return np.maximum(0.0, np.asarray(nbytes, float) - burst) * 8 / rate_bps
-
-
-def tbf_available() -> bool:
-  """Whether this process may shape a private namespace's loopback: root,
-  `unshare`, `ip` and `tc` with the tbf qdisc (tried in a throwaway namespace)."""
-  if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "tc", "ip")):
-    return False
-  return subprocess.run(["unshare", "--net", "tc", *TbfLoopback.qdisc(8e6)],
-                        capture_output=True).returncode == 0
-
-
-class TbfLoopback:
-  """The kernel's token-bucket filter (`tc tbf`) on the loopback interface of
-  the private network namespace this process runs in (`unshare --net`),
-  which it brings up with an Ethernet MTU of 1,500 bytes. Every loopback
-  packet passes it, both directions and TCP's ACKs, so keep one TCP hop on
-  it (a relay reaches the server over a Unix socket). The bucket holds one
-  packet: a message of b bytes then takes (b - BURST) / rate
-  (`transmit_s`), 12 ms less than b / rate at 1 Mb/s.
-  """
-  BURST = 1600
-
-  def __init__(self):
-    subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1500"], check=True,
-                   capture_output=True)
-
-  @classmethod
-  def qdisc(cls, rate_bps: float) -> list[str]:
-    """The `tc` arguments that put this shaper on (or replace it on) ``lo``."""
-    return ["qdisc", "replace", "dev", "lo", "root", "tbf", "rate", f"{rate_bps:.0f}bit",
-            "burst", str(cls.BURST), "limit", "1000000"]
-
-  def set(self, rate_bps: float) -> None:
-    _tc(*self.qdisc(rate_bps))
-
-  def clear(self) -> None:
-    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
-
-  @staticmethod
-  def sent_bytes() -> int:
-    """Bytes the qdisc has sent: IP and TCP headers and ACKs included."""
-    return int(re.search(r"Sent (\d+) bytes", _tc("-s", "qdisc", "show", "dev", "lo")).group(1))
-
-
-def _tc(*args) -> str:
-  return subprocess.run(["tc", *args], check=True, capture_output=True, text=True).stdout

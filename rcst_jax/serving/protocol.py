@@ -1,0 +1,29 @@
+"""What `rcst serve` and its client agree on beyond rcst.proto's messages: the
+gRPC service's name, its methods with their request and reply messages, and
+the largest reply. `service` and `client` both build their ends from here, so
+neither imports the other (tests/test_serving.py checks this against the proto).
+"""
+
+from __future__ import annotations
+
+from rcst_jax.serving import rcst_pb2 as pb
+
+SERVICE = "rcst.v1.Server"  # rcst.proto's package.service
+
+CLASSIFY, CLASSIFY_BATCH, DESCRIBE = "Classify", "ClassifyBatch", "Describe"
+
+# method -> (request, reply) message classes, as rcst.proto declares them
+METHODS = {
+    CLASSIFY: (pb.ClassifyRequest, pb.ClassifyReply),
+    CLASSIFY_BATCH: (pb.ClassifyBatchRequest, pb.ClassifyBatchReply),
+    DESCRIBE: (pb.DescribeRequest, pb.DescribeReply),
+}
+
+# A reply is logits (4 bytes a class, per payload of a batch call) and a few
+# numbers: 4 MiB is far over any, and both ends must allow it.
+MAX_REPLY_BYTES = 1 << 22
+
+
+def path(method: str) -> str:
+  """The HTTP/2 path a client calls ``method`` at."""
+  return f"/{SERVICE}/{method}"
