@@ -126,6 +126,10 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
   cal_text = _text(cells["calibration"])
   assert "lambda_hat =" in cal_text and "q_hat      =" in cal_text and "edge risk" in cal_text
 
+  # The API cell's Algorithm 2 decides as `rcst run` does on the same files.
+  api = json.loads(_text(cells["api"]).split("API", 1)[1])
+  assert api == {"same_as_rcst_run": True, "n": 4}
+
   resume = _text(code[-1])
   record = json.loads(resume.split("RESUME", 1)[1])
   assert record == {"chunks_computed": 0, "same_points": True}
