@@ -137,7 +137,7 @@ def test_run_and_explain_without_tau_take_the_certified_decision(calibration, tm
       "p_value": 0.01, "lambda_grid": [lam], "tau_grid": [0.4], "codec": codec,
       "codec_grid": [codec], "grid_size": 1, "certified_count": 1})
   certified = tmp_path / "certified.json"
-  Calibration.from_dict(d).to_json(certified)
+  Calibration.unsealed(d).to_json(certified)  # sealed anew as written
   point = Calibration.from_json(certified).operating_point()
   assert (point.lambda_hat, point.q_hat, point.tau, point.certified) == (lam, 0.5, 0.4, True)
 

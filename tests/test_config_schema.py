@@ -58,6 +58,10 @@ BAD = [
     ("per_image", "maybe"), ("gallery_size", "-1"), ("output_dir", ""),
     ("certify.epsilon", "0"), ("certify.test", "t"), ("certify.cost", "kilobytes"),
     ("certify.multiple_testing", "holm"),
+    # Cross-field: found before any pass runs, not after the certification's passes.
+    ("certify.risks", "('accuracy_drop','edge_risk','accuracy_drop')"),
+    ("certify.split", "0.0001"), ("certify.split", "0.9999"),  # of data.n_cal = 4000
+    ("certify.test", "binomial"),  # the default risk, accuracy_drop, is three-valued
 ]
 
 
@@ -171,3 +175,48 @@ def test_checks_that_need_the_server_grid(tmp_path, override, message):
   with pytest.raises(ConfigError, match=message):
     engine.Sweep(config, models, Sources(SyntheticShapes("test", 2), SyntheticShapes("test", 2)),
                  str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.certify.risks=('accuracy_drop','degradation','accuracy_drop')"],
+     "config.certify.risks = ('accuracy_drop', 'degradation', 'accuracy_drop'): must be a tuple "
+     "of at least 1 value(s), each one of ['accuracy_drop', 'degradation', 'system_error', "
+     "'edge_risk'], none twice; 'accuracy_drop' is given twice"),
+    (["--config.certify.split=0.002"],
+     "config.certify.split = 0.002: must be a fraction of data.n_cal = 200 calibration images "
+     "that leaves both parts non-empty (it gives 0 fitting and 200 testing images)"),
+    (["--config.certify.split=0.998"],
+     "config.certify.split = 0.998: must be a fraction of data.n_cal = 200 calibration images "
+     "that leaves both parts non-empty (it gives 200 fitting and 0 testing images)"),
+    (["--config.data.n_cal=1", "--config.certify.split=0.5"],
+     "it gives 0 fitting and 1 testing images"),  # round half to even, as the split does
+    (["--config.certify.test=binomial"], "config.certify.test = 'binomial': must be 'exact', "
+     "'wsr' or 'hb' when certify.risks has accuracy_drop"),
+])
+def test_certification_settings_are_refused_before_anything_runs(overrides, message, no_models,
+                                                                  capsys, tmp_path):
+  """Each used to fail only after the model passes (or after certification) ran."""
+  for command in ("calibrate", "evaluate", "demo"):
+    out = tmp_path / command
+    code = cli.main([command, "--config", "demo:smoke", f"--config.output_dir={out}",
+                     *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"rcst {command}: error: ") and message in err, err
+    assert not os.path.exists(out)
+
+
+def test_settings_that_do_not_certify_are_not_held_to_the_certification():
+  cli.parse_config("demo:smoke", ["--config.certify.enabled=False",
+                                  "--config.certify.split=0.002", "--config.certify.test=binomial"])
+  cli.parse_config("demo:smoke", ["--config.certify.test=binomial",
+                                  "--config.certify.risks=('degradation','edge_risk')"])
+
+
+def test_the_split_sizes_checked_are_the_certification_s():
+  import numpy as np
+
+  from rcst_jax.sweep import certification
+  for n in (1, 2, 3, 7, 200, 4000):
+    for fraction in (0.001, 0.1, 0.25, 0.3, 0.5, 0.7, 0.999):
+      fit, test = certification.split(np.arange(n), fraction, seed=0)
+      assert (len(fit), len(test)) == schema.certify_split_sizes(n, fraction), (n, fraction)

@@ -3,6 +3,8 @@ command runs the same code on more images."""
 
 import json
 
+from rcst_jax.calibration.artifact import Calibration
+
 
 def test_demo_smoke(demo_smoke):
   out, printed = demo_smoke  # tests/conftest.py runs `rcst demo --config demo:smoke`
@@ -27,6 +29,9 @@ def test_demo_smoke(demo_smoke):
       assert p["cost_bytes"] < r["cost_bytes"] or r["cost"] == 0
   cal = json.loads((out / "calibration.json").read_text())
   assert cal["n"] == 200 and cal["lambda_valid"] and cal["dataset"] == "synthetic"
+  # Sealed whole (every field), and it loads as written.
+  assert sorted(cal["seal"]["fields"]) == sorted(k for k in cal if k != "seal")
+  assert Calibration.from_json(out / "calibration.json").n == 200
   # The demo certifies (or falls back to server-only) with a whole-system certificate.
   cert = cal["certificate"]
   assert cert["n_fit"] + cert["n_test"] == 200 and cert["epsilon"] == 0.02

@@ -31,6 +31,7 @@ from rcst_jax.serving import rcst_pb2 as pb  # noqa: E402
 from rcst_jax.serving.batcher import DynamicBatcher  # noqa: E402
 from rcst_jax.serving.client import RemoteServer, ServerRefused, ServerUnreachable  # noqa: E402
 from rcst_jax.serving.meter import Link  # noqa: E402
+from rcst_jax.serving.retry import Retry  # noqa: E402
 from rcst_jax.serving.service import RcstServer, ServeOptions  # noqa: E402
 
 # The kernel shaper is benchmark tooling (benchmarks/tbf.py), tested here.
@@ -179,7 +180,7 @@ def test_a_batch_call_answers_each_payload_as_alone_or_with_its_own_error(model,
 
 def test_bad_requests_get_named_errors_and_the_server_keeps_serving(model, served):
   good = _payloads(1, seed=3)[0]
-  client = RemoteServer(served.address, retries=0)
+  client = RemoteServer(served.address, retry=Retry(0))
   for bad, what in ((b"not a payload", "payload:"), (good[:len(good) // 2], "payload:"),
                     (good[:-1] + bytes([good[-1] ^ 1]), "payload:"), (b"", "payload:")):
     with pytest.raises(ServerRefused, match=what) as e:
@@ -205,7 +206,7 @@ def test_unreachable_server_is_retried_then_named(model):
   with socket.socket() as s:  # a port nobody listens on
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  client = RemoteServer(f"127.0.0.1:{port}", deadline_s=0.3, retries=2, backoff_s=0.05)
+  client = RemoteServer(f"127.0.0.1:{port}", deadline_s=0.3, retry=Retry(2, backoff_s=0.05))
   t0 = time.perf_counter()
   with pytest.raises(ServerUnreachable, match="after 3 attempts"):
     client.classify(_payloads(1)[0])
@@ -219,7 +220,7 @@ def test_past_deadline_is_deadline_exceeded(model):
   run = srv.service.batcher._run
   srv.service.batcher._run = lambda items: time.sleep(2) or run(items)
   try:
-    client = RemoteServer(srv.address, deadline_s=0.3, retries=1, backoff_s=0.01)
+    client = RemoteServer(srv.address, deadline_s=0.3, retry=Retry(1, backoff_s=0.01))
     with pytest.raises(ServerUnreachable, match="DEADLINE_EXCEEDED after 2 attempts"):
       client.classify(_payloads(1)[0])
     client.close()
@@ -230,7 +231,7 @@ def test_past_deadline_is_deadline_exceeded(model):
 def test_a_server_restart_is_survived(model):
   srv = RcstServer(model, "127.0.0.1:0", ServeOptions(batch=4, buckets=BUCKETS))
   port, data = srv.port, _payloads(3, seed=7)
-  client = RemoteServer(srv.address, deadline_s=2, retries=6, backoff_s=0.2)
+  client = RemoteServer(srv.address, deadline_s=2, retry=Retry(6, backoff_s=0.2))
   first = client.classify(data[0])
   srv.stop(0)
   restarted = []
@@ -385,6 +386,22 @@ def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calib
       == [b["status"] for b in fallback]
 
 
+def test_run_refuses_a_server_with_other_weights_unless_allowed(served, calibration, tmp_path,
+                                                                capsys):
+  """`served` runs the small test model, not the weights the demo calibration
+  was made for: refused at connect, or with --allow-other-weights used with
+  a warning (tests/test_serving_faults.py: answers from other weights later)."""
+  common = ["run", "--edge", f"{cli_weights()}/demo_edge", "--calibration", str(calibration),
+            "--tau", "0.5", "--server", served.address, *_files(tmp_path, n=3)]
+  capsys.readouterr()
+  assert cli.main(common) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"rcst run: error: the server at {served.address} answers from other "
+                        f"weights ({served.service.digest})"), err
+  with pytest.warns(UserWarning, match="used anyway"):
+    assert cli.main([*common, "--allow-other-weights"]) == 0
+
+
 def _edge_pred(record):
   return record["edge_prediction"]
 
@@ -423,7 +440,7 @@ def test_rcst_serve_command_listens_reports_health_and_stops_on_sigterm():
   proc = subprocess.Popen([sys.executable, "-m", "rcst_jax.cli", "serve", "--server",
                            f"{cli_weights()}/demo_server", "--address", "127.0.0.1:0",
                            "--buckets", "64,196", "--batch", "2", "--calls-in-flight", "3"],
-                          stdout=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     line = json.loads(proc.stdout.readline())
     assert line["serving"].startswith("127.0.0.1:") and line["shapes_compiled"] == 2
@@ -435,9 +452,15 @@ def test_rcst_serve_command_listens_reports_health_and_stops_on_sigterm():
     client = RemoteServer(line["serving"])
     d = client.describe()
     assert (d.grid, d.patch, d.num_classes, list(d.buckets)) == (14, 16, 12, [64, 196])
+    with pytest.raises(grpc.RpcError):  # not protobuf: refused, one line in its log
+      client.channel.unary_unary(protocol.path(protocol.CLASSIFY))(b"\xff", timeout=10)
     client.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+    log = proc.stderr.read().splitlines()
+    refused = [x for x in log if x.startswith("rcst serve: refused Classify from ")]
+    assert len(refused) == 1 and "INVALID_ARGUMENT: malformed ClassifyRequest" in refused[0]
+    assert not any("Traceback" in x or "rcst_jax.serving" in x for x in log), log
   finally:
     proc.kill()
 

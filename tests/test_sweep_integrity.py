@@ -14,14 +14,17 @@ from PIL import Image
 
 from rcst_jax import cli
 from rcst_jax.calibration import algorithm1, certificate
-from rcst_jax.calibration.artifact import Calibration
+from rcst_jax.calibration import seal as seal_lib
+from rcst_jax.calibration.artifact import Calibration, CalibrationError
 from rcst_jax.cli import parse_config
-from rcst_jax.core import fileio
+from rcst_jax.core import errors, fileio
 from rcst_jax.core.errors import ConfigError, OutputRefusedError
-from rcst_jax.data.sources import load_sources, run_transform
+from rcst_jax.data.folder import ImageFolder
+from rcst_jax.data.imagenet import calibration_test_split
+from rcst_jax.data.sources import UnreadableImagesError, load_sources, run_transform
 from rcst_jax.jobs import evaluate
 from rcst_jax.models.loading import Models
-from rcst_jax.sweep import engine
+from rcst_jax.sweep import cache, engine
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -119,7 +122,9 @@ def test_tampered_chunk_and_calibration_are_reported_and_recomputed(tmp_path, mo
   cal_path = ev.store.calibration_path()
   d = json.load(open(cal_path))
   d["lambda_hat"] = 0.0 if d["lambda_hat"] != 0.0 else 0.5
-  Calibration.from_dict(d)  # valid: only the manifest can tell
+  Calibration.unsealed(d)  # valid values: the seal names the edit, the manifest too
+  with pytest.raises(CalibrationError, match=r"per its seal: lambda_hat \(changed\)"):
+    Calibration.from_dict(d)
   with open(cal_path, "w") as f:
     json.dump(d, f, indent=2)
   with pytest.warns(UserWarning, match="does not match its manifest") as record:
@@ -220,9 +225,71 @@ def test_calibrate_verify_recomputes_the_artifact(demo_smoke, capsys, tmp_path):
   d = json.load(open(published))
   d["certificate"]["q_hat"] = float(d["certificate"]["q_hat"]) * 0.5
   d["certificate"] = certificate.seal(d["certificate"])
+  d["seal"] = seal_lib.make(d)  # the whole file resealed too
   forged = tmp_path / "forged.json"
   forged.write_text(json.dumps(d))
   Calibration.from_json(forged)
   assert cli.main(argv + [str(forged)]) == 2
   err = capsys.readouterr().err
   assert "does not match its recomputation" in err and "certificate.q_hat" in err
+
+
+def _snapshot(root):
+  return {p: (os.readlink(p) if os.path.islink(p) else
+              open(p, "rb").read() if os.path.isfile(p) else None)
+          for p in (os.path.join(d, n) for d, ds, fs in os.walk(root) for n in ds + fs)}
+
+
+@pytest.mark.parametrize("where, target", [
+    ("cache", ""), ("cache/FP", ""), ("cache/outcomes", ""),
+    ("cache/FP/manifest.json", "manifest.json"), ("cache/FP/.manifest.lock", "notes.txt"),
+    ("cache/outcomes/manifest.json", "manifest.json"), ("cache/FP/calibration.json", "notes.txt"),
+    ("cache/file_digests.json", "notes.txt")])
+def test_a_cache_never_follows_a_link_out_of_its_directory(tmp_path, models12, monkeypatch,
+                                                           where, target):
+  """A link anywhere in the cache (here into a user's directory, whose manifest.json
+  looks like one) is refused with a CacheLinkError naming it before any model runs,
+  and the user's files stay as they were: rcst writes nothing outside its output
+  directory."""
+  data = _folder(tmp_path / "data", per_class=4)
+  config = _config(tmp_path, data)
+  fileio.OutputDir(config.output_dir).claim([])  # an earlier run's output directory
+  transform = run_transform(models12.edge.metadata)
+  fp = cache.fingerprint(config, models12, load_sources(config, transform))
+  user = tmp_path / "user"
+  user.mkdir()
+  (user / "manifest.json").write_text('{"my": "own manifest"}\n')
+  (user / "notes.txt").write_text("mine\n")
+  link = os.path.join(config.output_dir, where.replace("FP", fp))
+  os.makedirs(os.path.dirname(link), exist_ok=True)
+  os.symlink(user / target, link)
+  monkeypatch.setattr(algorithm1, "algorithm1", lambda *a, **k: pytest.fail("a model ran"))
+  before = _snapshot(user)
+  with pytest.raises(cache.CacheLinkError) as e:
+    evaluate.evaluate_config(config, models=models12)
+  assert f"{link} is a symbolic link" in str(e.value) and errors.is_expected(e.value)
+  assert _snapshot(user) == before
+  assert os.path.islink(link)
+
+
+def test_a_folder_of_unreadable_images_is_named_before_any_model_runs(tmp_path, models12,
+                                                                      monkeypatch):
+  data = _folder(tmp_path / "data", per_class=4)
+  files = sorted(p for p in data.rglob("*.png"))
+  for p in files:
+    p.write_bytes(b"not an image")
+  config = _config(tmp_path, data)
+  monkeypatch.setattr(algorithm1, "algorithm1", lambda *a, **k: pytest.fail("a model ran"))
+  before = _snapshot(data)
+  with pytest.raises(UnreadableImagesError, match=(
+      rf"data.folder_root={data}: all 12 images are unreadable \(e.g. cannot decode "
+      r"image .*\.png.*\); nothing to run on")) as e:
+    evaluate.evaluate_config(config, models=models12)
+  assert errors.is_expected(e.value) and _snapshot(data) == before
+  # One good test image: the calibration images are named, with their count.
+  split = calibration_test_split(12, 8, config.data.split_seed)
+  good = ImageFolder(data).items[int(split.test_idx[0])][0]
+  (data / good).write_bytes(_png(7))
+  with pytest.raises(UnreadableImagesError, match=r": all 8 calibration images are unreadable "
+                                                  r"\(e.g. cannot decode "):
+    evaluate.evaluate_config(config, models=models12)

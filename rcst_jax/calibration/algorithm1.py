@@ -18,7 +18,7 @@ import numpy as np
 from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationWarning, check_B
 from rcst_jax.core import spmd
 from rcst_jax.data import batches
-from rcst_jax.data.sources import Sources, transform_record
+from rcst_jax.data.sources import Sources, UnreadableImagesError, transform_record
 from rcst_jax.inference.edge import softmax_fn
 from rcst_jax.models.checkpoints import Model, variables_digest
 from rcst_jax.payload.geometry import Geometry
@@ -75,7 +75,8 @@ def algorithm1(config, edge: Model, sources: Sources, transform, *, server_metad
     probs.append(p)
     labels.append(lab)
   if not probs or not sum(len(p) for p in probs):
-    raise ValueError("no usable calibration image (all were skipped as bad items)")
+    raise UnreadableImagesError("no usable calibration image (all were skipped as bad items: "
+                                f"{dict(skipped or {})})")
   return calibrate(
       np.concatenate(probs), np.concatenate(labels), config.alpha_crc, config.alpha_aps,
       edge_model=edge.metadata.get("timm_name"), server_model=server_metadata.get("timm_name"),

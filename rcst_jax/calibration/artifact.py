@@ -3,8 +3,13 @@
 Validated on load (a named CalibrationError for every malformed field), so a
 hand-edited or truncated file never reaches `rcst run` silently: strict JSON
 (UTF-8, no repeated key, no NaN or Infinity), a transform that fits the
-recorded patch geometry, and a certificate whose digest matches its fields
-and whose fields are consistent with a Learn-then-Test run that certified.
+recorded patch geometry, a certificate whose digest matches its fields and
+whose fields are consistent with a Learn-then-Test run that certified, and a
+seal over the whole file (calibration/seal.py) that names each edited field.
+
+A file without a seal (written before whole-file seals) is refused: it may
+have been edited, and nothing can tell. `rcst calibrate --reseal FILE` vouches
+for a file as it is; a resealed file loads with a warning naming its edited fields.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from rcst_jax.calibration import certificate
+from rcst_jax.calibration import seal as seal_lib
 from rcst_jax.calibration.certificate import encode_float
 from rcst_jax.core.errors import ConfigError, RcstError
 from rcst_jax.core.fileio import atomic_write_text
@@ -33,6 +39,18 @@ class CalibrationError(RcstError):
 
 class CalibrationWarning(UserWarning):
   """CRC could not be satisfied: the stored lambda_hat is inf (the edge accepts nothing)."""
+
+
+class CalibrationSealError(CalibrationError):
+  """The file differs from its seal (``fields``: what changed), or has none (``fields`` None)."""
+
+  def __init__(self, message: str, fields: list[str] | None):
+    super().__init__(message)
+    self.fields = fields
+
+
+class ResealedWarning(UserWarning):
+  """The calibration was edited by hand and resealed: no guarantee applies to those fields."""
 
 
 _META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer", "edge_digest",
@@ -132,6 +150,8 @@ class Calibration:
   server_digest: Optional[str] = None
   # Learn-then-Test certificate of a (lambda, tau) pair (calibration/certificate.py).
   certificate: Optional[dict] = None
+  # `rcst calibrate --reseal` records (calibration/seal.py); written only when present.
+  resealed: Optional[list] = None
 
   def __post_init__(self):
     if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
@@ -154,6 +174,9 @@ class Calibration:
     _check_record(self.geometry, _GEOMETRY_KEYS, "geometry")
     _check_fit(self.transform, self.geometry)
     _check_certificate(self.certificate, int(self.n))
+    why = seal_lib.check_history(self.resealed)
+    if why is not None:
+      raise CalibrationError(why)
 
   def operating_point(self, tau: float | None = None, codec: str | None = None) -> OperatingPoint:
     """Where Algorithm 2 runs with this calibration.
@@ -202,19 +225,39 @@ class Calibration:
     return Geometry.from_dict(self.geometry) if self.geometry else Geometry()
 
   def to_dict(self) -> dict:
+    """The file's fields, sealed (the seal last)."""
     d = {"format": _FORMAT, "version": _VERSION}
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
       if f.name in ("lambda_hat", "q_hat"):
         v = encode_float(float(v))
-      d[f.name] = v
-    return d
+      if f.name != seal_lib.HISTORY or v is not None:
+        d[f.name] = v
+    return {**d, seal_lib.KEY: seal_lib.make(d)}
 
   def to_json(self, path) -> None:
     atomic_write_text(str(path), json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
   @classmethod
   def from_dict(cls, d: Any) -> "Calibration":
+    """The calibration of a file's fields: every field checked, then the seal."""
+    cal = cls.unsealed(d)
+    diffs = seal_lib.changed(d, d.get(seal_lib.KEY))
+    if diffs is None:
+      raise CalibrationSealError(
+          "no valid seal (written before rcst sealed whole calibration files, or the seal was "
+          "edited): run `rcst calibrate --reseal FILE` if you vouch for every field as it is, "
+          "or rerun `rcst calibrate`", None)
+    if diffs:
+      raise CalibrationSealError(
+          f"edited since rcst wrote it, per its seal: {', '.join(diffs)}; rerun "
+          "`rcst calibrate`, or run `rcst calibrate --reseal FILE` if the edit was on purpose "
+          "(no guarantee then applies to those fields)", seal_lib.names(diffs))
+    return cal
+
+  @classmethod
+  def unsealed(cls, d: Any) -> "Calibration":
+    """The calibration of a file's fields, each checked; the seal is not (`from_dict` checks it)."""
     if not isinstance(d, dict):
       raise CalibrationError(f"expected a JSON object, got {type(d).__name__}")
     if d.get("format") != _FORMAT or d.get("version") != _VERSION:
@@ -222,7 +265,7 @@ class Calibration:
           f"not an {_FORMAT} v{_VERSION} file (format={d.get('format')!r}, "
           f"version={d.get('version')!r}); rerun `rcst calibrate`")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    body = {k: v for k, v in d.items() if k not in ("format", "version")}
+    body = {k: v for k, v in d.items() if k not in ("format", "version", seal_lib.KEY)}
     unknown = sorted(set(body) - set(fields))
     if unknown:
       raise CalibrationError(f"unknown field(s) {unknown}")
@@ -240,11 +283,18 @@ class Calibration:
 
   @classmethod
   def from_json(cls, path) -> "Calibration":
+    """The file at ``path``, checked and sealed; warns (ResealedWarning) when it was resealed."""
     d = read_strict_json(path)
     try:
-      return cls.from_dict(d)
+      cal = cls.from_dict(d)
+    except CalibrationSealError as e:
+      raise CalibrationSealError(f"{path}: {str(e).replace('FILE', str(path))}",
+                                 e.fields) from e
     except CalibrationError as e:
       raise CalibrationError(f"{path}: malformed calibration file: {e}") from e
+    if cal.resealed:
+      warnings.warn(seal_lib.history_warning(path, cal.resealed), ResealedWarning, stacklevel=2)
+    return cal
 
 
 def _unique_keys(pairs):

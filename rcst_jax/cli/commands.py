@@ -21,7 +21,7 @@ from rcst_jax.core.fileio import dumps
 from rcst_jax.data.preprocess import BadItemError
 from rcst_jax.data.sources import transform_from_record
 from rcst_jax.inference.collaborative import collaborative_inference
-from rcst_jax.jobs.calibrate import calibrate_config, verify_calibration
+from rcst_jax.jobs.calibrate import calibrate_config, reseal_calibration, verify_calibration
 from rcst_jax.jobs.evaluate import evaluate_config
 from rcst_jax.jobs.train import train_demo
 from rcst_jax.models.checkpoints import load_model
@@ -101,6 +101,13 @@ def _print_run(out):
 
 
 def calibrate(args, extra):
+  if args.reseal:
+    if args.config or args.verify or args.out or extra:
+      raise errors.RcstError("--reseal FILE takes no --config, --verify, --out or overrides")
+    print(dumps(reseal_calibration(args.reseal)))
+    return 0
+  if not args.config:
+    raise errors.RcstError("--config is required (except with --reseal FILE)")
   config = parse_config(args.config, extra)
   if args.verify:
     diffs = verify_calibration(config, args.verify)

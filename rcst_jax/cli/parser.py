@@ -42,12 +42,17 @@ def _add_config_commands(sub) -> None:
       ("calibrate", commands.calibrate, "Algorithm 1: write the calibration JSON", None,
        "a config name or file; then --config.x=y")):
     p = sub.add_parser(name, help=text)
-    p.add_argument("--config", required=default is None, default=default, help=what)
+    p.add_argument("--config", required=default is None and name != "calibrate",
+                   default=default, help=what)
     if name == "calibrate":
       p.add_argument("--out", help="calibration JSON path (default: <output_dir>/calibration.json)")
       p.add_argument("--verify", metavar="FILE",
                      help="recompute the calibration FILE records (its certificate's request) "
                           "from the config's data and models; exit 2 if anything differs")
+      p.add_argument("--reseal", metavar="FILE",
+                     help="vouch for a calibration FILE edited on purpose: seal it anew and "
+                          "record the fields that changed (no --config; run and explain then "
+                          "warn that no guarantee applies to them)")
     if name != "train":
       p.add_argument("--overwrite", action="store_true",
                      help="replace outputs rcst wrote even if they changed since (rcst never "
@@ -65,12 +70,21 @@ def _add_run_commands(sub) -> None:
                  help="the server model directory (in this process), or HOST:PORT of a "
                       "`rcst serve`")
   p.add_argument("--deadline", type=argtypes.positive_float, default=10.0,
-                 help="seconds per request to a remote server before it is retried")
-  p.add_argument("--retries", type=int, default=3,
-                 help="retries (exponential backoff from 0.25 s) of an unreachable server")
+                 help="seconds per attempt of a call to a remote server (default 10)")
+  p.add_argument("--retries", type=argtypes.int_in(0, 10), default=3,
+                 help="retries of a call a remote server did not answer, 0..10 (default 3), "
+                      "after 0.25 s x 2^attempt capped at 2 s, half of it random")
+  p.add_argument("--call-budget", type=argtypes.float_in(0, 600, low_open=True), default=20.0,
+                 help="seconds a call to a remote server may take, retries and pauses "
+                      "included, in (0, 600] (default 20)")
+  p.add_argument("--down-for", type=argtypes.float_in(0, 3600), default=30.0,
+                 help="seconds a remote server found down is not called again, 0..3600 "
+                      "(default 30): meanwhile offloaded images keep the edge's prediction "
+                      "at once, marked server_unreachable")
   p.add_argument("--on-server-error", choices=("edge", "fail"), default="edge",
-                 help="an unreachable server: keep the edge's prediction, marked "
-                      "server_unreachable (default), or stop with an error")
+                 help="an unreachable server, or one answering from other weights: keep "
+                      "the edge's prediction, marked server_unreachable or "
+                      "server_other_weights (default), or stop with an error")
   p.add_argument("--send", choices=("each", "batch"), default="each",
                  help="a remote server: one call per offloaded image (default; each image's "
                       "own wire bytes and round trip), or one call per --batch-size images "
@@ -96,7 +110,8 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--calibration", required=True)
     p.add_argument("--tau", type=argtypes.unit_float, default=None, help=tau_help)
     p.add_argument("--allow-other-weights", action="store_true",
-                   help="use a calibration made for other weights (no guarantee)")
+                   help="use a calibration made for other weights, and a remote server's "
+                        "answers from other weights (no guarantee)")
 
 
 def build_parser() -> argparse.ArgumentParser:

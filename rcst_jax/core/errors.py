@@ -28,6 +28,11 @@ class ServerUnreachable(RcstError):
   """A remote server gave no answer within its deadline after every retry."""
 
 
+class ServerOtherWeights(RcstError):
+  """A remote server answered from other weights than the calibration was
+  made for: its answer is not used."""
+
+
 # Operating-system failures a user can fix (path, permission, disk), not bugs.
 _OS_TYPES = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
              PermissionError)

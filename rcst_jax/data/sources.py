@@ -16,15 +16,48 @@ import warnings
 
 import numpy as np
 
-from rcst_jax.core.errors import ConfigError
+from rcst_jax.core.errors import ConfigError, RcstError
 from rcst_jax.data import imagenet
 from rcst_jax.data.folder import ImageFolder
 from rcst_jax.data.identity import source_identity
 from rcst_jax.data.imagenet import calibration_test_split
-from rcst_jax.data.preprocess import Preprocess
+from rcst_jax.data.preprocess import BadItemError, Preprocess
 from rcst_jax.data.synthetic import SyntheticShapes
 
 _TRANSFORM_KEYS = ("input_size", "crop_pct", "interpolation")
+
+
+class UnreadableImagesError(RcstError):
+  """No image of a part of the run (calibration or test) can be read: nothing to run on."""
+
+
+def _first_error(source, indices) -> BadItemError | None:
+  """None as soon as one image of ``indices`` decodes, else the first one's error."""
+  first = None
+  for i in indices:
+    try:
+      source[int(i)]
+      return None
+    except BadItemError as e:
+      first = first or e
+  return first
+
+
+def require_readable(source, parts: dict, where: str) -> None:
+  """UnreadableImagesError (with the counts and one file's reason) unless some image of
+  each part ({name: indices}) decodes. Reads until the first that does: one image a
+  part when the data are good, all of them only when none is, so the refusal comes
+  before any model runs."""
+  bad = {name: e for name, idx in parts.items() if (e := _first_error(source, idx))}
+  if not bad:
+    return
+  first = next(iter(bad.values()))
+  if len(bad) == len(parts):
+    total = sum(len(idx) for idx in parts.values())
+    what = f"all {total} images are unreadable"
+  else:
+    what = "; ".join(f"all {len(parts[name])} {name} images are unreadable" for name in bad)
+  raise UnreadableImagesError(f"{where}: {what} (e.g. {first}); nothing to run on")
 
 
 def run_transform(edge_metadata: dict, others: dict | None = None) -> Preprocess:
@@ -128,4 +161,7 @@ def load_sources(config, transform: Preprocess) -> Sources:
     raise ConfigError(f"data.n_cal={int(d.n_cal)} leaves no test image: {d.name} has {n} "
                       f"images{limit}; use data.n_cal <= {n - 1}")
   split = calibration_test_split(n, int(d.n_cal), d.split_seed)
+  if d.name == "folder":  # files a user gathered: unreadable ones are named before the run
+    require_readable(source, {"calibration": split.cal_idx, "test": split.test_idx},
+                     f"data.folder_root={d.folder_root}")
   return Sources(source, source, split.cal_idx, split.test_idx, name=f"{d.name}/{d.split}")

@@ -10,6 +10,7 @@ payloads and the rule are the same either way.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -43,9 +44,11 @@ def collaborative_inference(images, edge: Model, server: Model | None,
   shares the call's wire bytes among them by size); the result adds per
   image the round trip, the server's reported time, the bytes on the wire
   each way (``wire_up``, ``wire_down``; a metered remote's only) and a
-  ``status`` ("edge", "server" or "server_unreachable": no answer after the
-  client's retries, the edge's prediction stands; ``on_server_error="fail"``
-  raises instead).
+  ``status``: "edge", "server", "server_unreachable" (no answer within the
+  client's retries, or the server is remembered as down) or
+  "server_other_weights" (answered from weights other than the
+  calibration's: not used). In the last two the edge's prediction stands;
+  ``on_server_error="fail"`` raises instead.
   """
   if on_server_error not in ("edge", "fail"):
     raise ValueError(f"on_server_error must be 'edge' or 'fail', got {on_server_error!r}")
@@ -86,26 +89,32 @@ def transmit(images, off, keep, fallback, geo: Geometry, codec: str = "raw", *,
     payloads[i] = payload.encode_image_payload(images[i], keep[i], geo, codec)
     timing["encode_s"][i] = time.perf_counter() - t0
   server_pred = np.full(n, -1, np.int32)
+  status = np.where(off, "server", "edge").astype(object)
   if remote is not None:
-    timing.update(_ask_remote(remote, payloads, server_pred, n, on_server_error, send))
+    timing.update(_ask_remote(remote, payloads, server_pred, status, on_server_error, send))
   elif payloads:
     logits = Server(server, server_batch, buckets).logits_from_payloads(list(payloads.values()))
     server_pred[list(payloads)] = logits.argmax(-1)
   nbytes = np.zeros(n, np.int64)
   nbytes[list(payloads)] = [len(p) for p in payloads.values()]
-  answered = off & (server_pred >= 0)  # an unreachable server leaves the edge's answer
+  answered = off & (server_pred >= 0)  # an answer not used leaves the edge's
   return {"pred": methods.combine(answered, server_pred, fallback), "accepted": ~off,
           "offloaded": off, "edge_pred": fallback, "server_pred": server_pred, "keep": keep,
-          "kept": keep.sum(-1), "bytes": nbytes,
-          "status": np.where(~off, "edge", np.where(answered, "server", "server_unreachable")),
-          **timing}
+          "kept": keep.sum(-1), "bytes": nbytes, "status": status.astype(str), **timing}
 
 
-def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: str,
+# What leaves an offloaded image the edge's prediction (`on_server_error="edge"`).
+_NOT_USED = (errors.ServerUnreachable, errors.ServerOtherWeights)
+
+
+def _ask_remote(remote, payloads: dict, server_pred, status, on_server_error: str,
                 send: str = "each") -> dict:
   """The payloads to the remote server, each in turn (so each reply's wire
-  bytes are its own) or all in one batch call; fills server_pred, returns
-  the per-image link figures (wire bytes only if the remote counts them)."""
+  bytes are its own) or all in one batch call; fills server_pred and the
+  status of an image the server did not answer (or answered from other
+  weights), returns the per-image link figures (wire bytes only if the
+  remote counts them)."""
+  n = len(status)
   out = {k: np.zeros(n) for k in ("rtt_s", "server_s", "queue_s", "decode_s")}
   if remote.metered:
     out.update(wire_up=np.zeros(n, np.int64), wire_down=np.zeros(n, np.int64))
@@ -115,11 +124,18 @@ def _ask_remote(remote, payloads: dict, server_pred, n: int, on_server_error: st
     try:
       replies = remote.classify_batch([data for _, data in call]) if send == "batch" \
           else [remote.classify(call[0][1])]
-    except errors.ServerUnreachable:
-      if on_server_error == "fail":
-        raise
-      continue
+    except _NOT_USED as e:
+      replies = [e] * len(call)
     for (i, _), r in zip(call, replies):
+      if isinstance(r, _NOT_USED):
+        if on_server_error == "fail":
+          raise r
+        other = isinstance(r, errors.ServerOtherWeights)
+        status[i] = "server_other_weights" if other else "server_unreachable"
+        if other:
+          warnings.warn(f"{r}: those images keep the edge's prediction, marked "
+                        "server_other_weights")
+        continue
       if isinstance(r, Exception):  # refused: as `classify` raises it
         raise r
       server_pred[i] = int(r.logits.argmax())

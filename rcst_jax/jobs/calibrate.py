@@ -3,15 +3,19 @@
 Algorithm 1 needs only the edge (and the server's metadata); the
 whole-system certificate, when asked for, also runs the server, through the
 sweep engine so that its passes are cached with the sweep's. `--verify`
-recomputes a file from the request its certificate records.
+recomputes a file from the request its certificate records; `--reseal`
+vouches for a file edited on purpose (a new seal, and a record of what changed).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
 
 from rcst_jax.calibration import algorithm1, certificate
-from rcst_jax.calibration.artifact import Calibration, CalibrationError
+from rcst_jax.calibration import seal as seal_lib
+from rcst_jax.calibration.artifact import Calibration, CalibrationError, read_strict_json
 from rcst_jax.core.errors import OutputRefusedError
 from rcst_jax.core.fileio import OutputDir
 from rcst_jax.data.sources import load_sources, run_transform
@@ -41,11 +45,12 @@ def calibrate_config(config, out: str | None = None, overwrite: bool = False
 
 
 def check_calibration_out(path: str, overwrite: bool) -> None:
-  """An explicit --out replaces only an rcst calibration file, and only with --overwrite."""
+  """An explicit --out replaces only an rcst calibration file (sealed or not: an older or
+  edited one is still ours to replace), and only with --overwrite."""
   if not os.path.lexists(path):
     return
   try:
-    Calibration.from_json(path)
+    Calibration.unsealed(read_strict_json(path))
   except (CalibrationError, OSError, UnicodeDecodeError) as e:
     raise OutputRefusedError(f"refusing to replace {path}: not an rcst calibration file "
                              f"({str(e).splitlines()[0][:120]})") from None
@@ -107,3 +112,28 @@ def verify_calibration(config, path: str) -> list[str]:
   if cert is not None:
     diffs += [f"certificate.{d}" for d in certificate.verify(cert, fresh.certificate)]
   return diffs
+
+
+def reseal_calibration(path: str) -> dict:
+  """`rcst calibrate --reseal FILE`: seals the file anew as it is, after every load-time
+  check but the seal, and records which fields differ from the old seal (None when it
+  had none) with the UTC time in its `resealed` history. A file that matches its seal
+  is left untouched. The certificate keeps its own digest: an edited certificate stays
+  refused (it is a claim about what Learn-then-Test found, not a setting)."""
+  if os.path.islink(path) or not os.path.isfile(path):
+    raise OutputRefusedError(f"refusing to reseal {path}: not a regular file (a symbolic link, "
+                             "a directory or missing)")
+  d = read_strict_json(path)
+  try:
+    cal = Calibration.unsealed(d)
+  except CalibrationError as e:
+    raise CalibrationError(f"{path}: refusing to reseal a malformed calibration file: {e}") \
+        from e
+  diffs = seal_lib.changed(d, d.get(seal_lib.KEY))
+  if diffs == []:
+    return {"calibration": path, "resealed": False, "fields": []}
+  fields = None if diffs is None else seal_lib.names(diffs)
+  at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+  record = {"at": at, "fields": fields}
+  dataclasses.replace(cal, resealed=[*(cal.resealed or []), record]).to_json(path)
+  return {"calibration": path, "resealed": True, **record}

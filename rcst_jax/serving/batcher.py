@@ -7,10 +7,11 @@ decoded), or the previous batch had company (requests under load arrive
 spread out, and larger batches cost less CPU each). A lone client's
 requests therefore run at once instead of waiting ``max_wait_s`` each. The
 batch then runs as one call, which `Server.logits_from_decoded` splits by
-kept-token bucket. The server runs each bucket's rows one by one inside one
-compiled loop (`Server.row_by_row`), so a request's logits are bit for bit
-those it gets alone (XLA on CPU rounds a batch of two differently from a
-batch of one).
+kept-token bucket; should it fail, each request runs again alone, so only
+one that fails on its own gets the error. The server runs each bucket's
+rows one by one inside one compiled loop (`Server.row_by_row`), so a
+request's logits are bit for bit those it gets alone (XLA on CPU rounds a
+batch of two differently from a batch of one).
 """
 
 from __future__ import annotations
@@ -104,16 +105,22 @@ class DynamicBatcher:
       batch = [b for b in batch if b[1].set_running_or_notify_cancel()]
       if not batch:
         continue
-      t0 = time.perf_counter()
-      try:
-        logits = self._run([item for item, _, _ in batch])
-      except Exception as e:  # answered to every request of the batch; the loop goes on
-        for _, future, _ in batch:
-          future.set_exception(e)
-        continue
-      spent = time.perf_counter() - t0
-      for row, (_, future, submitted) in zip(logits, batch):
-        future.set_result(Answer(row, len(batch), t0 - submitted, spent))
+      self._answer(batch)
+
+  def _answer(self, batch: list) -> None:
+    t0 = time.perf_counter()
+    try:
+      logits = self._run([item for item, _, _ in batch])
+    except Exception as e:
+      if len(batch) == 1:  # answered to its request alone; the loop goes on
+        batch[0][1].set_exception(e)
+      else:  # one request's failure is not its batch's: each runs again alone
+        for one in batch:
+          self._answer([one])
+      return
+    spent = time.perf_counter() - t0
+    for row, (_, future, submitted) in zip(logits, batch):
+      future.set_result(Answer(row, len(batch), t0 - submitted, spent))
 
 
 class _Arrival:

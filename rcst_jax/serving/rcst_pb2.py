@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nrcst.proto\x12\x07rcst.v1\"\"\n\x0f\x43lassifyRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x7f\n\rClassifyReply\x12\x0e\n\x06logits\x18\x01 \x03(\x02\x12\x16\n\x0e\x62\x61tch_requests\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"(\n\x14\x43lassifyBatchRequest\x12\x10\n\x08payloads\x18\x01 \x03(\x0c\"=\n\x12\x43lassifyBatchReply\x12\'\n\x07replies\x18\x01 \x03(\x0b\x32\x16.rcst.v1.ClassifyReply\"\x11\n\x0f\x44\x65scribeRequest\"\xbf\x01\n\rDescribeReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x0c\n\x04grid\x18\x03 \x01(\r\x12\r\n\x05patch\x18\x04 \x01(\r\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x06 \x03(\r\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12max_batch_payloads\x18\t \x01(\r2\xd1\x01\n\x06Server\x12<\n\x08\x43lassify\x12\x18.rcst.v1.ClassifyRequest\x1a\x16.rcst.v1.ClassifyReply\x12K\n\rClassifyBatch\x12\x1d.rcst.v1.ClassifyBatchRequest\x1a\x1b.rcst.v1.ClassifyBatchReply\x12<\n\x08\x44\x65scribe\x12\x18.rcst.v1.DescribeRequest\x1a\x16.rcst.v1.DescribeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nrcst.proto\x12\x07rcst.v1\"\"\n\x0f\x43lassifyRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x95\x01\n\rClassifyReply\x12\x0e\n\x06logits\x18\x01 \x03(\x02\x12\x16\n\x0e\x62\x61tch_requests\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x07 \x01(\t\"(\n\x14\x43lassifyBatchRequest\x12\x10\n\x08payloads\x18\x01 \x03(\x0c\"S\n\x12\x43lassifyBatchReply\x12\'\n\x07replies\x18\x01 \x03(\x0b\x32\x16.rcst.v1.ClassifyReply\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\xbf\x01\n\rDescribeReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x0c\n\x04grid\x18\x03 \x01(\r\x12\r\n\x05patch\x18\x04 \x01(\r\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x06 \x03(\r\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12max_batch_payloads\x18\t \x01(\r2\xd1\x01\n\x06Server\x12<\n\x08\x43lassify\x12\x18.rcst.v1.ClassifyRequest\x1a\x16.rcst.v1.ClassifyReply\x12K\n\rClassifyBatch\x12\x1d.rcst.v1.ClassifyBatchRequest\x1a\x1b.rcst.v1.ClassifyBatchReply\x12<\n\x08\x44\x65scribe\x12\x18.rcst.v1.DescribeRequest\x1a\x16.rcst.v1.DescribeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=23
   _globals['_CLASSIFYREQUEST']._serialized_end=57
-  _globals['_CLASSIFYREPLY']._serialized_start=59
-  _globals['_CLASSIFYREPLY']._serialized_end=186
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=188
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=228
-  _globals['_CLASSIFYBATCHREPLY']._serialized_start=230
-  _globals['_CLASSIFYBATCHREPLY']._serialized_end=291
-  _globals['_DESCRIBEREQUEST']._serialized_start=293
-  _globals['_DESCRIBEREQUEST']._serialized_end=310
-  _globals['_DESCRIBEREPLY']._serialized_start=313
-  _globals['_DESCRIBEREPLY']._serialized_end=504
-  _globals['_SERVER']._serialized_start=507
-  _globals['_SERVER']._serialized_end=716
+  _globals['_CLASSIFYREPLY']._serialized_start=60
+  _globals['_CLASSIFYREPLY']._serialized_end=209
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=211
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=251
+  _globals['_CLASSIFYBATCHREPLY']._serialized_start=253
+  _globals['_CLASSIFYBATCHREPLY']._serialized_end=336
+  _globals['_DESCRIBEREQUEST']._serialized_start=338
+  _globals['_DESCRIBEREQUEST']._serialized_end=355
+  _globals['_DESCRIBEREPLY']._serialized_start=358
+  _globals['_DESCRIBEREPLY']._serialized_end=549
+  _globals['_SERVER']._serialized_start=552
+  _globals['_SERVER']._serialized_end=761
 # @@protoc_insertion_point(module_scope)

@@ -94,12 +94,13 @@ def optional(check: Checker) -> Checker:
   return lambda v: None if v is None else check(v)
 
 
-def grid_of(item: Checker, min_len: int = 1, increasing: bool = False) -> Checker:
-  """A tuple/list of at least min_len items, each allowed by `item`."""
+def grid_of(item: Checker, min_len: int = 1, increasing: bool = False,
+            distinct: bool = False) -> Checker:
+  """A tuple/list of at least min_len items, each allowed by `item` (each once if distinct)."""
   def check(v):
     each = item(object())  # a checker's refusal of anything is its description
-    want = (f"a tuple of at least {min_len} value(s), each {each}"
-            + (", strictly increasing" if increasing else ""))
+    want = f"a tuple of at least {min_len} value(s), each {each}"
+    want += (", strictly increasing" if increasing else "") + (", none twice" if distinct else "")
     if not isinstance(v, (tuple, list)) or len(v) < min_len:
       return want
     bad = [x for x in v if item(x) is not None]
@@ -107,6 +108,9 @@ def grid_of(item: Checker, min_len: int = 1, increasing: bool = False) -> Checke
       return f"{want}; {bad[0]!r} is not"
     if increasing and any(a >= b for a, b in zip(v, v[1:])):
       return want
+    again = [x for i, x in enumerate(v) if x in v[:i]]
+    if distinct and again:
+      return f"{want}; {again[0]!r} is given twice"
     return None
   return check
 
@@ -209,7 +213,8 @@ SCHEMA: dict[str, Checker] = {
     "certify.enabled": boolean,
     "certify.epsilon": open_unit,
     "certify.delta": open_unit,
-    "certify.risks": grid_of(one_of("accuracy_drop", "degradation", "system_error", "edge_risk")),
+    "certify.risks": grid_of(one_of("accuracy_drop", "degradation", "system_error", "edge_risk"),
+                             distinct=True),
     "certify.test": one_of("wsr", "hb", "binomial", "exact"),
     "certify.lambda_grid": grid_of(lambda_value),
     "certify.split": open_unit,
@@ -246,9 +251,39 @@ def _codec_axis_needs_bytes(flat):
   return None
 
 
+def certify_split_sizes(n_cal: int, split: float) -> tuple[int, int]:
+  """(fitting, testing) images of certify.split on n_cal calibration images: the one
+  rule sweep/certification.py splits by (Python's round, half to even)."""
+  n_fit = int(round(float(split) * int(n_cal)))
+  return n_fit, int(n_cal) - n_fit
+
+
+def _certify_split_leaves_both_parts(flat):
+  if not flat.get("certify.enabled") or flat.get("certify.split") is None:
+    return None
+  n_cal, split = flat.get("data.n_cal"), flat["certify.split"]
+  if n_cal is None:
+    return None
+  n_fit, n_test = certify_split_sizes(n_cal, split)
+  if n_fit < 1 or n_test < 1:
+    return "certify.split", split, (
+        f"a fraction of data.n_cal = {n_cal} calibration images that leaves both parts "
+        f"non-empty (it gives {n_fit} fitting and {n_test} testing images)")
+  return None
+
+
+def _binomial_needs_binary_risks(flat):
+  if flat.get("certify.enabled") and flat.get("certify.test") == "binomial" \
+      and "accuracy_drop" in (flat.get("certify.risks") or ()):
+    return "certify.test", "binomial", ("'exact', 'wsr' or 'hb' when certify.risks has "
+                                        "accuracy_drop (three-valued; binomial needs 0/1 losses)")
+  return None
+
+
 # Checks over several keys: flat config -> None or (key, value, what is allowed).
-RULES: list[Callable[[dict], Optional[tuple]]] = [_synthetic_needs_n_test, _folder_needs_root,
-                                                  _codec_axis_needs_bytes]
+RULES: list[Callable[[dict], Optional[tuple]]] = [
+    _synthetic_needs_n_test, _folder_needs_root, _codec_axis_needs_bytes,
+    _certify_split_leaves_both_parts, _binomial_needs_binary_risks]
 
 
 # --- validation --------------------------------------------------------------------------

@@ -13,6 +13,11 @@ used. A file is reused only when all three match; otherwise it is reported
 (when its bytes were edited or damaged) and recomputed. Calibration
 outcomes for the certificate are keyed apart (`outcome_id`), by what they
 depend on only, so a new certificate request reruns no model.
+
+A cache never follows a symbolic link: a link at the cache directory, a fingerprint
+or outcomes directory, or any file the cache reads or writes (chunk, calibration,
+manifest, lock, file digests) is refused with a CacheLinkError before anything is
+read or written, so rcst writes nothing outside the output directory's cache.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import warnings
 import numpy as np
 
 from rcst_jax.calibration import certificate
-from rcst_jax.calibration.artifact import Calibration, CalibrationError
+from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationSealError
+from rcst_jax.core.errors import OutputRefusedError
 from rcst_jax.core.fileio import atomic_write_bytes, plain
 from rcst_jax.models.checkpoints import variables_digest
 
@@ -48,6 +54,26 @@ CODEC_KEYS = ("codec_server_pred", "codec_pred", "codec_bytes")  # [codecs, poin
 CHUNK_KEYS = ("labels", "keys") + POINT_KEYS + CODEC_KEYS + (
     "edge_pred", "edge_p_max", "edge_accept", "edge_aps_size", "edge_aps_cover", "base_pred",
     "base_p_max", "base_accept")
+
+
+class CacheLinkError(OutputRefusedError):
+  """A path in a cache is a symbolic link: the cache would read or write outside itself."""
+
+
+def no_link(path: str, root: str) -> str:
+  """``path``, once neither it nor any directory between ``root`` (included) and it is a
+  symbolic link; CacheLinkError naming the link otherwise."""
+  root = os.path.abspath(root)
+  rel = os.path.relpath(os.path.abspath(path), os.path.dirname(root))
+  here = os.path.dirname(root)
+  for part in rel.split(os.sep):
+    here = os.path.join(here, part)
+    if os.path.islink(here):
+      raise CacheLinkError(
+          f"refusing to use the cache: {here} is a symbolic link (to "
+          f"{os.readlink(here)}); rcst writes its cache only inside {root}. Remove the link, "
+          "or set output_dir where the cache should live")
+  return path
 
 
 def point_rows(arrays: dict, points: slice) -> dict:
@@ -101,11 +127,13 @@ class Manifest:
   it was computed from}. Each update re-reads the file under an exclusive
   lock and replaces it atomically, so concurrent runs never lose an entry."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, root: str | None = None):
+    self.root = root or directory  # the cache directory: no link from there down
     self.path = os.path.join(directory, "manifest.json")
     self.lock_path = os.path.join(directory, ".manifest.lock")
 
   def read(self) -> dict:
+    no_link(self.path, self.root)
     try:
       with open(self.path, encoding="utf-8") as f:
         entries = json.load(f)
@@ -118,7 +146,7 @@ class Manifest:
 
   @contextlib.contextmanager
   def _locked(self):
-    with open(self.lock_path, "a") as lock:
+    with open(no_link(self.lock_path, self.root), "a") as lock:
       try:
         fcntl.flock(lock, fcntl.LOCK_EX)
       except OSError:  # a filesystem without locks: still atomic, last writer wins
@@ -129,8 +157,8 @@ class Manifest:
     with self._locked():
       entries = self.read()
       entries[name] = {"sha256": sha256(data), **inputs}
-      atomic_write_bytes(self.path, (json.dumps(entries, indent=1, sort_keys=True) + "\n")
-                         .encode())
+      text = json.dumps(entries, indent=1, sort_keys=True) + "\n"
+      atomic_write_bytes(no_link(self.path, self.root), text.encode())
 
   def matches(self, name: str, data: bytes, **inputs) -> bool | None:
     """True: the bytes are what was recorded, from these inputs. False: the
@@ -151,14 +179,24 @@ class ChunkStore:
   def __init__(self, out_dir: str, fp: str):
     self.root = os.path.join(out_dir, "cache")
     self.dir = os.path.join(self.root, fp)
+    outcomes = os.path.join(self.root, "outcomes")
+    self.manifest = Manifest(self.dir, self.root)
+    self.outcomes_manifest = Manifest(outcomes, self.root)
+    # Before any directory is made or model runs (each read and write checks again).
+    for path in (self.digests_path, self.manifest.path, self.manifest.lock_path,
+                 self.outcomes_manifest.path, self.outcomes_manifest.lock_path):
+      no_link(path, self.root)
     os.makedirs(self.dir, exist_ok=True)
-    self.manifest = Manifest(self.dir)
-    os.makedirs(os.path.join(self.root, "outcomes"), exist_ok=True)
-    self.outcomes_manifest = Manifest(os.path.join(self.root, "outcomes"))
+    os.makedirs(outcomes, exist_ok=True)
+
+  @property
+  def digests_path(self) -> str:
+    """The input files' digests (data.identity.DigestCache), kept with the cache."""
+    return os.path.join(self.root, "file_digests.json")
 
   def _read(self, path: str, manifest: Manifest, what: str, **inputs) -> bytes | None:
     """The bytes of a cached file if the manifest vouches for them, else None."""
-    if not os.path.exists(path):
+    if not os.path.exists(no_link(path, self.root)):
       return None
     with open(path, "rb") as f:
       data = f.read()
@@ -169,6 +207,7 @@ class ChunkStore:
     return data if ok else None
 
   def _write(self, path: str, data: bytes, manifest: Manifest, **inputs) -> str:
+    os.makedirs(os.path.dirname(no_link(path, self.root)), exist_ok=True)
     atomic_write_bytes(path, data)
     manifest.record(os.path.relpath(path, os.path.dirname(manifest.path)), data, **inputs)
     return sha256(data)
@@ -188,7 +227,6 @@ class ChunkStore:
 
   def save_chunk(self, c: int, arrays: dict, certified: str | None = None, **inputs) -> None:
     path = self.chunk_path(c, certified)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     self._write(path, buf.getvalue(), self.manifest, **inputs)
@@ -205,6 +243,10 @@ class ChunkStore:
       return None
     try:
       return Calibration.from_dict(json.loads(data.decode("utf-8"))), sha256(data)
+    except CalibrationSealError:
+      warnings.warn(f"cached calibration {path} is not sealed as this rcst seals calibrations "
+                    "(an older rcst wrote it); recomputing")
+      return None
     except (CalibrationError, ValueError) as e:
       warnings.warn(f"cached calibration {path} is unreadable ({e}); recomputing")
       return None
@@ -212,7 +254,6 @@ class ChunkStore:
   def save_calibration(self, cal: Calibration, certified: str | None = None, **inputs) -> str:
     """Writes the artifact; returns the sha256 of its bytes."""
     path = self.calibration_path(certified)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     return self._write(path, calibration_bytes(cal), self.manifest, **inputs)
 
   def outcomes_path(self, ident: str) -> str:

@@ -26,11 +26,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rcst_jax.calibration import algorithm1, certificate
-from rcst_jax.data.sources import Sources
+from rcst_jax.data.sources import Sources, UnreadableImagesError
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import methods
 from rcst_jax.models.loading import Models
 from rcst_jax.payload import codecs
+from rcst_jax.settings import schema
 from rcst_jax.sweep import cache
 from rcst_jax.sweep.passes import Passes
 
@@ -38,7 +39,7 @@ from rcst_jax.sweep.passes import Passes
 def split(indices: np.ndarray, fraction: float, seed: int):
   """(fitting, testing) calibration indices, each sorted."""
   perm = np.random.default_rng(int(seed)).permutation(len(indices))
-  n_fit = int(round(float(fraction) * len(indices)))
+  n_fit, _ = schema.certify_split_sizes(len(indices), fraction)  # what validation checked
   return np.sort(indices[perm[:n_fit]]), np.sort(indices[perm[n_fit:]])
 
 
@@ -127,7 +128,8 @@ class Certification:
         float("inf"), q_hat, with_base=False)  # accept nothing: the server at every tau
     self.timings["certification_edge_s"] += time.perf_counter() - t0
     if got is None:
-      raise ValueError(f"no usable image in the certification {name} split")
+      raise UnreadableImagesError(f"no usable image in the certification {name} split "
+                                  f"({len(indices)} images, all skipped as bad items)")
     t0 = time.perf_counter()
     # Server-only is the reference on raw patches; raw leads every sweep's codecs.
     sweep_codecs = codecs.sweep_grid(codec_list)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import time
 
 import jax
@@ -28,7 +27,7 @@ from rcst_jax.core import spmd
 from rcst_jax.core.errors import ConfigError
 from rcst_jax.data import identity
 from rcst_jax.data.preprocess import Held
-from rcst_jax.data.sources import Sources
+from rcst_jax.data.sources import Sources, UnreadableImagesError
 from rcst_jax.inference import methods
 from rcst_jax.models.checkpoints import variables_digest
 from rcst_jax.models.loading import Models
@@ -87,7 +86,7 @@ class Sweep:
 
   def _identify_inputs(self) -> None:
     """Digests of what the images hold: the calibration set's, and each test chunk's."""
-    digests = identity.DigestCache(os.path.join(self.store.root, "file_digests.json"))
+    digests = identity.DigestCache(self.store.digests_path)
     src = self.sources
     self.cal_inputs = identity.combine(identity.item_digests(
         src.cal_source, src.cal_indices, digests, self.progress))
@@ -250,7 +249,7 @@ class Sweep:
         d[k] = np.concatenate([d[k], row[k].astype(d[k].dtype)], axis=int(k in cache.CODEC_KEYS))
     data = [d for d in data if len(d["labels"])]
     if not data:
-      raise ValueError("no usable test image (all were skipped as bad items)")
+      raise UnreadableImagesError("no usable test image (all were skipped as bad items)")
     return {k: np.concatenate([d[k] for d in data], axis=-1) for k in cache.CHUNK_KEYS}
 
   def certified_codec(self):
