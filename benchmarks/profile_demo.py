@@ -62,7 +62,6 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402,F401  (applies the `rcst` command's XLA:CPU settings first)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -92,6 +91,7 @@ class Recorder:
     self.samples = {}                        # models and images for --microbench
     self.missing = []                        # hooks that found nothing to patch
     self.on = True                           # False: hooks pass through (microbench)
+    self.gaps = []                           # per server row: top-1 minus top-2 logit
 
   def program(self, name):
     with _LOCK:
@@ -110,14 +110,15 @@ def stage(name: str):
     return
   _STACK.append(name)
   path = stage_path()
-  s = REC.stages.setdefault(path, [0.0, 0])  # entry order: parents before children
-  t0 = time.perf_counter()
+  s = REC.stages.setdefault(path, [0.0, 0, 0.0])  # entry order: parents before children
+  t0, c0 = time.perf_counter(), time.process_time()
   try:
     yield
   finally:
     dt = time.perf_counter() - t0
     s[0] += dt
     s[1] += 1
+    s[2] += time.process_time() - c0  # CPU seconds of every thread of this process
     _STACK.pop()
 
 
@@ -382,7 +383,13 @@ def install_hooks(track_rows: bool = True):
               d = digests[int(i)] = _digest(img[int(i)])
             REC.row_keys[(d, b.tobytes())] += 1
         REC.host["profiler: row digests"]["seconds"] += time.perf_counter() - t0
-      return orig(self, images, keep, rows)
+      logits = orig(self, images, keep, rows)
+      if len(logits) and logits.shape[-1] > 1:
+        top2 = np.sort(np.asarray(logits, np.float64), -1)[:, -2:]
+        gap = top2[:, 1] - top2[:, 0]
+        with _LOCK:
+          REC.gaps.append(gap)
+      return logits
     return logits_from_images
   patch("rcst_jax.inference.server", "Server.logits_from_images", wrap_logits_from_images)
 
@@ -588,7 +595,6 @@ def microbench(peak: float) -> dict:
     return {"skipped": "no server call was seen"}
   fn = server_lib._server_from_images
   fn = getattr(fn, "__wrapped__", fn)
-  rng = np.random.default_rng(0)
   patch_size = model.module.patch_size
   num = model.module.grid ** 2
   imgs = np.concatenate([images] * 4)[:64]
@@ -659,6 +665,7 @@ def microbench(peak: float) -> dict:
   # Inside one call: XLA thunks by kind (benchmarks/profile_xla.py).
   try:
     import io
+
     import profile_xla
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -671,6 +678,10 @@ def microbench(peak: float) -> dict:
     out["thunks"] = buf.getvalue()
   except Exception as e:
     out["thunks"] = f"skipped: {type(e).__name__}: {e}"
+  try:
+    out["candidates"] = candidate_programs(model, imgs)
+  except Exception as e:
+    out["candidates"] = {"skipped": f"{type(e).__name__}: {e}"}
   # The edge step: the same images in a batch shifted by one row.
   edge_fn = REC.samples.get("edge_step_call")
   if edge_fn is not None:
@@ -708,6 +719,80 @@ def microbench(peak: float) -> dict:
   return out
 
 
+def candidate_programs(model, imgs) -> dict:
+  """Server program variants against the current one (`_server_from_images`):
+  logits bit for bit and median ms per call over interleaved rounds.
+
+  * host patches: the kept patches gathered on the host (`_server_from_patches`);
+  * per-image embed: each image's 196 patch embeddings computed once (the
+    same conv, over all its patches), then gathered per row;
+  * embed as dot: the patch embedding as a [K*rows, 768] x [768, D] matmul.
+  """
+  from rcst_jax.inference import server as server_lib
+  from rcst_jax.inference.patches import gather_patches
+  from rcst_jax.payload.patches import patchify
+  mod, var = model.module, model.variables
+  p = mod.patch_size
+  mean, std = jnp.asarray(mod.mean, jnp.float32), jnp.asarray(mod.std, jnp.float32)
+  imgs = np.asarray(imgs[:16])
+
+  def encode(v, x, idx, valid):
+    pos = jnp.take(v["params"]["pos_embed"][0], mod.num_prefix + idx, axis=0)
+    return mod.apply(v, x, pos, valid, False, None, method=lambda mm, *a: mm._encode(*a))[0]
+
+  @jax.jit
+  def embed_images(v, images):
+    pt = patchify(images, p)
+    b, n = pt.shape[:2]
+    x = (jnp.asarray(pt, jnp.float32) / 255.0 - mean) / std
+    e = mod.apply(v, x.reshape(b * n, p, p, 3), method=lambda mm, x: mm.patch_embed(x))
+    return e.reshape(b, n, mod.embed_dim)
+
+  current = jax.jit(lambda v, im, idx, valid: server_lib._server_tokens(
+      v, gather_patches(im, idx, p), idx, valid, mod))
+  host = jax.jit(lambda v, pt, idx, valid: server_lib._server_tokens(v, pt, idx, valid, mod))
+  embedded = jax.jit(lambda v, emb, ri, idx, valid: encode(v, emb[ri[:, None], idx], idx, valid))
+
+  def as_dot(v, im, idx, valid):
+    b, k = idx.shape
+    x = (gather_patches(im, idx, p).astype(jnp.float32) / 255.0 - mean) / std
+    pe = v["params"]["patch_embed"]
+    x = x.reshape(b * k, -1) @ pe["kernel"].reshape(-1, mod.embed_dim) + pe["bias"]
+    return encode(v, x.reshape(b, k, mod.embed_dim), idx, valid)
+  as_dot = jax.jit(as_dot)
+
+  emb = embed_images(var, imgs)
+  t0 = time.perf_counter()
+  for _ in range(3):
+    jax.block_until_ready(embed_images(var, imgs))
+  out = {"embed_ms_per_image": (time.perf_counter() - t0) / 3 / len(imgs) * 1e3, "shapes": []}
+  rng = np.random.default_rng(4)
+  num = mod.grid ** 2
+  for bucket, rows in ((196, 10), (112, 18), (64, 31), (32, 62), (5, 64)):
+    idx = np.sort(np.stack([rng.choice(num, bucket, replace=False) for _ in range(rows)]),
+                  1).astype(np.int32)
+    valid = np.ones((rows, bucket), bool)
+    valid[::4, -1] = False
+    ri = (np.arange(rows) % len(imgs)).astype(np.int32)
+    im = imgs[ri]
+    pt = np.take_along_axis(patchify(im, p), idx[:, :, None, None, None], axis=1)
+    calls = {"current": lambda: current(var, im, idx, valid),
+             "host patches": lambda: host(var, pt, idx, valid),
+             "per-image embed": lambda: embedded(var, emb, ri, idx, valid),
+             "embed as dot": lambda: as_dot(var, im, idx, valid)}
+    res = {k: np.asarray(f()) for k, f in calls.items()}
+    samples = {k: [] for k in calls}
+    for _ in range(9):
+      for k, f in calls.items():
+        samples[k].append(_time(lambda: jax.block_until_ready(f())))
+    med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    out["shapes"].append(dict(
+        bucket=bucket, rows=rows, ms=med,
+        bit_equal={k: bool(np.array_equal(r, res["current"])) for k, r in res.items()},
+        maxdiff={k: float(np.abs(r - res["current"]).max()) for k, r in res.items()}))
+  return out
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -724,8 +809,9 @@ def report(info: dict, summary: dict | None, peak: dict, micro: dict | None) -> 
   print(f"\n# profile_demo: {info['config']}  ({info['cpu']})")
   print(f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"load average {info['load_before']} -> {info['load_after']}")
-  print(f"demo wall {info['demo_wall_s']:.1f} s; jnp.dot f32 {peak['n']}^3 peak: median "
-        f"{peak['median_gflops']:.0f}, best {peak['best_gflops']:.0f} GFLOP/s "
+  print(f"demo wall {info['demo_wall_s']:.1f} s, CPU {info['demo_cpu_s']:.1f} s "
+        f"({info['demo_cpu_s'] / info['demo_wall_s']:.2f} cores busy); jnp.dot f32 "
+        f"{peak['n']}^3 peak: median {peak['median_gflops']:.0f}, best {peak['best_gflops']:.0f} GFLOP/s "
         f"(after the run: {info['peak_after']['median_gflops']:.0f}); server-shaped "
         f"[2048,96]x[96,384] best {info['shaped_peak']:.0f} GFLOP/s")
   if REC.missing:
@@ -737,14 +823,17 @@ def report(info: dict, summary: dict | None, peak: dict, micro: dict | None) -> 
 
   print("\n## Stages (inclusive wall seconds, nested)")
   merged = collections.OrderedDict()
-  for path, (sec, n) in REC.stages.items():
+  for path, (sec, n, cpu) in REC.stages.items():
     key = re.sub(r"chunk \d+", "chunk *", path)
-    m = merged.setdefault(key, [0.0, 0])
+    m = merged.setdefault(key, [0.0, 0, 0.0])
     m[0] += sec
     m[1] += n
-  rows = [["  " * k.count("/") + k.rsplit("/", 1)[-1], n, f"{sec:.2f}"]
-          for k, (sec, n) in merged.items()]
-  print(fmt_table(["stage (chunk * = all test chunks)", "calls", "s"], rows))
+    m[2] += cpu
+  rows = [["  " * k.count("/") + k.rsplit("/", 1)[-1], n, f"{sec:.2f}", f"{cpu:.1f}",
+           f"{cpu / sec:.2f}" if sec > 0.05 else "-"]
+          for k, (sec, n, cpu) in merged.items()]
+  print(fmt_table(["stage (chunk * = all test chunks)", "calls", "wall s", "CPU s",
+                   "cores busy"], rows))
 
   print("\n## Programs (compile = trace + lower + XLA compile inside its calls; run = the rest)")
   count_flops()
@@ -770,12 +859,20 @@ def report(info: dict, summary: dict | None, peak: dict, micro: dict | None) -> 
   print(f"\nall compile events: {len(backend)} XLA compiles, {comp_total:.1f} s "
         f"(trace + lower + compile); persistent cache: {dict(REC.cache_events)}, "
         f"compile time saved {REC.cache_saved_s:.1f} s")
+  kinds = collections.defaultdict(lambda: [0, 0.0])
+  for prog, fun, kind, sec, _ in REC.compiles:
+    kinds[kind][0] += 1
+    kinds[kind][1] += sec
+  print("by kind: " + "; ".join(f"{k.replace('_duration', '')}: {n} events, {s:.1f} s"
+                                for k, (n, s) in sorted(kinds.items())))
   rows = sorted(((f, k, n, f"{s:.2f}") for (f, k), (n, s) in other.items()
                  if k == "backend_compile_duration"), key=lambda r: -float(r[3]))[:12]
   print(fmt_table(["compiled function (outside timed programs by name)", "event", "n", "s"],
                   rows))
 
   out = {"info": info, "peak": peak, "stages": {k: v for k, v in REC.stages.items()},
+         "compile_by_kind": {k: v for k, v in kinds.items()},
+         "compile_cache": {"events": dict(REC.cache_events), "saved_s": REC.cache_saved_s},
          "programs": {}, "summary_timings": summary and summary.get("timings")}
   for name, p in REC.programs.items():
     out["programs"][name] = {k: v for k, v in p.items() if k not in ("signatures", "by_stage")}
@@ -817,11 +914,10 @@ def server_report(p_ref: float) -> dict:
     by.setdefault(_pass_name(c["stage"]), []).append(c)
   # Stage walls of the server-rows stages, by pass.
   walls = collections.defaultdict(float)
-  for path, (sec, _) in REC.stages.items():
+  for path, (sec, *_) in REC.stages.items():
     if path.endswith("pixels)"):
       walls[_pass_name(path)] += sec
   rows, table = [], {}
-  tot = collections.Counter()
   for name, cs in list(by.items()) + [("all passes", calls)]:
     n = len(cs)
     real = sum(c["rows"] for c in cs)
@@ -885,8 +981,16 @@ def server_report(p_ref: float) -> dict:
   distinct = len(REC.row_keys)
   print(f"  server rows computed: {computed}; distinct (pixels, kept set) over the whole run: "
         f"{distinct} (recomputed: {computed - distinct})")
+  margin = {}
+  if REC.gaps:
+    g = np.concatenate(REC.gaps)
+    margin = {"rows": int(g.size), "min_gap": float(g.min()),
+              **{f"below_{t:g}": int((g < t).sum()) for t in (1e-6, 1e-5, 1e-4, 1e-3)}}
+    print(f"  top-1 minus top-2 server logit over {g.size} rows: min {g.min():.3g}; rows below "
+          + ", ".join(f"{t:g}: {int((g < t).sum())}" for t in (1e-6, 1e-5, 1e-4, 1e-3))
+          + " (a change of rounding smaller than the gap cannot move that row's argmax)")
   return {"passes": table, "buckets": buckets, "rows_computed": computed,
-          "rows_distinct": distinct}
+          "rows_distinct": distinct, "logit_margin": margin}
 
 
 def host_report() -> dict:
@@ -935,6 +1039,21 @@ def print_micro(m: dict):
           "with inputs already on the device")
   if m.get("thunks"):
     print("\n## Inside the server program (benchmarks/profile_xla.py)" + m["thunks"])
+  c = m.get("candidates") or {}
+  if "shapes" in c:
+    print(f"\n## Candidate server programs vs the current one (median ms/call, interleaved; "
+          f"'=' bit-equal logits). Per-image embedding pre-pass: "
+          f"{c['embed_ms_per_image']:.2f} ms/image")
+    names = list(c["shapes"][0]["ms"])
+
+    def cell(r, n):
+      same = "=" if r["bit_equal"][n] else f"~{r['maxdiff'][n]:.0e}"
+      return f"{r['ms'][n]:.1f} {same}"
+    print(fmt_table(["bucket x rows"] + names,
+                    [[f"{r['bucket']} x {r['rows']}"] + [cell(r, n) for n in names]
+                     for r in c["shapes"]]))
+  elif c:
+    print(f"\n## Candidate server programs skipped: {c.get('skipped')}")
   for k, v in m.get("softmax_bitcheck", {}).items():
     print(f"  {k}: batch shifted by one row equal: {v['shifted_batch_equal']} "
           f"(max |diff| {v['maxdiff']:.2e})")
@@ -951,7 +1070,8 @@ def main():
   p.add_argument("--json", help="write every number here")
   p.add_argument("--compilation-cache", metavar="DIR",
                  help="JAX persistent compilation cache directory (every entry cached)")
-  p.add_argument("--cache-min-compile-s", type=float, default=0.0)
+  p.add_argument("--cache-min-compile-s", type=float, default=0.0,
+                 help="jax_persistent_cache_min_compile_time_secs (JAX's default is 1.0)")
   p.add_argument("--microbench", action="store_true",
                  help="after the run: server per-call cost vs rows, batch bit checks")
   p.add_argument("--no-row-digests", action="store_true",
@@ -975,11 +1095,12 @@ def main():
 
   from rcst_jax.cli.parser import main as rcst_main
   argv = ["demo", "--config", args.config, f"--config.output_dir={out_dir}", *extra]
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     rc = rcst_main(argv)
   info["demo_wall_s"] = time.perf_counter() - t0
+  info["demo_cpu_s"] = time.process_time() - c0
   info["rc"] = rc
   info["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
   info["peak_after"] = dot_peak()

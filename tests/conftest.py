@@ -1,9 +1,13 @@
 """Shared test helpers. Parity tests build timm models at random init."""
 
 import os
+import tempfile
 
 # Sharding tests need several CPU devices; set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The `rcst` command's compilation cache goes to this session's own directory, not
+# the user's (subprocesses inherit it; tests/core checks the cache itself).
+os.environ.setdefault("RCST_COMPILATION_CACHE", tempfile.mkdtemp(prefix="rcst-test-xla-"))
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ import sys
 
 from rcst_jax import __version__
 from rcst_jax.cli import argtypes, commands, serve
-from rcst_jax.core import errors, xla_cpu
+from rcst_jax.core import compile_cache, errors, xla_cpu
 
 DESCRIPTION = "The `rcst` command line: a thin layer over the library."
 
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
   with a reason (one line on stderr, no traceback), 130 interrupted. Any other
   exception is a bug and keeps its traceback."""
   xla_cpu.tune()  # before any computation starts a backend
+  compile_cache.enable()
   for stream in (sys.stdout, sys.stderr):  # file names need not be UTF-8: never crash on one
     getattr(stream, "reconfigure", lambda **k: None)(errors="backslashreplace")
   args, extra = build_parser().parse_known_args(argv)
