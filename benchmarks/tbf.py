@@ -1,6 +1,6 @@
 """The kernel's token-bucket filter (`tc tbf`) on a private network namespace's
 loopback, and the time a message takes through it: bench_link.py's shaped
-link, checked by tests/test_serving.py. Benchmark tooling, not the package's:
+link, checked by tests/serving/test_serving.py. Benchmark tooling, not the package's:
 it needs root, `unshare`, `ip` and `tc`.
 """
 

@@ -68,7 +68,7 @@ import os
 import sys
 import tempfile
 
-# RCST_SMOKE=1: the project's CI smoke test (tests/test_notebook.py) -- random
+# RCST_SMOKE=1: the project's CI smoke test (tests/system/test_notebook.py) -- random
 # weights, tfds mock data, tiny grids, no Drive, no installation. Leave it unset.
 SMOKE = os.environ.get("RCST_SMOKE") == "1"
 

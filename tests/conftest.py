@@ -60,3 +60,23 @@ def demo_smoke(tmp_path_factory):
   with contextlib.redirect_stdout(buf):
     assert cli.main(["demo", "--config", "demo:smoke", f"--config.output_dir={out}"]) == 0
   return out, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def calibration(demo_smoke, tmp_path_factory):
+  """`rcst calibrate` on the smoke demo's cache: Algorithm 1 and the certificate's
+  calibration outcomes are cached there, so no model may run."""
+  import support
+
+  from rcst_jax import cli
+  path = tmp_path_factory.mktemp("cal") / "cal.json"
+  with pytest.MonkeyPatch.context() as m:
+    support.refuse_model_calls(m)
+    assert cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={demo_smoke[0]}",
+                     "--out", str(path)]) == 0
+    # The refusals bite: without the cache, Algorithm 1 is the first model call.
+    empty = tmp_path_factory.mktemp("nocache")
+    with pytest.raises(AssertionError, match="ran a model"):
+      cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={empty}",
+                "--out", str(empty / "cal.json")])
+  return path

@@ -97,7 +97,7 @@ def _cmd_serve(args, extra):
 
 
 # protocol.MAX_REQUEST_BYTES and service.MAX_WAIT_MS (gRPC is imported only
-# when serving; tests/test_serving.py checks they agree).
+# when serving; tests/serving/test_serving.py checks they agree).
 MAX_MESSAGE_BYTES, MAX_WAIT_MS = 1 << 26, 1000.0
 
 

@@ -1,7 +1,7 @@
 """What `rcst serve` and its client agree on beyond rcst.proto's messages: the
 gRPC service's name, its methods with their request and reply messages, and
 the largest reply and request. `service` and `client` both build their ends from here, so
-neither imports the other (tests/test_serving.py checks this against the proto).
+neither imports the other (tests/serving/test_serving.py checks this against the proto).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.jobs.calibrate import check_calibration_out
 from rcst_jax.sweep import cache
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "weights")
 CERT = certificate.seal({
     "certified": True, "lambda_hat": 0.6, "tau": 0.4, "q_hat": 0.8,
     "risks": ["accuracy_drop"], "levels": {"accuracy_drop": 0.02}, "epsilon": 0.02,

@@ -27,7 +27,7 @@ from rcst_jax.core.errors import OutputRefusedError
 from rcst_jax.data import preprocess
 from rcst_jax.models import checkpoints, create_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ("deit_tiny_patch16_224", dict(embed_dim=16, depth=1, num_heads=2))
 
 

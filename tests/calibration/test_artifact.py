@@ -20,7 +20,7 @@ from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference.methods import OperatingPoint
 from rcst_jax.payload.geometry import Geometry
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "weights")
 TAUS = (0.2, 0.6)
 N, N_FIT = 600, 200
 

@@ -2,58 +2,17 @@
 the shipped demo models and synthetic images written as files."""
 
 import json
-import os
 
 import numpy as np
 import paper_rules
 import pytest
 from PIL import Image
+from support import WEIGHTS, image_files
 
 from rcst_jax import cli
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration
-from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.payload import message as payload
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WEIGHTS = os.path.join(REPO, "weights")
-
-
-def _refuse_model_calls(m):
-  """Every model call `rcst calibrate` could make, refused where the library
-  looks it up: Algorithm 1 (sweep.engine and sweep.certification call
-  `algorithm1.algorithm1` on the module), the edge step (sweep.passes calls
-  `edge_lib.edge_step`, and `edge_step_batched` for a certified view) and the
-  server (`Server.logits_from_images`, the class sweep.passes instantiates)."""
-  from rcst_jax.calibration import algorithm1
-  from rcst_jax.inference import server
-  from rcst_jax.sweep import certification, engine, passes
-
-  def refuse(*a, **k):
-    raise AssertionError("rcst calibrate ran a model although the evaluation cache has it all")
-  assert engine.algorithm1 is algorithm1 and certification.algorithm1 is algorithm1
-  assert passes.Server is server.Server
-  for obj, name in ((algorithm1, "algorithm1"), (passes.edge_lib, "edge_step"),
-                    (passes.edge_lib, "edge_step_batched"),
-                    (server.Server, "logits_from_images")):
-    m.setattr(obj, name, refuse)
-
-
-@pytest.fixture(scope="module")
-def calibration(demo_smoke, tmp_path_factory):
-  """`rcst calibrate` on the smoke demo's cache: Algorithm 1 and the certificate's
-  calibration outcomes are cached there, so no model may run."""
-  path = tmp_path_factory.mktemp("cal") / "cal.json"
-  with pytest.MonkeyPatch.context() as m:
-    _refuse_model_calls(m)
-    assert cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={demo_smoke[0]}",
-                     "--out", str(path)]) == 0
-    # The refusals bite: without the cache, Algorithm 1 is the first model call.
-    empty = tmp_path_factory.mktemp("nocache")
-    with pytest.raises(AssertionError, match="ran a model"):
-      cli.main(["calibrate", "--config", "demo:smoke", f"--config.output_dir={empty}",
-                "--out", str(empty / "cal.json")])
-  return path
 
 
 def test_calibrate_writes_artifact(calibration, demo_smoke):
@@ -65,18 +24,8 @@ def test_calibrate_writes_artifact(calibration, demo_smoke):
   assert cal["certificate"]["n_fit"] + cal["certificate"]["n_test"] == 200
 
 
-def _files(tmp_path, n=4):
-  src = SyntheticShapes("test", n, seed=5)
-  paths = []
-  for i in range(n):
-    p = tmp_path / f"img{i}.png"
-    Image.fromarray(src[i].image).save(p)
-    paths.append(str(p))
-  return paths
-
-
 def test_run_prints_per_image_decisions(calibration, tmp_path, capsys):
-  paths = _files(tmp_path)
+  paths = image_files(tmp_path)
   bad = tmp_path / "bad.jpg"
   bad.write_bytes(b"nope")
   capsys.readouterr()
@@ -100,7 +49,7 @@ def test_run_prints_per_image_decisions(calibration, tmp_path, capsys):
 
 
 def test_explain_writes_png(calibration, tmp_path, capsys):
-  path = _files(tmp_path, 1)[0]
+  path = image_files(tmp_path, 1)[0]
   out = tmp_path / "explain.png"
   assert cli.main(["explain", "--edge", f"{WEIGHTS}/demo_edge", "--calibration",
                    str(calibration), "--tau", "0.5", "--out", str(out), path]) == 0
@@ -122,7 +71,7 @@ def test_run_and_explain_without_tau_take_the_certified_decision(calibration, tm
   q_hat), not the CRC lambda: the same acceptance, the same sent patch indices
   and the same payload bytes under the certified codec per image, some images
   offloaded and some accepted."""
-  paths = _files(tmp_path, 8)
+  paths = image_files(tmp_path, 8)
   edge = ["--edge", f"{WEIGHTS}/demo_edge"]
   # p_max does not depend on the thresholds: one run to place lambda among them.
   assert cli.main(["run", *edge, "--server", f"{WEIGHTS}/demo_server", "--calibration",

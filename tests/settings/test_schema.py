@@ -12,7 +12,7 @@ from rcst_jax import cli
 from rcst_jax.core.errors import ConfigError
 from rcst_jax.settings import schema
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
 

@@ -16,7 +16,7 @@ import pytest
 grpc = pytest.importorskip("grpc")  # the [serve] extra
 
 import small_models  # noqa: E402
-from test_serving import cli_weights  # noqa: E402
+from support import WEIGHTS  # noqa: E402
 
 from rcst_jax import cli  # noqa: E402
 from rcst_jax.cli import serve as serve_cli  # noqa: E402
@@ -190,7 +190,7 @@ def test_buckets_that_cannot_hold_an_image_are_refused_before_compiling(model, m
     with pytest.raises(errors.ConfigError, match=named):
       RcstServer(model, "127.0.0.1:0", ServeOptions(**bad))
   monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # rcst serve tunes it
-  assert cli.main(["serve", "--server", f"{cli_weights()}/demo_server", "--address",
+  assert cli.main(["serve", "--server", f"{WEIGHTS}/demo_server", "--address",
                    "127.0.0.1:0", "--buckets", "16,64"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("rcst serve: error: buckets 16,64: the largest, 64, cannot hold")
@@ -206,7 +206,7 @@ def test_a_port_in_use_is_refused_before_compiling(model, monkeypatch, capsys):
     with pytest.raises(errors.RcstError, match=f"port {port} is in use"):
       RcstServer(model, f"127.0.0.1:{port}", ServeOptions(buckets=(16, 196)))
     t0 = time.perf_counter()
-    assert cli.main(["serve", "--server", f"{cli_weights()}/demo_server",
+    assert cli.main(["serve", "--server", f"{WEIGHTS}/demo_server",
                      "--address", f"127.0.0.1:{port}"]) == 2
     assert time.perf_counter() - t0 < 5
   assert capsys.readouterr().err == (f"rcst serve: error: cannot listen on 127.0.0.1:{port}: "

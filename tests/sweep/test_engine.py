@@ -19,7 +19,7 @@ from rcst_jax.jobs import evaluate
 from rcst_jax.models.loading import Models
 from rcst_jax.sweep import cache, certification, engine, passes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(tmp_path, *overrides):

@@ -19,7 +19,7 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("timm")
 pytest.importorskip("tensorflow_datasets")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLAB = os.path.join(REPO, "colab")
 NOTEBOOK = os.path.join(COLAB, "rcst_imagenet.ipynb")
 PNG = b"\x89PNG\r\n\x1a\n"

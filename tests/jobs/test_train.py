@@ -117,7 +117,7 @@ def test_saved_metadata_and_accuracy_round_trip(batch, tmp_path):
 def test_rcst_train_subcommand_writes_a_loadable_model(tmp_path):
   """`rcst train` (one config system with the rest of the CLI) writes to output_dir."""
   from rcst_jax import cli
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert cli.main(["train", "--config", os.path.join(repo, "configs", "demo_train.py"),
                    "--config.models=baseline_edge", "--config.data.train_size=16",
                    "--config.data.test_size=8", "--config.baseline_edge.steps=1",

@@ -26,7 +26,7 @@ from rcst_jax.payload import codecs
 from rcst_jax.payload.geometry import Geometry
 from rcst_jax.sweep import metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WEIGHTS = os.path.join(REPO, "weights")
 N_IMAGES, N_CAL = 260, 60
 TAUS = (0.3, 0.6)

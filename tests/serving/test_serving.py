@@ -18,8 +18,7 @@ import pytest
 grpc = pytest.importorskip("grpc")  # the [serve] extra; `make test` installs it
 
 import small_models  # noqa: E402
-import test_cli  # noqa: E402
-from test_cli import _files  # noqa: E402
+from support import BENCHMARKS, WEIGHTS, image_files  # noqa: E402
 
 from rcst_jax import cli  # noqa: E402
 from rcst_jax.inference.server import Server  # noqa: E402
@@ -35,12 +34,9 @@ from rcst_jax.serving.retry import Retry  # noqa: E402
 from rcst_jax.serving.service import RcstServer, ServeOptions  # noqa: E402
 
 # The kernel shaper is benchmark tooling (benchmarks/tbf.py), tested here.
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 import tbf  # noqa: E402
 
-calibration = test_cli.calibration  # the fixture: the smoke demo's calibration
 BUCKETS = (16, 64, 196)
 GEO = Geometry()
 
@@ -324,23 +320,19 @@ def test_kernel_tbf_link_paces_at_its_rate():
 @pytest.fixture(scope="module")
 def demo_served():
   from rcst_jax.models.checkpoints import load_model
-  srv = RcstServer(load_model(os.path.join(cli_weights(), "demo_server")), "127.0.0.1:0",
+  srv = RcstServer(load_model(os.path.join(WEIGHTS, "demo_server")), "127.0.0.1:0",
                    ServeOptions(batch=8, buckets=BUCKETS))
   yield srv
   srv.stop(0)
 
 
-def cli_weights():
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
-
-
 def test_run_against_rcst_serve_answers_as_the_in_process_run(demo_served, calibration,
                                                              tmp_path, capsys):
-  paths = _files(tmp_path, n=6)
-  common = ["run", "--edge", f"{cli_weights()}/demo_edge", "--calibration", str(calibration),
+  paths = image_files(tmp_path, n=6)
+  common = ["run", "--edge", f"{WEIGHTS}/demo_edge", "--calibration", str(calibration),
             "--tau", "0.5", "--codec", "jpeg420:50", *paths]
   capsys.readouterr()
-  assert cli.main([*common, "--server", f"{cli_weights()}/demo_server"]) == 0
+  assert cli.main([*common, "--server", f"{WEIGHTS}/demo_server"]) == 0
   local = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
   assert cli.main([*common, "--server", demo_served.address, "--meter"]) == 0
   remote = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
@@ -390,9 +382,9 @@ def test_run_refuses_a_server_with_other_weights_unless_allowed(served, calibrat
                                                                 capsys):
   """`served` runs the small test model, not the weights the demo calibration
   was made for: refused at connect, or with --allow-other-weights used with
-  a warning (tests/test_serving_faults.py: answers from other weights later)."""
-  common = ["run", "--edge", f"{cli_weights()}/demo_edge", "--calibration", str(calibration),
-            "--tau", "0.5", "--server", served.address, *_files(tmp_path, n=3)]
+  a warning (tests/serving/test_serving_faults.py: answers from other weights later)."""
+  common = ["run", "--edge", f"{WEIGHTS}/demo_edge", "--calibration", str(calibration),
+            "--tau", "0.5", "--server", served.address, *image_files(tmp_path, n=3)]
   capsys.readouterr()
   assert cli.main(common) == 2
   err = capsys.readouterr().err
@@ -412,9 +404,9 @@ def test_run_meters_the_wire_only_when_asked(demo_served, calibration, tmp_path,
   wire bytes; its answers are those of the metered run, which adds them."""
   relays = []
   monkeypatch.setattr(client_lib, "Link", lambda target: relays.append(target) or Link(target))
-  common = ["run", "--edge", f"{cli_weights()}/demo_edge", "--calibration", str(calibration),
+  common = ["run", "--edge", f"{WEIGHTS}/demo_edge", "--calibration", str(calibration),
             "--tau", "0.5", "--codec", "jpeg420:50", "--server", demo_served.address,
-            *_files(tmp_path, n=6)]
+            *image_files(tmp_path, n=6)]
   capsys.readouterr()
   runs = {}
   for meter in ([], ["--meter"]):
@@ -438,7 +430,7 @@ def test_rcst_serve_command_listens_reports_health_and_stops_on_sigterm():
 
   from grpc_health.v1 import health_pb2, health_pb2_grpc
   proc = subprocess.Popen([sys.executable, "-m", "rcst_jax.cli", "serve", "--server",
-                           f"{cli_weights()}/demo_server", "--address", "127.0.0.1:0",
+                           f"{WEIGHTS}/demo_server", "--address", "127.0.0.1:0",
                            "--buckets", "64,196", "--batch", "2", "--calls-in-flight", "3"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
