@@ -5,10 +5,14 @@
 what the run used (models, transform, Grad-CAM layer, geometry). `rcst
 calibrate` calls it with the edge and only the server's metadata; the sweep
 engine with its sharded batches. Both write the same artifact.
+
+The sweep also keeps the softmax rows (`Softmax`): the certificate's fitting
+split is a subset of the calibration images, so its rows are taken from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -59,9 +63,33 @@ def calibrate(probs, labels, alpha_crc, alpha_aps, *, B: float = 1.0, strict: bo
                      n=n, lambda_valid=bool(valid), B=B, **record)
 
 
-def algorithm1(config, edge: Model, sources: Sources, transform, *, server_metadata: dict,
-               geometry: Geometry, server_digest: str | None, sharding=None, skipped=None,
-               progress: bool = True) -> Calibration:
+@dataclasses.dataclass(frozen=True)
+class Softmax:
+  """The edge's softmax of a run's calibration images, one row per usable image.
+
+  A row does not depend on the images batched with it, so the rows of a
+  subset are these rows: the certificate's fitting split takes them here
+  instead of running the edge again. ``indices``: each row's source index,
+  None when bad items were skipped (the rows then line up with no index list).
+  """
+  probs: np.ndarray
+  labels: np.ndarray
+  indices: np.ndarray | None
+
+  def take(self, indices) -> Softmax | None:
+    """The rows of ``indices``, in that order; None if one of them has no row."""
+    if self.indices is None:
+      return None
+    row = {int(i): r for r, i in enumerate(self.indices)}
+    if any(int(i) not in row for i in indices):
+      return None
+    pick = np.asarray([row[int(i)] for i in indices], np.int64)
+    return Softmax(self.probs[pick], self.labels[pick], np.asarray(indices))
+
+
+def edge_softmax(config, edge: Model, sources: Sources, *, sharding=None, skipped=None,
+                 progress: bool = True) -> Softmax:
+  """The edge's softmax of every usable calibration image of ``sources``."""
   probs, labels = [], []
   fn = softmax_fn(edge, sharding)
 
@@ -77,10 +105,25 @@ def algorithm1(config, edge: Model, sources: Sources, transform, *, server_metad
   if not probs or not sum(len(p) for p in probs):
     raise UnreadableImagesError("no usable calibration image (all were skipped as bad items: "
                                 f"{dict(skipped or {})})")
-  return calibrate(
-      np.concatenate(probs), np.concatenate(labels), config.alpha_crc, config.alpha_aps,
+  probs, labels = np.concatenate(probs), np.concatenate(labels)
+  # Batches keep the order of the indices; with no item skipped, row i is index i.
+  whole = len(probs) == len(sources.cal_indices)
+  return Softmax(probs, labels, np.asarray(sources.cal_indices) if whole else None)
+
+
+def algorithm1(config, edge: Model, sources: Sources, transform, *, server_metadata: dict,
+               geometry: Geometry, server_digest: str | None, sharding=None, skipped=None,
+               progress: bool = True, with_softmax: bool = False):
+  """Algorithm 1 on the calibration images of ``sources``: the edge's softmax,
+  then `calibrate`. Returns the Calibration, or (Calibration, `Softmax`) with
+  ``with_softmax`` (the rows the certificate's fitting split reuses)."""
+  soft = edge_softmax(config, edge, sources, sharding=sharding, skipped=skipped,
+                      progress=progress)
+  cal = calibrate(
+      soft.probs, soft.labels, config.alpha_crc, config.alpha_aps,
       edge_model=edge.metadata.get("timm_name"), server_model=server_metadata.get("timm_name"),
       dataset=sources.name, split=f"calibration:{len(sources.cal_indices)}",
       gradcam_layer=config.gradcam_layer, edge_digest=variables_digest(edge.variables),
       server_digest=server_digest,
       transform=transform_record(transform) if transform else None, geometry=geometry.to_dict())
+  return (cal, soft) if with_softmax else cal

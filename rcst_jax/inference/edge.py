@@ -60,20 +60,27 @@ def edge_step(edge: Model, images, lambda_hat, q_hat, *, layer: str = "features"
                     std=tuple(edge.metadata["std"]), layer=layer, grid=grid, sharding=sharding)
 
 
+@functools.partial(jax.jit, static_argnames=("module", "mean", "std", "with_attn", "sharding"))
+def _softmax(variables, images, *, module, mean, std, with_attn, sharding=None):
+  # One jitted function for every softmax_fn: a shape compiles once per process.
+  return spmd.per_device(functools.partial(_softmax_rows, module=module, mean=mean, std=std,
+                                           with_attn=with_attn), sharding)(variables, images)
+
+
+def _softmax_rows(variables, images, *, module, mean, std, with_attn):
+  logits, out = module.apply(variables, normalize(images, mean, std))
+  probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
+  return (probs, out["cls_attn"].astype(jnp.float32)) if with_attn else probs
+
+
 def softmax_fn(model: Model, sharding=None, with_attn: bool = False):
   """Jitted softmax of the model's inference form (the form edge_step runs),
   with the CLS attention (the baseline edge's patch scores) if ``with_attn``.
   ``sharding`` splits the batch: each device runs its own rows (rcst_jax.core.spmd)."""
   model = model.inference()
-  mean, std = tuple(model.metadata["mean"]), tuple(model.metadata["std"])
-  module = model.module
-
-  def rows(variables, images):
-    logits, out = module.apply(variables, normalize(images, mean, std))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
-    return (probs, out["cls_attn"].astype(jnp.float32)) if with_attn else probs
-  fn = jax.jit(spmd.per_device(rows, sharding))
-  return lambda images: fn(model.variables, images)
+  static = dict(module=model.module, mean=tuple(model.metadata["mean"]),
+                std=tuple(model.metadata["std"]), with_attn=with_attn, sharding=sharding)
+  return lambda images: _softmax(model.variables, images, **static)
 
 
 def edge_view(e: dict) -> dict:

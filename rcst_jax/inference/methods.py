@@ -104,24 +104,34 @@ def operating_points(config) -> list[tuple[Method, Optional[float]]]:
 # ---------------------------------------------------------------- decisions
 
 
-@functools.partial(jax.jit, static_argnames=("method", "empty_policy"))
-def _decide(view, params, *, method: Method, empty_policy: str):
+@functools.partial(jax.jit, static_argnames=("offload", "select", "score_key", "may_be_empty",
+                                             "empty_policy"))
+def _decide(view, params, *, offload: str, select: Callable, score_key: str, may_be_empty: bool,
+            empty_policy: str):
   n, num = view["scores"].shape
   p = params.shape[0]
-  if method.offload == "all":
+  if offload == "all":
     off = jnp.ones((p, n), bool)
-  elif method.offload == "none":
+  elif offload == "none":
     off = jnp.zeros((p, n), bool)
   else:
     off = jnp.broadcast_to(~view["accept"], (p, n))
-  if method.select is None:
+  if select is None:
     keep = jnp.ones((p, n, num), bool)
   else:
-    keep = jax.vmap(method.select, in_axes=(None, 0))(view[method.score_key], params)
-  if method.may_be_empty:
+    keep = jax.vmap(select, in_axes=(None, 0))(view[score_key], params)
+  if may_be_empty:
     off, keep = jax.vmap(selection.apply_empty_policy, in_axes=(0, 0, None, None))(
         off, keep, view["scores"], empty_policy)
   return off, keep & off[..., None]
+
+
+def _offloaded(method: Method, view: dict, p: int) -> np.ndarray:
+  """[p, n]: which images the method's offload rule sends to the server (as `_decide`)."""
+  n = np.shape(view["scores"])[0]
+  if method.offload in ("all", "none"):
+    return np.full((p, n), method.offload == "all")
+  return np.broadcast_to(~np.asarray(view["accept"]), (p, n)).copy()
 
 
 def decide(method: Method, view: dict, params, empty_policy: str = "cls_only"):
@@ -134,9 +144,18 @@ def decide(method: Method, view: dict, params, empty_policy: str = "cls_only"):
   if empty_policy not in selection.EMPTY_POLICIES:
     raise ValueError(f"unknown empty-selection policy {empty_policy!r}; "
                      f"choose from {selection.EMPTY_POLICIES}")
-  params = jnp.asarray([0.0 if v is None else v for v in np.atleast_1d(params)], jnp.float32)
-  off, keep = _decide({k: jnp.asarray(v) for k, v in view.items()}, params,
-                      method=method, empty_policy=empty_policy)
+  values = [0.0 if v is None else v for v in np.atleast_1d(params)]
+  if method.select is None and not method.may_be_empty:  # all patches: nothing to compile
+    off = _offloaded(method, view, len(values))
+    num = np.shape(view["scores"])[1]
+    return off, np.repeat(off[..., None], num, -1), np.asarray(view["pred"])
+  # The program depends on the rule alone, not on the method's name or grid,
+  # and numpy inputs go in as they are (jnp.asarray would compile a copy per shape).
+  off, keep = _decide({k: v if isinstance(v, jax.Array) else np.asarray(v)
+                       for k, v in view.items()},
+                      np.asarray(values, np.float32), offload=method.offload,
+                      select=method.select, score_key=method.score_key,
+                      may_be_empty=method.may_be_empty, empty_policy=empty_policy)
   return np.asarray(off), np.asarray(keep), np.asarray(view["pred"])
 
 

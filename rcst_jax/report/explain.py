@@ -56,12 +56,14 @@ def explain_batch(e: dict, tau: float, geometry: Geometry, images,
 
 
 def explain_images(edge, images, point: OperatingPoint, layer: str, geometry: Geometry,
-                   batch_size: int = 16) -> list[Explanation]:
+                   batch_size: int = 16, sharding=None) -> list[Explanation]:
   """The edge step on uint8 images at an operating point, explained. Batches
   of ``batch_size`` (the last one padded), as `rcst run` makes them, so the
-  same image gets the same p_max to the last bit in both."""
+  same image gets the same p_max to the last bit in both. ``sharding``: the
+  batch's (`edge_lib.edge_step`), e.g. a sweep's, whose compiled step it reuses."""
   e = edge_lib.edge_step_batched(edge, np.asarray(images), point.lambda_hat, point.q_hat,
-                                 layer=layer, grid=geometry.grid, batch_size=batch_size)
+                                 layer=layer, grid=geometry.grid, batch_size=batch_size,
+                                 sharding=sharding)
   return explain_batch(e, point.tau, geometry, np.asarray(images), point.codec)
 
 

@@ -19,13 +19,13 @@ from rcst_jax.sweep import metrics
 
 
 def gallery(batch_iter, edge, point, layer: str, geometry, count: int, class_names,
-            batch_size: int = 16):
+            batch_size: int = 16, sharding=None):
   """The first `count` offloaded images of ``batch_iter`` at an operating point:
   images, maps, kept patches, titles (None if no image was offloaded)."""
   picked = []
   for b in batch_iter:
     for i, x in enumerate(explain.explain_images(edge, b.images, point, layer, geometry,
-                                                      batch_size)):
+                                                 batch_size, sharding)):
       if b.valid[i] and not x.accepted:
         picked.append((b.images[i], x, int(b.labels[i])))
     if len(picked) >= count:
@@ -116,8 +116,11 @@ def _write_outputs(ev, result: dict, gallery_size: int, per_image: bool) -> dict
     batch_iter = ev.passes.batches(ev.sources.test_source,
                                    ev.sources.test_indices[:32 * gallery_size], "gallery",
                                    progress=ev.progress)
-    g = gallery(batch_iter, ev.models.edge, point, ev.config.gradcam_layer, ev.geometry,
-                gallery_size, class_names_for(ev.models.edge), int(ev.config.batch_size))
+    # The sweep's edge, mesh and matmul precision: its compiled edge step, not a second one.
+    with ev.precision():
+      g = gallery(batch_iter, ev.passes.edge, point, ev.config.gradcam_layer, ev.geometry,
+                  gallery_size, class_names_for(ev.models.edge), int(ev.config.batch_size),
+                  ev.passes.sharding)
     if g is not None:
       paths["gallery"] = str(plots.saliency_gallery(*g, os.path.join(out, "gallery.png"),
                                                     grid=ev.geometry.grid))

@@ -68,6 +68,7 @@ class Certification:
   transform: object = None
   progress: bool = True
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  softmax: algorithm1.Softmax | None = None  # Algorithm 1's rows, when this run computed them
 
   def __post_init__(self):
     self.timings = collections.defaultdict(float)
@@ -102,22 +103,32 @@ class Certification:
 
   def outcomes(self, images, taus, codec_list) -> tuple[dict, str]:
     """(every calibration image's outcomes, fitting split first; the pilot's line)."""
-    c, src = self.config.certify, self.sources
-    fit, test = split(src.cal_indices, c.split, c.seed)
+    c = self.config.certify
+    fit, test = split(self.sources.cal_indices, c.split, c.seed)
     t0 = time.perf_counter()
-    cal_fit = algorithm1.algorithm1(
-        self.config, self.passes.edge, Sources(images, images, fit, fit, name=src.name),
-        self.transform, server_metadata=self.models.server.metadata,
-        geometry=self.passes.geometry, server_digest=None, sharding=self.passes.sharding,
-        progress=self.progress)
+    q_hat = self._fit_q_hat(images, fit)
     self.timings["certification_calibration_s"] += time.perf_counter() - t0
-    parts = [self._part(images, "fit", fit, cal_fit.q_hat, taus, codec_list)]
+    parts = [self._part(images, "fit", fit, q_hat, taus, codec_list)]
     # Before the long passes: how many testing images the cheap pairs need.
     sizing = self._pilot(parts[0], len(test))
-    parts.append(self._part(images, "test", test, cal_fit.q_hat, taus, codec_list))
+    parts.append(self._part(images, "test", test, q_hat, taus, codec_list))
     out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
-    return {**out, "q_hat_fit": np.float64(cal_fit.q_hat),
+    return {**out, "q_hat_fit": np.float64(q_hat),
             "n_fit": np.int64(len(parts[0]["labels"]))}, sizing
+
+  def _fit_q_hat(self, images, fit) -> float:
+    """Algorithm 1's APS q_hat on the fitting split: from the rows of the run's
+    calibration pass when it made one (a row does not depend on its batch), else
+    (Algorithm 1 read from the cache, or bad items skipped) from an edge pass."""
+    rows = self.softmax.take(fit) if self.softmax is not None else None
+    if rows is not None:
+      return algorithm1.calibrate(rows.probs, rows.labels, self.config.alpha_crc,
+                                  self.config.alpha_aps).q_hat
+    return algorithm1.algorithm1(
+        self.config, self.passes.edge, Sources(images, images, fit, fit, name=self.sources.name),
+        self.transform, server_metadata=self.models.server.metadata,
+        geometry=self.passes.geometry, server_digest=None, sharding=self.passes.sharding,
+        progress=self.progress).q_hat
 
   def _part(self, images, name: str, indices, q_hat: float, taus, codec_list) -> dict:
     """One split's outcomes; per-configuration arrays [C * T, n], codec-major."""

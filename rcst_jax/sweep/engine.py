@@ -112,12 +112,14 @@ class Sweep:
     sources = (dataclasses.replace(self.sources, cal_source=held) if certifying
                else self.sources)
     cached = self.store.load_calibration(self.cal_inputs)
+    softmax = None  # the calibration images' edge softmax, when computed here
     if cached is None:
-      cal = algorithm1.algorithm1(
+      cal, softmax = algorithm1.algorithm1(
           self.config, self.passes.edge, sources, self.transform,
           server_metadata=self.models.server.metadata, geometry=self.geometry,
           server_digest=variables_digest(self.models.server.variables),
-          sharding=self.passes.sharding, skipped=self.skipped, progress=self.progress)
+          sharding=self.passes.sharding, skipped=self.skipped, progress=self.progress,
+          with_softmax=True)
       self.cal_sha = cache.sha256(cache.calibration_bytes(cal))
       if jax.process_index() == 0:  # one writer for shared files
         self.store.save_calibration(cal, inputs=self.cal_inputs)
@@ -127,7 +129,7 @@ class Sweep:
     t1 = time.perf_counter()
     self.timings["calibration_s"] += t1 - t0
     if certifying:
-      cert = self._certify(held)
+      cert = self._certify(held, softmax)
       cal = dataclasses.replace(cal, certificate=cert)
       # The artifact published with the results is this file, byte for byte.
       key = cache.certified_id(cert)
@@ -138,12 +140,13 @@ class Sweep:
       self.timings["certification_s"] += time.perf_counter() - t1
     return cal
 
-  def _certify(self, images) -> dict:
-    """The certificate from the calibration ``images``; keeps its figure's grid,
-    pilot line and timings."""
+  def _certify(self, images, softmax) -> dict:
+    """The certificate from the calibration ``images`` (``softmax``: Algorithm 1's
+    rows of them, None when read from the cache); keeps its figure's grid, pilot
+    line and timings."""
     got = Certification(self.config, self.models, self.sources, self.passes, self.store,
-                        self.cal_inputs, self.transform, self.progress, self.skipped
-                        ).run(images, self.certification_sizing)
+                        self.cal_inputs, self.transform, self.progress, self.skipped,
+                        softmax).run(images, self.certification_sizing)
     self.certification_grid, self.certification_sizing = got.grid, got.sizing
     for k, v in got.timings.items():
       self.timings[k] += v
@@ -266,9 +269,13 @@ class Sweep:
 
   # -- the whole run
 
-  def run(self) -> dict:
+  def precision(self):
+    """The run's matmul precision, as a context (the gallery's edge step uses it too)."""
     # float32 matmuls on TPU default to bfloat16 passes; "highest" keeps timm parity.
-    with jax.default_matmul_precision(self.config.get("matmul_precision", "highest")):
+    return jax.default_matmul_precision(self.config.get("matmul_precision", "highest"))
+
+  def run(self) -> dict:
+    with self.precision():
       return self._run()
 
   def _run(self) -> dict:

@@ -220,7 +220,10 @@ def test_recertifying_reuses_the_calibration_outcomes(tmp_path, models12, monkey
   """A new epsilon/delta/test certifies from cached outcomes: no server pass."""
   sources = _synthetic_sources(24, 8)
   on = ("--config.certify.enabled=True", "--config.data.n_cal=24")
+  calls, real = [], algorithm1.algorithm1
+  monkeypatch.setattr(algorithm1, "algorithm1", lambda *a, **k: calls.append(1) or real(*a, **k))
   ev, _ = _points(tmp_path, models12, sources, *on)
+  assert calls == [1]  # the fitting split's rows come from the calibration pass
   first = ev.calibrate().certificate
   outcome_files = [f for f in os.listdir(tmp_path / "cache" / "outcomes") if f.endswith(".npz")]
   assert first is not None and len(outcome_files) == 1
@@ -236,6 +239,16 @@ def test_recertifying_reuses_the_calibration_outcomes(tmp_path, models12, monkey
   exact = engine.Sweep(_config(tmp_path, *on, "--config.certify.test=exact"), models12,
                        sources, str(tmp_path), progress=False).calibrate().certificate
   assert exact["test"] == "exact" and exact["n_test"] == first["n_test"]
+  assert calls == [1]
+
+
+def test_softmax_rows_are_taken_by_calibration_index():
+  soft = algorithm1.Softmax(np.arange(12.0).reshape(6, 2), np.arange(6),
+                            np.array([9, 3, 7, 1, 5, 0]))
+  got = soft.take(np.array([0, 3, 9]))
+  assert got.probs.tolist() == [[10, 11], [2, 3], [0, 1]] and got.labels.tolist() == [5, 1, 0]
+  assert soft.take([2]) is None  # an index with no row
+  assert algorithm1.Softmax(soft.probs, soft.labels, None).take([0]) is None  # items skipped
 
 
 def test_certification_runs_from_an_existing_evaluation_cache(tmp_path, models12, monkeypatch):
