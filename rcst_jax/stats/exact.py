@@ -27,9 +27,11 @@ P(p <= u) <= P(ph not in C) + P(F_P(T*) <= u - gamma) <= u.
 The price of the grid is a mean deficit (b - a)/4 per interval; the grid is
 uniform in the boundary's standard deviation sqrt(eps(1-eps) - h/4), so the
 deficit is at most sqrt(n)/G standard deviations of the mean everywhere
-(0.044 at n = 500, G = 512). Cost: O(n^2) per grid interval (all outcomes),
-computed once per (n, eps, gamma) and only for the intervals the observed
-counts need; after that a p-value is a table look-up.
+(0.044 at n = 500, G = 512). Cost: a running sum over the O(n^2) outcomes
+per grid interval, computed once per (n, eps, gamma) and only for the
+intervals the observed counts need; after that a p-value is a table look-up.
+The sums skip the terms that cannot change them (`_running_sum`): bit for
+bit the full sums, at a fraction of the cost for large n.
 
 The p-value reads counts only: it does not depend on the order of the
 samples. It is never below gamma, so gamma must be small against the level
@@ -88,47 +90,168 @@ def _boundary(eps: float):
 
 @functools.lru_cache(maxsize=4)
 def _outcomes(n: int, eps: float):
-  """Every count (n0, nh, n1) summing to n, sorted by T*; per outcome the rank of its last tie,
-  and index[nh, n1] = its rank."""
-  n1, nh = (a.ravel() for a in np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij"))
-  keep = n1 + nh <= n
-  n1, nh = n1[keep], nh[keep]
-  mean = (nh + 2 * n1) / (2 * n)
-  stat = (mean - eps) / np.sqrt(((nh / 4 + n1) / n - mean * mean + 0.25 / n) / n)
-  grid = np.full((n + 1, n + 1), np.inf)   # by (a, b) = (#ones, #(>= 1/2)); a > b stays inf
-  grid[n1, n1 + nh] = stat
-  grid = np.minimum.accumulate(np.minimum.accumulate(grid[::-1], 0)[:, ::-1], 1)[::-1, ::-1]
-  stat = grid[n1, n1 + nh]
+  """Every count (n0, nh, n1) summing to n, sorted by T*, and per outcome the rank of its last tie.
+
+  Ties keep the order by n1, then nh, so the rank grows with n1 at fixed nh
+  (T* does not fall when a 1/2 becomes a 1).
+  """
+  a = np.arange(n + 1)
+  stat = _monotone_stat(n, eps)[a[:, None] <= a]   # row-major: by n1, then nh = b - n1 from 0
   order = np.argsort(stat, kind="stable")
-  n1, nh, stat = n1[order], nh[order], stat[order]
-  index = np.full((n + 1, n + 1), -1)
-  index[nh, n1] = np.arange(nh.size)
-  return n - n1 - nh, nh, n1, np.searchsorted(stat, stat, "right") - 1, index
+  stat = stat[order]
+  width, shift = n + 1 - a, n.bit_length()
+  nh = np.arange(stat.size) - np.repeat(np.cumsum(width) - width, width)
+  packed = (np.repeat(a << shift, width) | nh)[order]   # one gather instead of two
+  n1, nh = packed >> shift, packed & ((1 << shift) - 1)
+  return n - n1 - nh, nh, n1, _last_of_ties(stat)
 
 
-def _cumsum(n: int, eps: float, q_row):
-  """Running sum of the pmf of q_row over the outcomes in `_outcomes` order, and its error bound.
+def _last_of_ties(stat):
+  """Per position of the sorted `stat`, the last position holding the same value."""
+  last = np.arange(stat.size)
+  tie = np.flatnonzero(stat[1:] == stat[:-1])   # i ties with i + 1: rare, so fix those only
+  if tie.size:
+    run_end = np.append(np.flatnonzero(np.diff(tie) != 1), tie.size - 1)
+    last[tie] = np.repeat(tie[run_end] + 1, np.diff(run_end, prepend=-1))
+  return last
+
+
+def _monotone_stat(n: int, eps: float):
+  """T* by (a, b) = (#ones, #(>= 1/2)), [n + 1, n + 1]; only a <= b is filled."""
+  grid = np.full((n + 1, n + 1), np.inf)
+  for n1 in range(n + 1):   # row by row: the temporaries stay in cache
+    nh = np.arange(n + 1 - n1)
+    mean = (nh + 2 * n1) / (2 * n)
+    grid[n1, n1:] = (mean - eps) / np.sqrt(((nh / 4 + n1) / n - mean * mean + 0.25 / n) / n)
+  # min over a' >= a, then b' >= b (exact in any order): in place, row by row
+  for a in range(n - 1, -1, -1):
+    np.minimum(grid[a, a:], grid[a + 1, a:], out=grid[a, a:])
+  for a in range(n + 1):
+    tail = grid[a, a:][::-1]
+    np.minimum.accumulate(tail, out=tail)
+  return grid
+
+
+@functools.lru_cache(maxsize=4)
+def _lgamma(n: int):
+  return np.array([math.lgamma(j + 1.0) for j in range(n + 1)])
+
+
+@functools.lru_cache(maxsize=4)
+def _narrow(n: int, eps: float):
+  """(n0, nh, n1) of `_outcomes`, unsigned and narrow: cheap to scan once per grid row."""
+  return tuple(x.astype(np.uint16 if n < 2**16 else np.uint32) for x in _outcomes(n, eps)[:3])
+
+
+def _column(n: int, eps: float, q_row, ranks):
+  """`_upper` at `ranks` for the running sum of the pmf of q_row in `_outcomes` order.
 
   A term is K Pois(n0; n q0) Pois(nh; n qh) Pois(n1; n q1), K = n! e^n / n^n
   < 3 sqrt(n): three factors <= 1 from (n + 1)-long tables, no per-term exp,
-  no overflow. Only terms below K * 1e-307 can underflow (their total is the
-  bound returned); rounding is covered by the factor (1 + 1e-10) of `_upper`.
+  no overflow. Only terms below K * 1e-307 can underflow (their total is
+  `lost`); rounding is covered by the factor (1 + 1e-10) of `_upper`.
   """
-  i0, ih, i1, _, _ = _outcomes(n, eps)
-  k = np.arange(n + 1)
-  lg = np.array([math.lgamma(j + 1.0) for j in range(n + 1)])
+  k, lg = np.arange(n + 1), _lgamma(n)
   big_k = math.exp(lg[n] + n - n * math.log(n))
+  lost = (n + 1) * (n + 2) // 2 * big_k * 1e-307
   row = np.asarray(q_row, np.float64)
   pois = np.exp(k * _log(n * row)[:, None] - n * row[:, None] - lg)   # [3, n + 1]
-  t = np.take(pois[0], i0)
-  t *= np.take(pois[1], ih)
-  t *= np.take(pois[2] * big_k, i1)
-  return np.cumsum(t, out=t), i0.size * big_k * 1e-307
+  factors = (pois[0], pois[1], pois[2] * big_k)
+  if (n + 1) * (n + 2) // 2 <= _SMALL or len(ranks) * 8 > np.max(ranks):
+    # Small tables, or ranks nearly everywhere: every term, one cumsum (fewer calls).
+    i0, ih, i1, _ = _outcomes(n, eps)
+    t = np.take(factors[0], i0)
+    t *= np.take(factors[1], ih)
+    t *= np.take(factors[2], i1)
+    return _upper(np.take(np.cumsum(t, out=t), ranks), lost)
+  return _running_sum(factors, _narrow(n, eps), np.asarray(ranks), lost)
 
 
-def _upper(csum, lost, ranks):
+_SMALL = 1 << 18   # outcomes; up to here summing every term is cheaper than skipping some
+_CHUNK = 1 << 17
+
+
+def _running_sum(factors, coords, ranks, lost):
+  """`_upper` at each rank of the running sum of the terms f0[n0] * fh[nh] * f1[n1]."""
+  top = int(np.max(ranks))
+  if len(ranks) * 3 > top:   # many ranks: the sum at every rank, as np.cumsum gives it
+    acc = np.empty(top + 1)
+    for c, e, sel, csum, before in _chunk_sums(factors, coords, top, lost):
+      part = acc[c:e]
+      part.fill(before)
+      part[sel - c] = csum
+      np.maximum.accumulate(part, out=part)   # the sum never falls: max carries it forward
+    acc[e:] = acc[e - 1]   # the bound reached 1 before the top: it stays 1
+    return _upper(np.take(acc, ranks), lost)
+  # Few ranks: look each up in its chunk, in order ((rank, where) in one key sorts fastest).
+  key = ranks.astype(np.uint64) << np.uint64(32) | np.arange(len(ranks), dtype=np.uint64)
+  key.sort()
+  needles, where = (key >> np.uint64(32)).astype(np.int64), key & np.uint64(2**32 - 1)
+  out, done = np.ones(len(ranks)), 0   # ranks past where the bound reached 1 keep their 1
+  for c, e, sel, csum, before in _chunk_sums(factors, coords, top, lost):
+    upto = int(np.searchsorted(needles, e))
+    at = np.searchsorted(sel, needles[done:upto], "right") - 1   # the last term summed
+    sums = np.where(at >= 0, np.take(csum, at), before) if sel.size else np.full(upto - done,
+                                                                                 before)
+    out[where[done:upto].astype(np.int64)] = _upper(sums, lost)
+    done = upto
+  return out
+
+
+def _chunk_sums(factors, coords, top, lost):
+  """Per chunk [c, e) of ranks up to `top`: (c, e, ranks summed, running sums there, the sum
+  before c); it stops once `_upper` of the sum is 1.
+
+  Bit for bit np.cumsum over every term (a sequential sum), but only the
+  terms that can change it are summed: adding a term below half an ulp of
+  the sum so far, or an exact 0, leaves the sum as it is. The sum only
+  grows, so in each chunk a term below 2^-54 times the sum at the chunk's
+  start (under half its ulp) is skipped; each factor's range comes from a
+  bound on the other two (a box in (n0, nh, n1)), so no skipped term is ever
+  computed.
+  """
+  top_f, total = [float(f.max()) for f in factors], 0.0
+  for c in range(0, top + 1, _CHUNK):
+    e = min(top + 1, c + _CHUNK)
+    sel = _in_box(coords, _box(factors, top_f, total), c, e)
+    t = np.take(factors[0], coords[0][sel])
+    t *= np.take(factors[1], coords[1][sel])
+    t *= np.take(factors[2], coords[2][sel])
+    if sel.size:
+      t[0] += total   # the sum so far, added first: as in the sequential sum
+    csum = np.cumsum(t, out=t)
+    yield c, e, sel, csum, total
+    total = float(csum[-1]) if csum.size else total
+    if _upper(total, lost) >= 1.0:
+      return
+
+
+def _box(factors, top_f, total):
+  """Per factor (lo, span): the indices where a term can reach 2^-54 * total (or be nonzero)."""
+  box = []
+  for j, f in enumerate(factors):
+    # t >= y needs f_j >= y / (max of the other two) up to rounding: 0.25 covers it. Near
+    # underflow (total <= 1e-280) the bound is not safe, so skip exact zeros only.
+    floor = 0.25 * total * 2.0**-54 / (top_f[j - 1] * top_f[j - 2]) if total > 1e-280 else 0.0
+    nz = np.flatnonzero(f > floor) if floor == 0.0 else np.flatnonzero(f >= floor)
+    box.append((int(nz[0]), int(nz[-1] - nz[0])) if nz.size else (0, -1))
+  return box
+
+
+def _in_box(coords, box, c, e):
+  """Ranks in [c, e) whose (n0, nh, n1) lie in the box."""
+  keep = None
+  for (lo, span), u in zip(box, coords):
+    if span < 0:
+      return np.zeros(0, np.int64)
+    part = (u[c:e] - u.dtype.type(lo)) <= span   # below lo wraps around: one compare
+    keep = part if keep is None else np.logical_and(keep, part, out=keep)
+  return np.flatnonzero(keep) + c
+
+
+def _upper(csum, lost):
   """Upper bound on P(T* <= T*(u)) from the running sum at u's last tie (measured error ~1e-13)."""
-  return np.minimum(np.take(csum, ranks) * (1 + 1e-10) + lost, 1.0)
+  return np.minimum(csum * (1 + 1e-10) + lost, 1.0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -164,13 +287,14 @@ class _Table:
   def __init__(self, n, eps, gamma):
     self.n, self.eps, self.q = n, eps, _boundary(eps)[1]
     self.lo, self.hi = _ranges(n, eps, gamma)
-    _, ih, i1, last, _ = _outcomes(n, eps)
-    by_k = np.argsort(ih, kind="stable")
-    self.last = last[by_k]
-    self.starts = np.searchsorted(ih[by_k], np.arange(n + 2))
-    self.index = np.full((n + 1, n + 1), -1)
-    self.index[ih[by_k], i1[by_k]] = np.arange(ih.size)
-    self.sup = np.zeros(ih.size)
+    _, ih, i1, last = _outcomes(n, eps)
+    # By k, then rank; the rank grows with n1 at fixed k, so (k, n1) sits at starts[k] + n1.
+    self.starts = np.append(0, np.cumsum(n + 1 - np.arange(n + 1)))
+    self.last = np.empty_like(last)
+    self.last[self.starts[ih] + i1] = last
+    self.sup = np.zeros(last.size)
+    if last.size > _SMALL:
+      _narrow(n, eps)   # built once here, not by two row threads at a time
     self.done = np.zeros(len(self.q), bool)
 
   def get(self, ks):
@@ -180,8 +304,8 @@ class _Table:
     def row(r):
       run = np.flatnonzero((self.lo <= r) & (self.hi >= r))
       cut = slice(self.starts[run[0]], self.starts[run[-1] + 1])
-      return cut, _upper(*_cumsum(self.n, self.eps, self.q[r]), self.last[cut])
-    # Rows are independent and numpy releases the GIL in their O(n^2) sums:
+      return cut, _column(self.n, self.eps, self.q[r], self.last[cut])
+    # Rows are independent and numpy releases the GIL in their scans and sums:
     # two at a time on two cores. The max over rows is the same in any order.
     with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:
       for cut, vals in pool.map(row, np.flatnonzero(need)):
@@ -207,4 +331,4 @@ def exact_pvalue(losses, eps: float, gamma: float = 1e-4):
   if not 0.0 <= gamma < 1.0:
     raise ValueError(f"gamma must be in [0, 1), got {gamma}")
   table = _table(n, float(eps), float(gamma))
-  return np.minimum(1.0, table.get(np.unique(k))[table.index[k, n1]] + gamma)
+  return np.minimum(1.0, table.get(np.unique(k))[table.starts[k] + n1] + gamma)

@@ -363,6 +363,28 @@ def test_synthetic_deterministic_and_splits_differ():
     a[10]
 
 
+# Digests of the scenes the renderer drew before it was made faster (benchmarks/
+# bench_synthetic.py keeps that renderer and compares thousands of scenes per split):
+# the demo's images, hence its results, must not change by one byte.
+SCENE_DIGESTS = {(0, "train", 150, 224): "63cb21dd3edaf8af",
+                 (0, "calibration", 150, 224): "d0f88d5af2aaedc3",
+                 (0, "test", 150, 224): "062b79cb9c912054",
+                 (7, "test", 30, 96): "37b5e5b56dcf2ff9"}
+
+
+@pytest.mark.parametrize("case", list(SCENE_DIGESTS))
+def test_synthetic_scenes_are_byte_identical_to_the_reference(case):
+  seed, split, n, size = case
+  h = hashlib.sha256()
+  for i in range(n):
+    s = synthetic.render_scene(seed, split, i, size)
+    assert s.image.flags.c_contiguous and s.image.shape == (size, size, 3)
+    for a in (s.image, s.mask, s.distractor_mask):
+      h.update(a.tobytes())
+    h.update(repr((s.label, s.bbox, s.image.shape)).encode())
+  assert h.hexdigest()[:16] == SCENE_DIGESTS[case]
+
+
 def test_synthetic_object_area_and_classes(scenes):
   frac = np.array([s.mask.mean() for s in scenes])
   assert frac.min() >= 0.10 and frac.max() <= 0.25, (frac.min(), frac.max())
