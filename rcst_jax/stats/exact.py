@@ -157,8 +157,8 @@ def _column(n: int, eps: float, q_row, ranks):
   row = np.asarray(q_row, np.float64)
   pois = np.exp(k * _log(n * row)[:, None] - n * row[:, None] - lg)   # [3, n + 1]
   factors = (pois[0], pois[1], pois[2] * big_k)
-  if (n + 1) * (n + 2) // 2 <= _SMALL or len(ranks) * 8 > np.max(ranks):
-    # Small tables, or ranks nearly everywhere: every term, one cumsum (fewer calls).
+  if (n + 1) * (n + 2) // 2 <= _SMALL or len(ranks) > _FEW * np.max(ranks):
+    # Small tables, or ranks all over: every term, one cumsum (fewer calls).
     i0, ih, i1, _ = _outcomes(n, eps)
     t = np.take(factors[0], i0)
     t *= np.take(factors[1], ih)
@@ -167,32 +167,26 @@ def _column(n: int, eps: float, q_row, ranks):
   return _running_sum(factors, _narrow(n, eps), np.asarray(ranks), lost)
 
 
-_SMALL = 1 << 18   # outcomes; up to here summing every term is cheaper than skipping some
+# Skipping terms pays for tables of over _SMALL outcomes, when under a fraction _FEW of the
+# ranks up to the largest one asked are asked: looking many up costs more than every term.
+_SMALL, _FEW = 1 << 18, 1 / 8
 _CHUNK = 1 << 17
 
 
 def _running_sum(factors, coords, ranks, lost):
   """`_upper` at each rank of the running sum of the terms f0[n0] * fh[nh] * f1[n1]."""
-  top = int(np.max(ranks))
-  if len(ranks) * 3 > top:   # many ranks: the sum at every rank, as np.cumsum gives it
-    acc = np.empty(top + 1)
-    for c, e, sel, csum, before in _chunk_sums(factors, coords, top, lost):
-      part = acc[c:e]
-      part.fill(before)
-      part[sel - c] = csum
-      np.maximum.accumulate(part, out=part)   # the sum never falls: max carries it forward
-    acc[e:] = acc[e - 1]   # the bound reached 1 before the top: it stays 1
-    return _upper(np.take(acc, ranks), lost)
-  # Few ranks: look each up in its chunk, in order ((rank, where) in one key sorts fastest).
+  # Each rank is looked up in its chunk, in order: (rank, where) in one key sorts fastest.
   key = ranks.astype(np.uint64) << np.uint64(32) | np.arange(len(ranks), dtype=np.uint64)
   key.sort()
   needles, where = (key >> np.uint64(32)).astype(np.int64), key & np.uint64(2**32 - 1)
   out, done = np.ones(len(ranks)), 0   # ranks past where the bound reached 1 keep their 1
-  for c, e, sel, csum, before in _chunk_sums(factors, coords, top, lost):
+  for c, e, sel, csum, before in _chunk_sums(factors, coords, int(needles[-1]), lost):
     upto = int(np.searchsorted(needles, e))
-    at = np.searchsorted(sel, needles[done:upto], "right") - 1   # the last term summed
-    sums = np.where(at >= 0, np.take(csum, at), before) if sel.size else np.full(upto - done,
-                                                                                 before)
+    if sel.size:
+      at = np.searchsorted(sel, needles[done:upto], "right") - 1   # the last term summed
+      sums = np.where(at >= 0, np.take(csum, at), before)
+    else:
+      sums = np.full(upto - done, before)
     out[where[done:upto].astype(np.int64)] = _upper(sums, lost)
     done = upto
   return out

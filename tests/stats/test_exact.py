@@ -121,6 +121,7 @@ def test_pvalues_bit_equal_to_the_full_running_sums(n, eps, skip, monkeypatch):
   enough that every skip rule runs many times; else every term (as for small n)."""
   if skip:
     monkeypatch.setattr(exact, "_SMALL", 0)
+    monkeypatch.setattr(exact, "_FEW", np.inf)
     monkeypatch.setattr(exact, "_CHUNK", n * 6 + 7)
   exact._table.cache_clear()
   i0, ih, i1, _ = _reference_outcomes(n, eps)
@@ -135,6 +136,7 @@ def test_pvalues_bit_equal_to_the_full_running_sums(n, eps, skip, monkeypatch):
 def test_bounds_bit_equal_at_any_ranks(n, chunk, monkeypatch):
   """A few ranks, up to any top (the sum may stop short of 1), for boundary and other rows."""
   monkeypatch.setattr(exact, "_SMALL", 0)
+  monkeypatch.setattr(exact, "_FEW", np.inf)
   monkeypatch.setattr(exact, "_CHUNK", chunk)
   rng = np.random.default_rng(n)
   for eps in (0.02, 0.51, 0.9):
