@@ -17,10 +17,10 @@ import concurrent.futures
 import functools
 import math
 import os
-import platform
 import time
 
 import numpy as np
+from machine import cpu_name
 
 from rcst_jax.stats import exact, ltt
 
@@ -104,20 +104,12 @@ def _timed(fn):
   return time.perf_counter() - t0, out
 
 
-def _cpu():
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or "unknown CPU"
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--n", type=int, nargs="+", default=[1200, 2800])
   ap.add_argument("--repeats", type=int, default=2)
   args = ap.parse_args()
-  print(f"{_cpu()}, {os.cpu_count()} CPUs, {exact._threads()} row threads, "
+  print(f"{cpu_name()}, {os.cpu_count()} CPUs, {exact._threads()} row threads, "
         f"load average {os.getloadavg()[0]:.1f}")
   for n in args.n:
     x, e = _losses(n)

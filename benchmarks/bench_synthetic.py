@@ -16,10 +16,10 @@ import argparse
 import functools
 import math
 import os
-import platform
 import time
 
 import numpy as np
+from machine import cpu_name
 
 from rcst_jax.data import synthetic as syn
 
@@ -198,21 +198,13 @@ def _pool(scenes):
   return out
 
 
-def _cpu():
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or "unknown CPU"
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--scenes", type=int, default=2000, help="per split")
   ap.add_argument("--size", type=int, default=224)
   ap.add_argument("--pool", type=int, default=0, help="scenes for the process-pool timing")
   args = ap.parse_args()
-  print(f"{_cpu()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+  print(f"{cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
   syn.render_scene(0, "train", 0, args.size)        # caches (noise bank, weights, areas)
   _old_render_scene(0, "train", 0, args.size)
   total_b = total_a = 0.0
