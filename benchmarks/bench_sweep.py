@@ -67,7 +67,7 @@ def main():
                  help="only the full sweep; print its timings as one JSON line")
   args = p.parse_args()
   with tempfile.TemporaryDirectory() as out:
-    config = parse_config("demo", [
+    config = parse_config("demo:full", [
         f"--config.models_dir={args.models}", f"--config.output_dir={out}",
         f"--config.data.n_test={args.n}", "--config.progress=False",
         f"--config.server_min_batch={args.min_batch}"])

@@ -7,7 +7,7 @@ cheapest pair within epsilon on the population, at each draw's q_hat).
 
   .venv/bin/python benchmarks/certificate_validity.py [draws]     # default 1000
 
-Rows: the shipped demo settings (configs/demo.py: 4,000 calibration images,
+Rows: the shipped demo:full settings (configs/demo.py: 4,000 calibration images,
 fitting split 0.3, exact test, epsilon 0.02, delta 0.1, its certify.tau_grid)
 listed class by class (the worst order a folder gives) and in random order,
 then what each choice buys: other tests, splits and sizes, and the settings
@@ -42,7 +42,7 @@ ROWS = [
 
 def main():
   draws = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-  config = demo_config.get_config()
+  config = demo_config.get_config("full")
   assert (config.data.n_cal, config.certify.split, config.certify.test, config.certify.epsilon,
           config.certify.delta) == tuple(SHIPPED[k] for k in ("n_cal", "split", "test", "eps",
                                                               "delta")), "configs/demo.py moved"

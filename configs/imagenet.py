@@ -21,12 +21,12 @@ VARIANTS = {"": "the paper's setting", "quick=N": "first N images, N/5 calibrati
             "smoke": "tiny grids and batches (tests, CI; tfds mock data)"}
 
 
-def parse_arg(arg):
-  """'' | 'smoke' | 'quick=N' -> (name, value)."""
+def parse_arg(arg, extra=()):
+  """'' | 'smoke' | 'quick=N' | one of ``extra`` -> (name, value)."""
   arg = (arg or "").strip()
   name, _, value = arg.partition("=")
-  if name not in ("", "smoke", "quick") or (name == "quick") != bool(value):
-    known = ", ".join(k or "(none)" for k in VARIANTS)
+  if name not in ("", "smoke", "quick", *extra) or (name == "quick") != bool(value):
+    known = ", ".join([k or "(none)" for k in VARIANTS] + list(extra))
     raise ValueError(f"unknown config variant {arg!r}; known: {known}")
   return name, (int(value) if value else None)
 

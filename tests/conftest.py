@@ -42,6 +42,13 @@ def max_rel_err(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
 
 
+def pytest_configure(config):
+  # Every test process (both xdist workers, and the `rcst` subprocesses) shares
+  # that cache: a program compiled by one is loaded by the others.
+  from rcst_jax.core import compile_cache
+  compile_cache.enable()
+
+
 @pytest.fixture(scope="session")
 def rng():
   return np.random.default_rng(0)

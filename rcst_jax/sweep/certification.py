@@ -144,9 +144,12 @@ class Certification:
     t0 = time.perf_counter()
     # Server-only is the reference on raw patches; raw leads every sweep's codecs.
     sweep_codecs = codecs.sweep_grid(codec_list)
+    # With lossy codecs only, raw patches answer server-only alone.
+    lossy_only = all(c.lossy for c in codec_list)
     off, keep, _, server_pred, by_codec, nbytes = passes.sweep(
         {methods.EDGE: edge_lib.edge_view(got.edge)}, got.images,
-        [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, taus)], sweep_codecs)
+        [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, taus)], sweep_codecs,
+        raw_points=np.arange(1 + len(taus)) == 0 if lossy_only else None)
     self.timings["certification_server_s"] += time.perf_counter() - t0
     pick = [sweep_codecs.index(c) for c in codec_list]
     return {"labels": got.labels, "edge_pred": got.edge["pred"], "p_max": got.edge["p_max"],

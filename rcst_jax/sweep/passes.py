@@ -54,6 +54,17 @@ def point_arrays(off, keep, fallback, server_pred, codec_server_pred, codec_byte
           "codec_pred": methods.combine(off[None], codec_server_pred, fallback[None])}
 
 
+def _rows_of(ids, off, points, codecs):
+  """The distinct rows that the points marked in ``points`` send (None: all)."""
+  if points is None or np.all(points):
+    return None
+  if any(not c.lossy and c != codecs_lib.RAW for c in codecs):
+    raise ValueError("a lossless codec shares raw's answers: raw is needed at every point")
+  need = np.zeros(int(ids.max()) + 1 if ids.size else 0, bool)
+  need[ids[np.asarray(points, bool)[:, None] & off]] = True
+  return np.flatnonzero(need)
+
+
 @dataclasses.dataclass
 class EdgeOutputs:
   edge: dict          # the proposed edge's per-image arrays
@@ -132,7 +143,7 @@ class Passes:
         grid=self.geometry.grid, batch_size=int(self.config.batch_size),
         sharding=self.sharding, concurrency=self.concurrency))
 
-  def sweep(self, views: dict, images, plan, codecs=(codecs_lib.RAW,)):
+  def sweep(self, views: dict, images, plan, codecs=(codecs_lib.RAW,), raw_points=None):
     """Every (method, params) of `plan` on these images under every codec of
     `codecs` (raw first): decisions in one vmapped call per method, the server
     once per distinct (image, kept set) and distinct decoded pixels.
@@ -143,7 +154,9 @@ class Passes:
     those of the encoded payloads (`payload.coded_bytes`). Returns
     (offloaded [P, n], keep [P, n, N], fallback [P, n], server_pred [P, n],
     server_pred per codec [C, P, n], payload bytes per codec [C, P, n]; 0
-    where answered on the edge)."""
+    where answered on the edge). ``raw_points`` (bool [P]): the points whose
+    raw answers are needed (None: all); raw server_pred is -1 at the others,
+    and no lossless codec may be swept then (it shares raw's answers)."""
     off, keep, fallback = [], [], []
     for m, params in plan:
       o, k, f = methods.decide(m, views[m.edge], params, self.config.empty_policy)
@@ -154,6 +167,7 @@ class Passes:
     if codecs[0] != codecs_lib.RAW:
       raise ValueError(f"a sweep's codecs start with raw, got {[str(c) for c in codecs]}")
     rows_image, rows_keep, ids = dedup_rows(off, keep)
+    raw_rows = _rows_of(ids, off, raw_points, codecs)
     preds = np.full((len(codecs),) + off.shape, -1, np.int32)
     nbytes = np.zeros((len(codecs),) + off.shape, np.int32)
     for j, codec in enumerate(codecs if len(rows_image) else ()):
@@ -161,7 +175,12 @@ class Passes:
         t0 = time.perf_counter()
         pixels = codecs_lib.roundtrip_images(images, codec)
         self.coding_s += time.perf_counter() - t0
-        row_pred = self._server_rows(pixels, rows_keep, rows_image)
+        if codec == codecs_lib.RAW and raw_rows is not None:
+          row_pred = np.full(len(rows_image), -1, np.int32)
+          row_pred[raw_rows] = self._server_rows(pixels, rows_keep[raw_rows],
+                                                 rows_image[raw_rows])
+        else:
+          row_pred = self._server_rows(pixels, rows_keep, rows_image)
         if codec == codecs_lib.RAW:
           raw_pred = row_pred
       else:  # lossless: the raw patches, so raw's answers (raw comes first)
@@ -174,6 +193,8 @@ class Passes:
     return off, keep, fallback, preds[0], preds, nbytes
 
   def _server_rows(self, images, rows_keep, rows_image) -> np.ndarray:
+    if not len(rows_image):
+      return np.zeros(0, np.int32)
     c = self.config
     srv = Server(self.server, int(c.server_batch), tuple(c.buckets), self.sharding,
                  token_budget=int(c.get("server_token_budget", 0)) or None,

@@ -289,3 +289,37 @@ def test_certification_runs_from_an_existing_evaluation_cache(tmp_path, models12
   certified = strict["points"][-1]
   assert certified["method"] == "certified" and certified["cost"] == 1.0
   assert certified["accuracy"] == server_only["accuracy"]
+
+
+def test_raw_answers_only_where_a_point_needs_them(tmp_path, models12, monkeypatch):
+  """A certification with lossy codecs only runs the server on raw patches for
+  server-only alone; the answers it gives are those of the full raw pass."""
+  from rcst_jax.core import spmd
+  from rcst_jax.inference import methods
+  from rcst_jax.payload import codecs
+  from rcst_jax.payload.geometry import Geometry
+  config = _config(tmp_path, "--config.devices=1")
+  p = passes.Passes(config, models12, spmd.make_mesh(1), Geometry.of_server(models12.server))
+  src = SyntheticShapes("test", 6, seed=3)
+  images = np.stack([src[i].image for i in range(6)])
+  rng = np.random.default_rng(0)
+  view = {"pred": np.zeros(6, np.int32), "accept": np.array([0, 1, 0, 0, 1, 0], bool),
+          "scores": rng.random((6, 196)).astype(np.float32)}
+  plan = [(methods.SERVER_ONLY, (None,)), (methods.PROPOSED, (0.3, 0.7))]
+  sweep_codecs = codecs.sweep_grid(["jpeg:75"])
+  rows = []
+  monkeypatch.setattr(p, "_server_rows", lambda im, keep, img, real=p._server_rows:
+                      rows.append(len(img)) or real(im, keep, img))
+  full = p.sweep({methods.EDGE: view}, images, plan, sweep_codecs)
+  n_full = list(rows)
+  rows.clear()
+  part = p.sweep({methods.EDGE: view}, images, plan, sweep_codecs,
+                 raw_points=np.array([True, False, False]))
+  # Raw rows: the 6 full images only (4 offloaded kept sets per tau also went before).
+  assert rows[0] == 6 < n_full[0] and rows[1] == n_full[1]
+  off, _, _, server_pred, by_codec, nbytes = part
+  assert (server_pred[0] == full[3][0]).all() and (server_pred[1:][off[1:]] == -1).all()
+  assert (by_codec[1] == full[4][1]).all() and (nbytes == full[5]).all()
+  with pytest.raises(ValueError, match="lossless"):
+    p.sweep({methods.EDGE: view}, images, plan, codecs.sweep_grid(["zstd"]),
+            raw_points=np.array([True, False, False]))

@@ -46,7 +46,7 @@ def run(tmp_path_factory):
   label_map = root / "labels.json"
   label_map.write_text(json.dumps({name: i for i, name in enumerate(CLASS_NAMES)}))
   out = root / "out"
-  config = cli.parse_config(os.path.join(REPO, "configs", "demo.py"), [
+  config = cli.parse_config(os.path.join(REPO, "configs", "demo.py") + ":full", [
       "--config.data.name=folder", f"--config.data.folder_root={root / 'images'}",
       f"--config.data.label_map={label_map}", f"--config.data.n_cal={N_CAL}",
       f"--config.output_dir={out}", "--config.per_image=True", "--config.progress=False",
