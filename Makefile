@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+EXPORT_VENV := .venv-export
+EXPORT_PY := $(EXPORT_VENV)/bin/python
+EXPORT_PIP := $(EXPORT_PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test bench serve remote-demo clean
+.PHONY: demo test bench serve remote-demo clean export-env test-export
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +18,7 @@ $(VENV)/.base: pyproject.toml constraints.txt
 # The test extra adds torch + timm (parity tests, conversion), the notebook runner
 # and gRPC (`rcst serve`).
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e '.[convert,test,serve]'
+	$(PIP) -e '.[convert,test,serve,onnx]'
 	touch $@
 
 demo: $(VENV)/.base
@@ -25,8 +28,11 @@ demo: $(VENV)/.base
 # in one process, so its module fixtures are built once): 11 min against 15
 # one at a time on 2 cores. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-test: $(VENV)/.test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+# The ONNX export's own tests (tests/export/test_onnx_edge.py) need jax2onnx:
+# they run in the export venv, after the rest.
+test: $(VENV)/.test $(EXPORT_VENV)/.ok
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=tests/export/test_onnx_edge.py $(ARGS)
+	$(EXPORT_PY) -m pytest -q -p no:cacheprovider tests/export/test_onnx_edge.py
 
 # Edge and server as two processes: `make serve` in one shell, then
 # `make remote-demo` (after `make demo`, which writes the calibration) in another.
@@ -52,5 +58,24 @@ $(VENV)/.bench: $(VENV)/.test
 bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_models.py
 
+# `rcst export` (the edge as ONNX) in a venv of its own: jax2onnx's metadata
+# pins orbax-checkpoint<0.11.37 against rcst_jax's 0.12.8, so it is installed
+# with --no-deps after everything it imports (export-requirements.txt), and
+# the main venv never sees it. The [onnx] extra (onnxruntime, to run the
+# file) installs into either venv.
+
+$(EXPORT_VENV)/.ok: pyproject.toml constraints.txt export-requirements.txt
+	test -x $(EXPORT_PY) || $(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_PIP) -e '.[onnx]' -r export-requirements.txt
+	$(EXPORT_PIP) --no-deps jax2onnx
+	$(EXPORT_PY) -c "import jax2onnx, onnxruntime, rcst_jax.export.onnx_edge"
+	touch $@
+
+export-env: $(EXPORT_VENV)/.ok
+
+# The ONNX edge against the Flax edge (tests/export; skipped in the main venv).
+test-export: $(EXPORT_VENV)/.ok
+	$(EXPORT_PY) -m pytest -q tests/export $(ARGS)
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(EXPORT_VENV) outputs

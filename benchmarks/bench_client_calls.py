@@ -23,11 +23,11 @@ import common  # noqa: F401  (XLA:CPU flags first)
 import numpy as np
 from bench_codecs import cpu_line
 
+from rcst_edge.link import rcst_pb2 as pb
+from rcst_edge.link.client import RemoteServer
+from rcst_edge.payload import message as payload
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.models.checkpoints import load_model
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
-from rcst_jax.serving import rcst_pb2 as pb
-from rcst_jax.serving.client import RemoteServer
 from rcst_jax.serving.service import RcstServer, ServeOptions
 
 WEIGHTS = os.path.join(os.path.dirname(common.HERE), "weights")

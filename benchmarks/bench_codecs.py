@@ -28,10 +28,10 @@ import simplejpeg
 import zstandard
 from PIL import Image, features
 
+from rcst_edge.payload import codecs
+from rcst_edge.payload import message as payload
 from rcst_jax.data import synthetic
 from rcst_jax.inference.patches import patchify
-from rcst_jax.payload import codecs
-from rcst_jax.payload import message as payload
 
 GRID, P = 14, 16
 PROJECT = ["raw", "zstd", "webp-lossless", "jpeg:75", "jpeg:90", "jpeg420:75", "jpeg420:90"]

@@ -53,10 +53,12 @@ import time
 import common  # noqa: F401  (XLA:CPU flags first)
 import jax
 import numpy as np
-from rcst_jax.configs import demo as demo_config
 from tbf import TbfLoopback, tbf_available, transmit_s
 
+from rcst_edge.link.client import RemoteServer
+from rcst_edge.link.meter import Link
 from rcst_jax.calibration.artifact import Calibration
+from rcst_jax.configs import demo as demo_config
 from rcst_jax.core import spmd, xla_cpu
 from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference import collaborative, methods
@@ -66,8 +68,6 @@ from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import load_model
 from rcst_jax.report import styles, tables
 from rcst_jax.report.tables import latency_ms
-from rcst_jax.serving.client import RemoteServer
-from rcst_jax.serving.meter import Link
 from rcst_jax.serving.service import RcstServer, ServeOptions
 
 xla_cpu.tune_for_serving()  # this process is the server: as `rcst serve` runs it
@@ -237,7 +237,7 @@ def link_table(srv, edge, base, cal, images, codecs, rates, delay_s, kind, sock_
 
 
 def _payloads(out, images, codec, cal):
-  from rcst_jax.payload import message as payload
+  from rcst_edge.payload import message as payload
   for i in np.flatnonzero(out["offloaded"]):
     yield payload.encode_image_payload(images[i], out["keep"][i], cal.patch_geometry(), codec)
 

@@ -49,14 +49,14 @@ import numpy as np
 from bench_codecs import cpu_line
 from bench_link import _cpu_s, inprocess_rate
 
+from rcst_edge.link import rcst_pb2 as pb
+from rcst_edge.link.client import RemoteServer, parse_address
+from rcst_edge.link.meter import Link
+from rcst_edge.link.protocol import SERVICE
+from rcst_edge.payload import message as payload
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import load_model
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
-from rcst_jax.serving import rcst_pb2 as pb
-from rcst_jax.serving.client import RemoteServer, parse_address
-from rcst_jax.serving.meter import Link
-from rcst_jax.serving.protocol import SERVICE
 from rcst_jax.serving.service import RcstServer, ServeOptions, Service
 
 WEIGHTS = os.path.join(os.path.dirname(common.HERE), "weights")

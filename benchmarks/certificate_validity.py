@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from fixtures import demo_population as demo  # noqa: E402
+
 from rcst_jax.configs import demo as demo_config  # noqa: E402
 
 SHIPPED = dict(n_cal=4000, split=0.3, test="exact", eps=0.02, delta=0.1, sort_by_class=True)

@@ -288,7 +288,7 @@ HOOKED_MODULES = (
     "rcst_jax.calibration.algorithm1", "rcst_jax.calibration.certificate",
     "rcst_jax.jobs.evaluate", "rcst_jax.sweep.engine", "rcst_jax.sweep.certification",
     "rcst_jax.sweep.passes", "rcst_jax.sweep.metrics", "rcst_jax.report.outputs",
-    "rcst_jax.data.synthetic", "rcst_jax.payload.codecs", "rcst_jax.payload.message",
+    "rcst_jax.data.synthetic", "rcst_edge.payload.codecs", "rcst_edge.payload.message",
     "rcst_jax.stats.exact", "rcst_jax.cli.parser")
 
 
@@ -445,7 +445,7 @@ def install_hooks(track_rows: bool = True):
 
   # Host work.
   patch("rcst_jax.data.synthetic", "render_scene", host_timer("render synthetic scene"))
-  patch("rcst_jax.payload.codecs", "roundtrip_images",
+  patch("rcst_edge.payload.codecs", "roundtrip_images",
         lambda f: host_timer("codec roundtrip images", lambda a, k, r: len(a[0]))(
             staged(lambda a, k: f"coding: roundtrip {a[1]}")(f)))
 
@@ -462,7 +462,7 @@ def install_hooks(track_rows: bool = True):
       h["items"] += len(rows)
       return out
     return coded_bytes
-  patch("rcst_jax.payload.message", "coded_bytes", coded_bytes_wrap)
+  patch("rcst_edge.payload.message", "coded_bytes", coded_bytes_wrap)
   patch("rcst_jax.stats.exact", "_Table.__init__", host_timer("exact test: table init"))
   patch("rcst_jax.stats.exact", "_Table.get", host_timer("exact test: table rows"))
   patch("rcst_jax.stats.exact", "exact_pvalue",
@@ -728,9 +728,9 @@ def candidate_programs(model, imgs) -> dict:
     same conv, over all its patches), then gathered per row;
   * embed as dot: the patch embedding as a [K*rows, 768] x [768, D] matmul.
   """
+  from rcst_edge.payload.patches import patchify
   from rcst_jax.inference import server as server_lib
   from rcst_jax.inference.patches import gather_patches
-  from rcst_jax.payload.patches import patchify
   mod, var = model.module, model.variables
   p = mod.patch_size
   mean, std = jnp.asarray(mod.mean, jnp.float32), jnp.asarray(mod.std, jnp.float32)

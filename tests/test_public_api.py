@@ -36,8 +36,8 @@ def test_the_wire_format_codes_and_decodes_without_jax():
   r = _child("""
       import numpy as np
       import rcst_jax
-      from rcst_jax.payload import codecs, message
-      from rcst_jax.payload.geometry import Geometry
+      from rcst_edge.payload import codecs, message
+      from rcst_edge.payload.geometry import Geometry
       rng = np.random.default_rng(0)
       image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
       keep = np.zeros(196, bool); keep[[0, 5, 195]] = True

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationWarning, check_B
 from rcst_jax.core import spmd
 from rcst_jax.data import batches
 from rcst_jax.data.sources import Sources, UnreadableImagesError, transform_record
 from rcst_jax.inference.edge import softmax_fn
 from rcst_jax.models.checkpoints import Model, variables_digest
-from rcst_jax.payload.geometry import Geometry
 from rcst_jax.stats.conformal import (
   aps_q_hat,
   aps_scores,

@@ -22,31 +22,26 @@ from typing import Any, Optional
 
 import numpy as np
 
+from rcst_edge import deployment
+from rcst_edge import seal as seal_lib
+from rcst_edge.deployment import (  # noqa: F401  (the file format's names, here too)
+  CalibrationError,
+  CalibrationSealError,
+  OperatingPoint,
+  decode_float,
+  read_strict_json,
+)
+from rcst_edge.errors import ConfigError
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.calibration import certificate
-from rcst_jax.calibration import seal as seal_lib
 from rcst_jax.calibration.certificate import encode_float
-from rcst_jax.core.errors import ConfigError, RcstError
 from rcst_jax.core.fileio import atomic_write_text
 from rcst_jax.data.preprocess import Preprocess
-from rcst_jax.inference.methods import OperatingPoint
 from rcst_jax.models.checkpoints import variables_digest
-from rcst_jax.payload.geometry import Geometry
-
-
-class CalibrationError(RcstError):
-  """Invalid calibration artifact or a CRC rule that cannot be satisfied (strict mode)."""
 
 
 class CalibrationWarning(UserWarning):
   """CRC could not be satisfied: the stored lambda_hat is inf (the edge accepts nothing)."""
-
-
-class CalibrationSealError(CalibrationError):
-  """The file differs from its seal (``fields``: what changed), or has none (``fields`` None)."""
-
-  def __init__(self, message: str, fields: list[str] | None):
-    super().__init__(message)
-    self.fields = fields
 
 
 class ResealedWarning(UserWarning):
@@ -55,15 +50,6 @@ class ResealedWarning(UserWarning):
 
 _META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer", "edge_digest",
          "server_digest")
-_FORMAT, _VERSION = "rcst_calibration", 3
-
-
-def decode_float(x, name: str) -> float:
-  if x == "inf":
-    return math.inf
-  if isinstance(x, bool) or not isinstance(x, (int, float)):
-    raise CalibrationError(f"{name} must be a number or the string 'inf', got {x!r}")
-  return float(x)
 
 
 def _check_threshold(lam: float, valid: bool, name: str):
@@ -179,28 +165,9 @@ class Calibration:
       raise CalibrationError(why)
 
   def operating_point(self, tau: float | None = None, codec: str | None = None) -> OperatingPoint:
-    """Where Algorithm 2 runs with this calibration.
-
-    No ``tau``: the certified (lambda, tau, codec) and the q_hat fitted with
-    it (a lambda above 1 accepts nothing, as inf does); an uncertified
-    certificate is server-only (accept nothing, keep every raw patch),
-    whatever it holds. With ``tau``: the CRC lambda_hat and APS q_hat at that
-    tau, outside any whole-system certificate. ``codec`` (a spec, e.g.
-    "jpeg:90") replaces the certified one, or raw with a tau; a codec other
-    than the certified one leaves the certificate.
-    """
-    if tau is not None:
-      return OperatingPoint(self.lambda_hat, self.q_hat, float(tau), codec=codec or "raw")
-    cert = self.certificate
-    if cert is None:
-      raise CalibrationError("this calibration has no certified (lambda, tau); give a tau")
-    q_hat = decode_float(cert["q_hat"], "certificate.q_hat")
-    if not cert["certified"]:
-      return OperatingPoint(math.inf, q_hat, 0.0, certified=False, codec=codec or "raw")
-    lam = decode_float(cert["lambda_hat"], "certificate.lambda_hat")
-    chosen = cert["codec"] if codec is None else codec
-    return OperatingPoint(math.inf if lam > 1 else lam, q_hat, float(cert["tau"]),
-                          certified=chosen == cert["codec"], codec=chosen)
+    """Where Algorithm 2 runs with this calibration: `rcst_edge.deployment.operating_point`
+    (the certified point without ``tau``; the CRC lambda_hat at ``tau`` with one)."""
+    return deployment.operating_point(self.lambda_hat, self.q_hat, self.certificate, tau, codec)
 
   def check_models(self, where: str, edge, server=None, allow_other_weights: bool = False):
     """Refuses models this calibration was not made for: a server whose patch
@@ -226,7 +193,7 @@ class Calibration:
 
   def to_dict(self) -> dict:
     """The file's fields, sealed (the seal last)."""
-    d = {"format": _FORMAT, "version": _VERSION}
+    d = {"format": deployment.FORMAT, "version": deployment.VERSION}
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
       if f.name in ("lambda_hat", "q_hat"):
@@ -242,28 +209,13 @@ class Calibration:
   def from_dict(cls, d: Any) -> "Calibration":
     """The calibration of a file's fields: every field checked, then the seal."""
     cal = cls.unsealed(d)
-    diffs = seal_lib.changed(d, d.get(seal_lib.KEY))
-    if diffs is None:
-      raise CalibrationSealError(
-          "no valid seal (written before rcst sealed whole calibration files, or the seal was "
-          "edited): run `rcst calibrate --reseal FILE` if you vouch for every field as it is, "
-          "or rerun `rcst calibrate`", None)
-    if diffs:
-      raise CalibrationSealError(
-          f"edited since rcst wrote it, per its seal: {', '.join(diffs)}; rerun "
-          "`rcst calibrate`, or run `rcst calibrate --reseal FILE` if the edit was on purpose "
-          "(no guarantee then applies to those fields)", seal_lib.names(diffs))
+    deployment.check_seal(d)
     return cal
 
   @classmethod
   def unsealed(cls, d: Any) -> "Calibration":
     """The calibration of a file's fields, each checked; the seal is not (`from_dict` checks it)."""
-    if not isinstance(d, dict):
-      raise CalibrationError(f"expected a JSON object, got {type(d).__name__}")
-    if d.get("format") != _FORMAT or d.get("version") != _VERSION:
-      raise CalibrationError(
-          f"not an {_FORMAT} v{_VERSION} file (format={d.get('format')!r}, "
-          f"version={d.get('version')!r}); rerun `rcst calibrate`")
+    deployment.check_format(d)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     body = {k: v for k, v in d.items() if k not in ("format", "version", seal_lib.KEY)}
     unknown = sorted(set(body) - set(fields))
@@ -295,40 +247,6 @@ class Calibration:
     if cal.resealed:
       warnings.warn(seal_lib.history_warning(path, cal.resealed), ResealedWarning, stacklevel=2)
     return cal
-
-
-def _unique_keys(pairs):
-  d = {}
-  for k, v in pairs:
-    if k in d:  # json would keep the last value silently
-      raise CalibrationError(f"duplicate key {k!r}")
-    d[k] = v
-  return d
-
-
-def _finite(text: str) -> float:
-  """NaN, Infinity, -Infinity and overflowing literals (1e999) are refused."""
-  x = float(text)
-  if not math.isfinite(x):
-    raise CalibrationError(f"non-finite number {text} (strict JSON has none; write 'inf')")
-  return x
-
-
-def read_strict_json(path):
-  """Strict JSON: UTF-8, no repeated key at any level, no NaN or Infinity."""
-  with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise CalibrationError(f"{path}: not a UTF-8 JSON file ({e})") from e
-  try:
-    return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_finite,
-                      parse_constant=_finite)
-  except json.JSONDecodeError as e:
-    raise CalibrationError(f"{path}: not valid JSON ({e})") from e
-  except CalibrationError as e:
-    raise CalibrationError(f"{path}: not strict JSON: {e}") from e
 
 
 def check_B(B) -> float:

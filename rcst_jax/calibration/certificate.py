@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from rcst_jax.payload import codecs
+from rcst_edge.payload import codecs
 from rcst_jax.stats import ltt
 from rcst_jax.stats import sizing as sizing_rule
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from rcst_jax.core import address, errors
-from rcst_jax.payload import codecs
+from rcst_edge import address, errors
+from rcst_edge.payload import codecs
 
 
 def _number(text: str, cast, ok, what: str):

@@ -14,9 +14,9 @@ import warnings
 
 import numpy as np
 
+from rcst_edge import errors, records
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.cli import serve
-from rcst_jax.core import errors
 from rcst_jax.core.fileio import dumps
 from rcst_jax.data.preprocess import BadItemError
 from rcst_jax.data.sources import transform_from_record
@@ -38,6 +38,20 @@ def convert(args, extra):
   out = convert_lib.convert(args.timm, args.out, weights=args.weights,
                             num_classes=args.num_classes, overwrite=args.overwrite)
   print(dumps({"converted": args.timm, "out": out}))
+
+
+def export(args, extra):
+  # jax2onnx lives in the export venv (make export-env): imported only when asked for,
+  # and onnx_edge names the missing package and the make target.
+  from rcst_jax.export import onnx_edge, parity
+  out = onnx_edge.export_edge(args.edge, args.out, layer=args.layer, patch=args.patch,
+                              overwrite=args.overwrite)
+  if args.check:
+    from rcst_jax.data.synthetic import SyntheticShapes
+    src = SyntheticShapes("test", args.check, seed=0)
+    images = np.stack([src[i].image for i in range(args.check)])
+    out["check"] = parity.check(out["out"], args.edge, images, lambda_hat=0.5, q_hat=0.9)
+  print(dumps(out))
 
 
 def predict(args, extra):
@@ -174,33 +188,11 @@ def run(args, extra):
                                       batch_size=args.batch_size, server_batch=args.batch_size,
                                       remote=remote, on_server_error=args.on_server_error,
                                       send=args.send)
-        _print_run_batch(good, out, point, names)
+        records.print_batch(good, out, point.codec, names)
   finally:
     if remote is not None:
       remote.close()
   return 1 if failed else 0
-
-
-_MS = ("edge_s", "encode_s", "rtt_s", "server_s", "queue_s", "decode_s")
-
-
-def _print_run_batch(good, out, point, names) -> None:
-  """One JSON line per image. The link's times only for a remote server, its
-  wire bytes only with --meter (without it nothing counted them)."""
-  for i, path in enumerate(good):
-    pred = int(out["pred"][i])
-    link = {k.replace("_s", "_ms"): round(float(out[k][i]) * 1e3, 3) for k in _MS if k in out}
-    if "wire_up" in out:
-      link.update(wire_bytes_up=int(out["wire_up"][i]), wire_bytes_down=int(out["wire_down"][i]))
-    print(json.dumps({
-        "image": path, "accepted_on_edge": bool(out["accepted"][i]),
-        "prediction": pred, "edge_prediction": int(out["edge_pred"][i]),
-        "label": names[pred] if names else None,
-        "p_max": float(out["p_max"][i]),
-        "aps_set": [int(c) for c in np.flatnonzero(out["aps_mask"][i])],
-        "patches_sent": int(out["kept"][i]), "codec": point.codec,
-        "bytes_sent": int(out["bytes"][i]), "status": str(out["status"][i]), **link,
-        "sent_indices": [int(j) for j in np.flatnonzero(out["keep"][i])]}), flush=True)
 
 
 def explain(args, extra):

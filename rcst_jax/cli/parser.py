@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rcst_edge import errors
 from rcst_jax import __version__
 from rcst_jax.cli import argtypes, commands, serve
-from rcst_jax.core import compile_cache, errors, xla_cpu
+from rcst_jax.core import compile_cache, xla_cpu
 
 DESCRIPTION = "The `rcst` command line: a thin layer over the library."
 
@@ -29,6 +30,21 @@ def _add_model_commands(sub) -> None:
   p.add_argument("--batch-size", type=argtypes.positive_int, default=16)
   p.add_argument("images", nargs="+")
   p.set_defaults(func=commands.predict)
+
+  p = sub.add_parser("export", help="the edge step (softmax, acceptance, APS set, Grad-CAM, "
+                                    "patch scores) as one ONNX file; needs the export venv "
+                                    "(make export-env)")
+  p.add_argument("--edge", required=True, help="edge model directory (an EfficientNet)")
+  p.add_argument("--out", required=True, help="output .onnx file")
+  p.add_argument("--patch", type=argtypes.positive_int, default=16,
+                 help="the server's patch size: patch scores on an (image size / patch)^2 "
+                      "grid (default 16)")
+  p.add_argument("--layer", default="features", help="Grad-CAM layer (default features)")
+  p.add_argument("--check", type=argtypes.int_in(0, 4096), default=0, metavar="N",
+                 help="then run the file with ONNX Runtime against the Flax edge on N "
+                      "generated demo images and print the largest differences")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+  p.set_defaults(func=commands.export)
 
 
 def _add_config_commands(sub) -> None:

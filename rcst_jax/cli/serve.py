@@ -10,8 +10,9 @@ import sys
 import time
 import warnings
 
+from rcst_edge import errors
 from rcst_jax.cli import argtypes
-from rcst_jax.core import errors, xla_cpu
+from rcst_jax.core import xla_cpu
 from rcst_jax.core.fileio import dumps
 from rcst_jax.models.checkpoints import load_model
 
@@ -30,8 +31,8 @@ def connect(args, cal):
   does not answer now, the same check runs before its first answer is used,
   and every answer's weights digest is checked."""
   _grpc()
-  from rcst_jax.serving.client import Expect, RemoteServer, ServerUnreachable
-  from rcst_jax.serving.retry import Retry
+  from rcst_edge.link.client import Expect, RemoteServer, ServerUnreachable
+  from rcst_edge.link.retry import Retry
   retry = Retry(args.retries, budget_s=args.call_budget, down_for_s=args.down_for)
   remote = RemoteServer(args.server, deadline_s=args.deadline, retry=retry,
                         geometry=cal.patch_geometry(), metered=args.meter,

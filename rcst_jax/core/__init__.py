@@ -1,2 +1,3 @@
-"""Foundations every layer may use: expected errors, atomic file writes, the
-host's cores, the device mesh and XLA:CPU settings. Imports nothing above."""
+"""Foundations every layer may use: atomic file writes, the device mesh, the
+compilation cache and XLA:CPU settings (errors, addresses and the host's
+cores are in rcst_edge, below everything). Imports nothing above."""

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rcst_jax.core.errors import OutputRefusedError
+from rcst_edge.errors import OutputRefusedError
 
 
 def _tmp_name(path: str) -> str:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rcst_jax.core import host
+from rcst_edge import host
 
 
 def make_mesh(devices: str | int = "all") -> Mesh:

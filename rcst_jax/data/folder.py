@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Mapping
 
-from rcst_jax.core.errors import ConfigError
+from rcst_edge.errors import ConfigError
 from rcst_jax.data import labels as labels_lib
 from rcst_jax.data.preprocess import Example, Preprocess
 

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from rcst_jax.core.errors import ConfigError, RcstError
+from rcst_edge.errors import ConfigError, RcstError
 from rcst_jax.data import imagenet
 from rcst_jax.data.folder import ImageFolder
 from rcst_jax.data.identity import source_identity

@@ -3,25 +3,23 @@
 The edge step, the decision of `methods.decide` (the sweep's rule), one
 encoded payload per offloaded image, the server on what it decodes, and
 Eq. 27 (`methods.combine`). The server is a model in this process or a
-`rcst serve` across a link (`remote`: `serving.client.RemoteServer`); the
+`rcst serve` across a link (`remote`: `rcst_edge.link.client.RemoteServer`); the
 payloads and the rule are the same either way.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Sequence
 
 import numpy as np
 
-from rcst_jax.core import errors
+from rcst_edge import transmit as edge_transmit
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import methods, patches
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import Model
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
 
 
 def collaborative_inference(images, edge: Model, server: Model | None,
@@ -78,69 +76,17 @@ def transmit(images, off, keep, fallback, geo: Geometry, codec: str = "raw", *,
              send: str = "each") -> dict:
   """Algorithm 2 after any edge's decision (offloaded [n], keep [n, N],
   fallback [n]): one payload per offloaded image coded by ``codec``, the
-  server (``server`` in process, or ``remote``) on what it decodes, Eq. 27.
-  The baselines' edge goes through it too (benchmarks/bench_link.py)."""
-  n = len(images)
-  timing = {"encode_s": np.zeros(n)}
-  # Edge side: one payload per offloaded image; server side: decode and classify.
-  payloads = {}
-  for i in np.flatnonzero(off):
-    t0 = time.perf_counter()
-    payloads[i] = payload.encode_image_payload(images[i], keep[i], geo, codec)
-    timing["encode_s"][i] = time.perf_counter() - t0
-  server_pred = np.full(n, -1, np.int32)
-  status = np.where(off, "server", "edge").astype(object)
+  server (``server`` in process, or ``remote``: `rcst_edge.transmit`, as the
+  JAX-free edge sends) on what it decodes, Eq. 27. The baselines' edge goes
+  through it too (benchmarks/bench_link.py)."""
   if remote is not None:
-    timing.update(_ask_remote(remote, payloads, server_pred, status, on_server_error, send))
-  elif payloads:
+    return edge_transmit.transmit_remote(images, off, keep, fallback, geo, codec, remote,
+                                         on_server_error=on_server_error, send=send)
+  payloads, encode_s = edge_transmit.encode_payloads(images, off, keep, geo, codec)
+  server_pred = np.full(len(images), -1, np.int32)
+  if payloads:
     logits = Server(server, server_batch, buckets).logits_from_payloads(list(payloads.values()))
     server_pred[list(payloads)] = logits.argmax(-1)
-  nbytes = np.zeros(n, np.int64)
-  nbytes[list(payloads)] = [len(p) for p in payloads.values()]
-  answered = off & (server_pred >= 0)  # an answer not used leaves the edge's
-  return {"pred": methods.combine(answered, server_pred, fallback), "accepted": ~off,
-          "offloaded": off, "edge_pred": fallback, "server_pred": server_pred, "keep": keep,
-          "kept": keep.sum(-1), "bytes": nbytes, "status": status.astype(str), **timing}
-
-
-# What leaves an offloaded image the edge's prediction (`on_server_error="edge"`).
-_NOT_USED = (errors.ServerUnreachable, errors.ServerOtherWeights)
-
-
-def _ask_remote(remote, payloads: dict, server_pred, status, on_server_error: str,
-                send: str = "each") -> dict:
-  """The payloads to the remote server, each in turn (so each reply's wire
-  bytes are its own) or all in one batch call; fills server_pred and the
-  status of an image the server did not answer (or answered from other
-  weights), returns the per-image link figures (wire bytes only if the
-  remote counts them)."""
-  n = len(status)
-  out = {k: np.zeros(n) for k in ("rtt_s", "server_s", "queue_s", "decode_s")}
-  if remote.metered:
-    out.update(wire_up=np.zeros(n, np.int64), wire_down=np.zeros(n, np.int64))
-  items = list(payloads.items())
-  calls = [items] if send == "batch" and items else [[item] for item in items]
-  for call in calls:
-    try:
-      replies = remote.classify_batch([data for _, data in call]) if send == "batch" \
-          else [remote.classify(call[0][1])]
-    except _NOT_USED as e:
-      replies = [e] * len(call)
-    for (i, _), r in zip(call, replies):
-      if isinstance(r, _NOT_USED):
-        if on_server_error == "fail":
-          raise r
-        other = isinstance(r, errors.ServerOtherWeights)
-        status[i] = "server_other_weights" if other else "server_unreachable"
-        if other:
-          warnings.warn(f"{r}: those images keep the edge's prediction, marked "
-                        "server_other_weights")
-        continue
-      if isinstance(r, Exception):  # refused: as `classify` raises it
-        raise r
-      server_pred[i] = int(r.logits.argmax())
-      out["rtt_s"][i], out["server_s"][i], out["queue_s"][i] = r.rtt_s, r.compute_s, r.queue_s
-      out["decode_s"][i] = r.decode_s
-      if remote.metered:
-        out["wire_up"][i], out["wire_down"][i] = r.wire_up, r.wire_down
-  return out
+  status = np.where(off, "server", "edge")
+  return edge_transmit.outcome(off, keep, fallback, server_pred, payloads, status,
+                               {"encode_s": encode_s})

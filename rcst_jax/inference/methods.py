@@ -26,24 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_edge.deployment import OperatingPoint, combine  # noqa: F401  (Eq. 27 and the point)
 from rcst_jax.inference import selection
 
 EDGE, BASELINE = "edge", "baseline"  # the proposed CNN edge, Im et al.'s DeiT-Tiny edge
-
-
-@dataclasses.dataclass(frozen=True)
-class OperatingPoint:
-  """Where the proposed method runs: the edge answers iff
-  ``accepts(p_max, lambda_hat)``, APS sets use ``q_hat``, and an offloaded
-  image sends its patches scoring >= ``tau``, coded by ``codec``. The calibration artifact hands
-  it out (`Calibration.operating_point`): the certified pair, or the CRC
-  lambda with an explicit tau, for `rcst run`, `rcst explain` and the
-  gallery alike. ``certified``: the whole-system certificate applies."""
-  lambda_hat: float
-  q_hat: float
-  tau: float
-  certified: bool = False
-  codec: str = "raw"   # how the kept patches are coded (payload/codecs.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +144,3 @@ def decide(method: Method, view: dict, params, empty_policy: str = "cls_only"):
                       may_be_empty=method.may_be_empty, empty_policy=empty_policy)
   return np.asarray(off), np.asarray(keep), np.asarray(view["pred"])
 
-
-def combine(offloaded, server_pred, fallback) -> np.ndarray:
-  """Eq. 27: the server's answer where the image was offloaded, else the edge's."""
-  return np.where(np.asarray(offloaded, bool), np.asarray(server_pred),
-                  np.asarray(fallback)).astype(np.int32)

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from rcst_jax.payload.patches import patchify
+from rcst_edge.payload.patches import patchify
 
 BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96,
            112, 128, 144, 160, 176, 196)

@@ -49,7 +49,8 @@ def _argmax_mask(scores: jax.Array) -> jax.Array:
 def select_threshold(scores: jax.Array, tau) -> jax.Array:
   """Eq. 24: keep M_p >= tau; Eq. 25: if nothing qualifies, keep the argmax."""
   keep = scores >= tau
-  return jnp.where(keep.any(-1, keepdims=True), keep, _argmax_mask(scores))
+  some = keep.any(-1, keepdims=True)
+  return (keep & some) | (_argmax_mask(scores) & ~some)  # boolean ops: exportable as they are
 
 
 def min_entropy_accept(probs: jax.Array, eta) -> jax.Array:

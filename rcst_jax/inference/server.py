@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_edge.payload import message as payload
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.inference import patches
 from rcst_jax.inference.edge import pad_rows
 from rcst_jax.models.checkpoints import Model
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
 
 
 def _server_tokens(variables, sent, idx, valid, module):

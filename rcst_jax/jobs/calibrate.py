@@ -13,15 +13,15 @@ import dataclasses
 import datetime
 import os
 
+from rcst_edge import seal as seal_lib
+from rcst_edge.errors import OutputRefusedError
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.calibration import algorithm1, certificate
-from rcst_jax.calibration import seal as seal_lib
 from rcst_jax.calibration.artifact import Calibration, CalibrationError, read_strict_json
-from rcst_jax.core.errors import OutputRefusedError
 from rcst_jax.core.fileio import OutputDir
 from rcst_jax.data.sources import load_sources, run_transform
 from rcst_jax.models.checkpoints import load_model, module_from_metadata, read_metadata
 from rcst_jax.models.loading import load_models
-from rcst_jax.payload.geometry import Geometry
 from rcst_jax.settings import schema
 from rcst_jax.sweep import engine
 

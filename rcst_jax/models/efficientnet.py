@@ -434,7 +434,8 @@ class EfficientNet(nn.Module):
     x = act(bn2(x))
     out["features"] = x = self.perturb(TAPS["features"], x)
     out["pre_logits"] = x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    if train:  # identity at inference; left out there so exporters need not differentiate it
+      x = nn.Dropout(self.drop_rate, deterministic=False)(x)
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init,
                    name="classifier")(x)

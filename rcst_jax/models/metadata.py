@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any
 
-from rcst_jax.core.errors import RcstError
+from rcst_edge.errors import RcstError
 from rcst_jax.data.preprocess import INTERPOLATIONS
 from rcst_jax.models import model_names
 

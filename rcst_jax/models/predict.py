@@ -7,7 +7,7 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 
-from rcst_jax.core import errors
+from rcst_edge import errors
 from rcst_jax.data import preprocess
 from rcst_jax.data.labels import imagenet_class_names
 from rcst_jax.models.checkpoints import Model

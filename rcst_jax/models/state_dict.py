@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 from safetensors.numpy import load_file
 
-from rcst_jax.core.errors import RcstError
+from rcst_edge.errors import RcstError
 
 
 class ConversionError(RcstError):

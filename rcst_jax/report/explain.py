@@ -13,11 +13,11 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_edge.payload import message as payload
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import methods, saliency
 from rcst_jax.inference.methods import OperatingPoint
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
 
 
 @dataclasses.dataclass

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.core.fileio import atomic_open, atomic_write_text
 from rcst_jax.inference import methods
-from rcst_jax.payload.geometry import Geometry
 from rcst_jax.report.styles import DISPLAY_NAMES, SHORT_NAMES
 from rcst_jax.sweep.metrics import codecs_in, for_codec  # noqa: F401 (re-exported)
 

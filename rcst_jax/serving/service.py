@@ -29,19 +29,20 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from rcst_edge import errors
+from rcst_edge.address import parse_address
+from rcst_edge.link import protocol
+from rcst_edge.link import rcst_pb2 as pb
+from rcst_edge.link.protocol import SERVICE
+from rcst_edge.payload import codecs
+from rcst_edge.payload import message as payload
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax import __version__
-from rcst_jax.core import errors, spmd
-from rcst_jax.core.address import parse_address
+from rcst_jax.core import spmd
 from rcst_jax.inference import patches
 from rcst_jax.inference.server import Server
 from rcst_jax.models.checkpoints import Model, variables_digest
-from rcst_jax.payload import codecs
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
-from rcst_jax.serving import protocol
-from rcst_jax.serving import rcst_pb2 as pb
 from rcst_jax.serving.batcher import DynamicBatcher
-from rcst_jax.serving.protocol import SERVICE
 
 _LOG = logging.getLogger(__name__)  # one line per refused request
 MAX_WAIT_MS = 1000.0  # a batch waits at most this long for company (--max-wait-ms)

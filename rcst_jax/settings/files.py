@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import rcst_jax.configs as pkg
-from rcst_jax.core.errors import ConfigError
+from rcst_edge.errors import ConfigError
 
 
 def names() -> list[str]:

@@ -15,7 +15,7 @@ import difflib
 import math
 from typing import Any, Callable, Optional
 
-from rcst_jax.core.errors import ConfigError
+from rcst_edge.errors import ConfigError
 
 Checker = Callable[[Any], Optional[str]]
 
@@ -116,7 +116,7 @@ def grid_of(item: Checker, min_len: int = 1, increasing: bool = False,
 
 
 def codec_spec(v):
-  from rcst_jax.payload import codecs  # noqa: PLC0415 (the codec table is the domain)
+  from rcst_edge.payload import codecs  # noqa: PLC0415 (the codec table is the domain)
   try:
     codecs.parse(v)
     return None if isinstance(v, str) else "a codec name"
@@ -128,7 +128,7 @@ def codec_list(min_len: int) -> Checker:
   each = grid_of(codec_spec, min_len=min_len)
 
   def check(v):
-    from rcst_jax.payload import codecs  # noqa: PLC0415
+    from rcst_edge.payload import codecs  # noqa: PLC0415
     why = each(v)
     if why is None:
       try:

@@ -187,8 +187,9 @@ def aps_set(probs: jax.Array, q_hat):
   order, _, cum = _sorted_mass(probs)
   q = jnp.broadcast_to(jnp.asarray(q_hat, probs.dtype), (b,))[:, None]
   inside = cum <= q  # ranks before the crossing one
-  # Leading run of True, robust to any non-monotone rounding.
-  lead = jnp.cumprod(inside.astype(jnp.int32), axis=-1).sum(-1)
+  # Leading run of True, robust to any non-monotone rounding (integer counts:
+  # exact; a cumulative sum rather than a product, which ONNX lacks).
+  lead = (jnp.cumsum((~inside).astype(jnp.int32), axis=-1) == 0).sum(-1)
   k = jnp.minimum(lead + 1, c)
   sorted_mask = jnp.arange(c)[None, :] < k[:, None]
   mask = jnp.zeros((b, c), bool).at[jnp.arange(b)[:, None], order].set(sorted_mask)

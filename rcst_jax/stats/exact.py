@@ -309,7 +309,7 @@ class _Table:
 
 
 def _threads() -> int:
-  # rcst_jax.core.host.cores(), restated: stats imports nothing from the package.
+  # rcst_edge.host.cores(), restated: stats imports nothing from the package.
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return max(1, min(4, cores or 1))
 

@@ -32,9 +32,9 @@ import warnings
 
 import numpy as np
 
+from rcst_edge.errors import OutputRefusedError
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationSealError
-from rcst_jax.core.errors import OutputRefusedError
 from rcst_jax.core.fileio import atomic_write_bytes, plain
 from rcst_jax.models.checkpoints import variables_digest
 

@@ -25,12 +25,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rcst_edge.payload import codecs
 from rcst_jax.calibration import algorithm1, certificate
 from rcst_jax.data.sources import Sources, UnreadableImagesError
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import methods
 from rcst_jax.models.loading import Models
-from rcst_jax.payload import codecs
 from rcst_jax.settings import schema
 from rcst_jax.sweep import cache
 from rcst_jax.sweep.passes import Passes

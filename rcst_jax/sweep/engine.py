@@ -21,18 +21,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from rcst_edge.errors import ConfigError
+from rcst_edge.payload import codecs
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.calibration import algorithm1
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.core import spmd
-from rcst_jax.core.errors import ConfigError
 from rcst_jax.data import identity
 from rcst_jax.data.preprocess import Held
 from rcst_jax.data.sources import Sources, UnreadableImagesError
 from rcst_jax.inference import methods
 from rcst_jax.models.checkpoints import variables_digest
 from rcst_jax.models.loading import Models
-from rcst_jax.payload import codecs
-from rcst_jax.payload.geometry import Geometry
 from rcst_jax.sweep import cache, metrics
 from rcst_jax.sweep.certification import Certification
 from rcst_jax.sweep.passes import Passes, point_arrays

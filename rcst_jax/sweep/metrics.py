@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from rcst_edge.payload import codecs as codecs_lib
+from rcst_edge.payload import message as payload
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.inference import methods, selection
-from rcst_jax.payload import codecs as codecs_lib
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
 from rcst_jax.stats import conformal
 
 PER_IMAGE_COLUMNS = ("key", "label", "method", "param", "codec", "offloaded", "kept", "bytes",

@@ -17,15 +17,15 @@ import time
 import jax
 import numpy as np
 
+from rcst_edge.payload import codecs as codecs_lib
+from rcst_edge.payload import message as payload
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.core import spmd
 from rcst_jax.data import batches
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import methods
 from rcst_jax.inference.server import Server
 from rcst_jax.models.loading import Models
-from rcst_jax.payload import codecs as codecs_lib
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
 
 
 def dedup_rows(offloaded: np.ndarray, keep: np.ndarray):

@@ -13,12 +13,12 @@ import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax import cli
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration, CalibrationError
 from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference.methods import OperatingPoint
-from rcst_jax.payload.geometry import Geometry
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "weights")
 TAUS = (0.2, 0.6)

@@ -10,16 +10,16 @@ import warnings
 import pytest
 from PIL import Image
 
+from rcst_edge import seal as seal_lib
+from rcst_edge.errors import OutputRefusedError
 from rcst_jax import cli
 from rcst_jax.calibration import certificate
-from rcst_jax.calibration import seal as seal_lib
 from rcst_jax.calibration.artifact import (
   Calibration,
   CalibrationError,
   CalibrationSealError,
   ResealedWarning,
 )
-from rcst_jax.core.errors import OutputRefusedError
 from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.jobs.calibrate import check_calibration_out
 from rcst_jax.sweep import cache

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 from support import WEIGHTS, image_files
 
+from rcst_edge.payload import message as payload
 from rcst_jax import cli
 from rcst_jax.calibration import certificate
 from rcst_jax.calibration.artifact import Calibration
-from rcst_jax.payload import message as payload
 
 
 def test_calibrate_writes_artifact(calibration, demo_smoke):

@@ -6,13 +6,13 @@ import paper_rules
 import pytest
 import small_models
 
+from rcst_edge.payload import message as payload
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.inference import collaborative, patches
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import server as server_lib
 from rcst_jax.inference.edge import softmax_fn
 from rcst_jax.inference.methods import OperatingPoint
-from rcst_jax.payload import message as payload
 
 
 @pytest.fixture(scope="module")

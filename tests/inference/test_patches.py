@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rcst_edge.payload.patches import patchify
 from rcst_jax.inference import patches as P
-from rcst_jax.payload.patches import patchify
 
 
 def _images(b=2, h=64, w=48, seed=0):

@@ -8,9 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from rcst_edge.payload.patches import patchify
 from rcst_jax.jobs import train as T
 from rcst_jax.models import checkpoints, create_model
-from rcst_jax.payload.patches import patchify
 
 SIZE, CLASSES = 32, 4  # a 2x2 patch grid keeps compiles short
 TINY_EFFNET = dict(channel_multiplier=0.25, depth_multiplier=0.25, drop_rate=0.0,

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, WebPImagePlugin
 
+from rcst_edge.payload import codecs, zstd_body
+from rcst_edge.payload import message as payload
 from rcst_jax.data import synthetic
-from rcst_jax.payload import codecs, zstd_body
-from rcst_jax.payload import message as payload
 
 P = 16
 SUB = {"jpeg": "444", "jpeg420": "420"}
@@ -368,7 +368,7 @@ def test_codec_round_trips_through_the_header():
 
 _HASHES = """
 import hashlib, numpy as np
-from rcst_jax.payload import codecs
+from rcst_edge.payload import codecs
 def hashes(path):
   z, out = np.load(path), []
   for c in (codecs.parse("jpeg:80"), codecs.parse("jpeg420:80")):

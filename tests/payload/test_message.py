@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rcst_edge.payload import codecs
+from rcst_edge.payload import message as payload
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.inference import selection
-from rcst_jax.payload import codecs
-from rcst_jax.payload import message as payload
-from rcst_jax.payload.geometry import Geometry
 
 N = 196
 

@@ -20,17 +20,17 @@ grpc = pytest.importorskip("grpc")  # the [serve] extra; `make test` installs it
 import small_models  # noqa: E402
 from support import BENCHMARKS, WEIGHTS, image_files  # noqa: E402
 
+from rcst_edge.link import client as client_lib  # noqa: E402
+from rcst_edge.link import protocol  # noqa: E402
+from rcst_edge.link import rcst_pb2 as pb  # noqa: E402
+from rcst_edge.link.client import RemoteServer, ServerRefused, ServerUnreachable  # noqa: E402
+from rcst_edge.link.meter import Link  # noqa: E402
+from rcst_edge.link.retry import Retry  # noqa: E402
+from rcst_edge.payload import message as payload  # noqa: E402
+from rcst_edge.payload.geometry import Geometry  # noqa: E402
 from rcst_jax import cli  # noqa: E402
 from rcst_jax.inference.server import Server  # noqa: E402
-from rcst_jax.payload import message as payload  # noqa: E402
-from rcst_jax.payload.geometry import Geometry  # noqa: E402
-from rcst_jax.serving import client as client_lib  # noqa: E402
-from rcst_jax.serving import protocol  # noqa: E402
-from rcst_jax.serving import rcst_pb2 as pb  # noqa: E402
 from rcst_jax.serving.batcher import DynamicBatcher  # noqa: E402
-from rcst_jax.serving.client import RemoteServer, ServerRefused, ServerUnreachable  # noqa: E402
-from rcst_jax.serving.meter import Link  # noqa: E402
-from rcst_jax.serving.retry import Retry  # noqa: E402
 from rcst_jax.serving.service import RcstServer, ServeOptions  # noqa: E402
 
 # The kernel shaper is benchmark tooling (benchmarks/tbf.py), tested here.

@@ -18,24 +18,25 @@ grpc = pytest.importorskip("grpc")  # the [serve] extra
 import small_models  # noqa: E402
 from support import WEIGHTS  # noqa: E402
 
-from rcst_jax import cli  # noqa: E402
-from rcst_jax.cli import serve as serve_cli  # noqa: E402
-from rcst_jax.core import errors  # noqa: E402
-from rcst_jax.inference import collaborative  # noqa: E402
-from rcst_jax.inference.server import Server  # noqa: E402
-from rcst_jax.payload import message as payload  # noqa: E402
-from rcst_jax.payload.geometry import Geometry  # noqa: E402
-from rcst_jax.serving import protocol, service  # noqa: E402
-from rcst_jax.serving import rcst_pb2 as pb  # noqa: E402
-from rcst_jax.serving.batcher import DynamicBatcher  # noqa: E402
-from rcst_jax.serving.client import (  # noqa: E402
+from rcst_edge import errors  # noqa: E402
+from rcst_edge.link import protocol  # noqa: E402
+from rcst_edge.link import rcst_pb2 as pb  # noqa: E402
+from rcst_edge.link.client import (  # noqa: E402
   Expect,
   RemoteServer,
   ServerOtherWeights,
   ServerRefused,
   ServerUnreachable,
 )
-from rcst_jax.serving.retry import DownMemory, Retry  # noqa: E402
+from rcst_edge.link.retry import DownMemory, Retry  # noqa: E402
+from rcst_edge.payload import message as payload  # noqa: E402
+from rcst_edge.payload.geometry import Geometry  # noqa: E402
+from rcst_jax import cli  # noqa: E402
+from rcst_jax.cli import serve as serve_cli  # noqa: E402
+from rcst_jax.inference import collaborative  # noqa: E402
+from rcst_jax.inference.server import Server  # noqa: E402
+from rcst_jax.serving import service  # noqa: E402
+from rcst_jax.serving.batcher import DynamicBatcher  # noqa: E402
 from rcst_jax.serving.service import RcstServer, ServeOptions  # noqa: E402
 
 GEO = Geometry()

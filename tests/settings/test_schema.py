@@ -8,8 +8,8 @@ import pytest
 import rcst_jax.jobs.calibrate
 import rcst_jax.jobs.evaluate
 import rcst_jax.models.loading
+from rcst_edge.errors import ConfigError
 from rcst_jax import cli
-from rcst_jax.core.errors import ConfigError
 from rcst_jax.settings import schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -165,7 +165,7 @@ def test_run_explain_predict_refuse_bad_numbers(argv, message, capsys):
 def test_checks_that_need_the_server_grid(tmp_path, override, message):
   import small_models
 
-  from rcst_jax.core.errors import ConfigError
+  from rcst_edge.errors import ConfigError
   from rcst_jax.data.sources import Sources
   from rcst_jax.data.synthetic import SyntheticShapes
   from rcst_jax.models.loading import Models

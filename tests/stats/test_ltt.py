@@ -284,8 +284,8 @@ def test_bonferroni_mode_tests_every_configuration_at_delta_over_m():
 def test_byte_cost_is_the_reported_byte_cost():
   """The byte cost LTT minimises is Table 1's: the payload bytes of the images
   the edge offloads (p_max < lambda in float32, Eq. 15) over n raw images."""
+  from rcst_edge.payload.geometry import Geometry
   from rcst_jax.calibration import certificate
-  from rcst_jax.payload.geometry import Geometry
   rng = np.random.default_rng(3)
   p_max, nbytes = rng.random(50), rng.integers(13, 150566, (4, 50))
   lambdas = np.array([0.0, 0.3, 0.8, 1.01])
@@ -457,8 +457,8 @@ def test_the_pilot_line_names_the_images_each_cost_needs():
   drop are known: its counts are the z-test rule computed here by hand."""
   import ml_collections
 
+  from rcst_edge.payload.geometry import Geometry
   from rcst_jax.calibration import certificate
-  from rcst_jax.payload.geometry import Geometry
   rng, n = np.random.default_rng(5), 2000
   labels = rng.integers(0, 10, n)
   server_only = labels.copy()

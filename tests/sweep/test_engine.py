@@ -294,10 +294,10 @@ def test_certification_runs_from_an_existing_evaluation_cache(tmp_path, models12
 def test_raw_answers_only_where_a_point_needs_them(tmp_path, models12, monkeypatch):
   """A certification with lossy codecs only runs the server on raw patches for
   server-only alone; the answers it gives are those of the full raw pass."""
+  from rcst_edge.payload import codecs
+  from rcst_edge.payload.geometry import Geometry
   from rcst_jax.core import spmd
   from rcst_jax.inference import methods
-  from rcst_jax.payload import codecs
-  from rcst_jax.payload.geometry import Geometry
   config = _config(tmp_path, "--config.devices=1")
   p = passes.Passes(config, models12, spmd.make_mesh(1), Geometry.of_server(models12.server))
   src = SyntheticShapes("test", 6, seed=3)

@@ -12,13 +12,14 @@ import pytest
 import small_models
 from PIL import Image
 
+from rcst_edge import errors
+from rcst_edge import seal as seal_lib
+from rcst_edge.errors import ConfigError, OutputRefusedError
 from rcst_jax import cli
 from rcst_jax.calibration import algorithm1, certificate
-from rcst_jax.calibration import seal as seal_lib
 from rcst_jax.calibration.artifact import Calibration, CalibrationError
 from rcst_jax.cli import parse_config
-from rcst_jax.core import errors, fileio
-from rcst_jax.core.errors import ConfigError, OutputRefusedError
+from rcst_jax.core import fileio
 from rcst_jax.data.folder import ImageFolder
 from rcst_jax.data.imagenet import calibration_test_split
 from rcst_jax.data.sources import UnreadableImagesError, load_sources, run_transform

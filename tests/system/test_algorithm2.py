@@ -13,6 +13,8 @@ import paper_rules
 import pytest
 from PIL import Image
 
+from rcst_edge.payload import codecs
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax import cli
 from rcst_jax.data import ImageFolder, batches
 from rcst_jax.data.sources import run_transform
@@ -22,8 +24,6 @@ from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference.selection import random_ranks
 from rcst_jax.jobs import evaluate
 from rcst_jax.models.checkpoints import load_model
-from rcst_jax.payload import codecs
-from rcst_jax.payload.geometry import Geometry
 from rcst_jax.sweep import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rcst_edge.errors import OutputRefusedError
 from rcst_jax import cli
 from rcst_jax.calibration.algorithm1 import calibrate
 from rcst_jax.calibration.artifact import CalibrationError
 from rcst_jax.core import fileio
-from rcst_jax.core.errors import OutputRefusedError
 from rcst_jax.data import preprocess
 from rcst_jax.models import checkpoints, create_model
 

@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 from test_reliability import run
 
-from rcst_jax.core.errors import ConfigError
+from rcst_edge.errors import ConfigError
+from rcst_edge.payload import codecs
+from rcst_edge.payload.geometry import Geometry
 from rcst_jax.data import folder
 from rcst_jax.inference import methods, selection
-from rcst_jax.payload import codecs
-from rcst_jax.payload.geometry import Geometry
 from rcst_jax.report import outputs
 from rcst_jax.sweep import metrics
 

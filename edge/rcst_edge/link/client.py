@@ -26,13 +26,13 @@ from typing import Sequence
 import grpc
 import numpy as np
 
-from rcst_jax.core import errors
-from rcst_jax.core.address import parse_address
-from rcst_jax.payload.geometry import Geometry
-from rcst_jax.serving import protocol
-from rcst_jax.serving import rcst_pb2 as pb
-from rcst_jax.serving.meter import Link
-from rcst_jax.serving.retry import DownMemory, Retry
+from rcst_edge import errors
+from rcst_edge.address import parse_address
+from rcst_edge.link import protocol
+from rcst_edge.link import rcst_pb2 as pb
+from rcst_edge.link.meter import Link
+from rcst_edge.link.retry import DownMemory, Retry
+from rcst_edge.payload.geometry import Geometry
 
 _RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 

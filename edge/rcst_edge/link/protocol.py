@@ -6,7 +6,7 @@ neither imports the other (tests/serving/test_serving.py checks this against the
 
 from __future__ import annotations
 
-from rcst_jax.serving import rcst_pb2 as pb
+from rcst_edge.link import rcst_pb2 as pb
 
 SERVICE = "rcst.v1.Server"  # rcst.proto's package.service
 

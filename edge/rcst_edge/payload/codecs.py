@@ -50,8 +50,8 @@ import re
 
 import numpy as np
 
-from rcst_jax.core import host
-from rcst_jax.payload import zstd_body
+from rcst_edge import host
+from rcst_edge.payload import zstd_body
 
 MOSAIC_COLUMNS = 64
 # A compressed body longer than this is not a coded mosaic of the declared patches.

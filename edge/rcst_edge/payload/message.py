@@ -42,9 +42,9 @@ import zlib
 
 import numpy as np
 
-from rcst_jax.payload import codecs
-from rcst_jax.payload.geometry import Geometry
-from rcst_jax.payload.patches import patchify
+from rcst_edge.payload import codecs
+from rcst_edge.payload.geometry import Geometry
+from rcst_edge.payload.patches import patchify
 
 HEADER_BYTES = 13  # 9 fixed fields + CRC-32
 _MAGIC_VERSION = 0xA2

@@ -17,7 +17,7 @@ import random
 import threading
 import time
 
-from rcst_jax.core import errors
+from rcst_edge import errors
 
 MAX_RETRIES = 10
 

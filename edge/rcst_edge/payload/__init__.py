@@ -2,5 +2,5 @@
 
 Pure numpy plus the codec libraries (simplejpeg, Pillow, zstandard): the
 JAX-free edge and the server both code payloads with it, so nothing here may
-import JAX or any rcst_jax layer above `core`.
+import JAX or rcst_jax.
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from rcst_jax.core import errors
+from rcst_edge import errors
 
 _ADDRESS = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})")
 

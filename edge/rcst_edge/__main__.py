@@ -1,0 +1,7 @@
+"""`python -m rcst_edge`: the `rcst-edge` command."""
+
+import sys
+
+from rcst_edge.cli import main
+
+sys.exit(main())
