@@ -58,6 +58,9 @@ def _base():
   c.edge = "efficientnet_b0.ra_in1k"            # <models_dir>/<name>
   c.server = "deit_base_patch16_224.fb_in1k"
   c.baseline_edge = "deit_tiny_patch16_224.fb_in1k"
+  # An `rcst export` file of the edge: it then decides, on ONNX Runtime, in
+  # calibration, certification and the sweep alike (calibrated as deployed).
+  c.edge_onnx = ml_collections.config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "imagenet2012"   # or imagenet_v2, imagenette, folder

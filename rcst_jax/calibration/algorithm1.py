@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_edge.onnx_edge import OnnxEdge
 from rcst_edge.payload.geometry import Geometry
 from rcst_jax.calibration.artifact import Calibration, CalibrationError, CalibrationWarning, check_B
 from rcst_jax.core import spmd
 from rcst_jax.data import batches
 from rcst_jax.data.sources import Sources, UnreadableImagesError, transform_record
-from rcst_jax.inference.edge import softmax_fn
+from rcst_jax.inference.edge import edge_outputs
 from rcst_jax.models.checkpoints import Model, variables_digest
 from rcst_jax.stats.conformal import (
   aps_q_hat,
@@ -87,15 +88,18 @@ class Softmax:
     return Softmax(self.probs[pick], self.labels[pick], np.asarray(indices))
 
 
-def edge_softmax(config, edge: Model, sources: Sources, *, sharding=None, skipped=None,
-                 progress: bool = True) -> Softmax:
-  """The edge's softmax of every usable calibration image of ``sources``."""
+def edge_softmax(config, edge, sources: Sources, *, grid: int = 14, sharding=None,
+                 skipped=None, progress: bool = True) -> Softmax:
+  """The edge's softmax of every usable calibration image of ``sources``, as
+  the edge step computes it when it decides (`edge.edge_outputs`, a Flax
+  model or an exported ONNX edge): calibration scores are decision scores."""
   probs, labels = [], []
-  fn = softmax_fn(edge, sharding)
 
   def run(b):
     images = b.images if sharding is None else jax.device_put(b.images, sharding)
-    return np.asarray(fn(images))[b.valid], b.labels[b.valid]
+    out = edge_outputs(edge, images, np.inf, np.inf, layer=config.gradcam_layer, grid=grid,
+                       sharding=sharding)
+    return np.asarray(out["probs"])[b.valid], b.labels[b.valid]
   for p, lab in spmd.host_map(
       run, batches(sources.cal_source, sources.cal_indices, int(config.batch_size),
                    skipped=skipped, progress=progress, desc="calibration"),
@@ -117,13 +121,17 @@ def algorithm1(config, edge: Model, sources: Sources, transform, *, server_metad
   """Algorithm 1 on the calibration images of ``sources``: the edge's softmax,
   then `calibrate`. Returns the Calibration, or (Calibration, `Softmax`) with
   ``with_softmax`` (the rows the certificate's fitting split reuses)."""
-  soft = edge_softmax(config, edge, sources, sharding=sharding, skipped=skipped,
-                      progress=progress)
+  soft = edge_softmax(config, edge, sources, grid=geometry.grid, sharding=sharding,
+                      skipped=skipped, progress=progress)
+  onnx = isinstance(edge, OnnxEdge)
+  weights = edge.meta["edge_digest"] if onnx else variables_digest(edge.variables)
+  meta = {"timm_name": None} if onnx else edge.metadata
   cal = calibrate(
       soft.probs, soft.labels, config.alpha_crc, config.alpha_aps,
-      edge_model=edge.metadata.get("timm_name"), server_model=server_metadata.get("timm_name"),
+      edge_model=meta.get("timm_name"), server_model=server_metadata.get("timm_name"),
       dataset=sources.name, split=f"calibration:{len(sources.cal_indices)}",
-      gradcam_layer=config.gradcam_layer, edge_digest=variables_digest(edge.variables),
+      gradcam_layer=config.gradcam_layer, edge_digest=weights,
+      edge_onnx_digest=edge.digest if onnx else None,
       server_digest=server_digest,
       transform=transform_record(transform) if transform else None, geometry=geometry.to_dict())
   return (cal, soft) if with_softmax else cal

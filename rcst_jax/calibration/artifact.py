@@ -49,7 +49,7 @@ class ResealedWarning(UserWarning):
 
 
 _META = ("edge_model", "server_model", "dataset", "split", "gradcam_layer", "edge_digest",
-         "server_digest")
+         "server_digest", "edge_onnx_digest")
 
 
 def _check_threshold(lam: float, valid: bool, name: str):
@@ -134,6 +134,9 @@ class Calibration:
   # silently applied to other weights than it was computed for.
   edge_digest: Optional[str] = None
   server_digest: Optional[str] = None
+  # sha256 of the `rcst export` file calibrated with (config.edge_onnx), which
+  # rcst-edge then requires; written only when there is one.
+  edge_onnx_digest: Optional[str] = None
   # Learn-then-Test certificate of a (lambda, tau) pair (calibration/certificate.py).
   certificate: Optional[dict] = None
   # `rcst calibrate --reseal` records (calibration/seal.py); written only when present.
@@ -198,7 +201,7 @@ class Calibration:
       v = getattr(self, f.name)
       if f.name in ("lambda_hat", "q_hat"):
         v = encode_float(float(v))
-      if f.name != seal_lib.HISTORY or v is not None:
+      if f.name not in (seal_lib.HISTORY, "edge_onnx_digest") or v is not None:
         d[f.name] = v
     return {**d, seal_lib.KEY: seal_lib.make(d)}
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcst_edge.deployment import OperatingPoint
+from rcst_edge.onnx_edge import OnnxEdge
 from rcst_jax.core import spmd
 from rcst_jax.data import normalize
 from rcst_jax.inference import saliency, selection
@@ -110,6 +112,19 @@ def pad_rows(a, rows: int) -> np.ndarray:
   return np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
 
 
+def edge_outputs(edge, images, lambda_hat, q_hat, *, layer: str = "features", grid: int = 14,
+                 sharding=None) -> dict:
+  """`edge_step`'s outputs from the edge that decides: a Flax `Model`, or an
+  `rcst export` file on ONNX Runtime (`rcst_edge.onnx_edge.OnnxEdge`, whose
+  layer and grid were fixed when it was exported). Calibration, the sweep and
+  the certificate all score through here, so they score as the run decides."""
+  if isinstance(edge, OnnxEdge):
+    out = edge(np.asarray(images), OperatingPoint(float(lambda_hat), float(q_hat), 0.0))
+    out.pop("keep")
+    return out
+  return edge_step(edge, images, lambda_hat, q_hat, layer=layer, grid=grid, sharding=sharding)
+
+
 def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, grid: int,
                       batch_size: int, sharding=None, concurrency: int = 0) -> dict:
   """`edge_step` over images in memory, `batch_size` at a time (the last batch
@@ -120,8 +135,8 @@ def edge_step_batched(edge: Model, images, lambda_hat, q_hat, *, layer: str, gri
     x = chunk if len(chunk) == batch_size else pad_rows(chunk, batch_size)
     if sharding is not None:
       x = jax.device_put(x, sharding)
-    e = jax.device_get(edge_step(edge, x, lambda_hat, q_hat, layer=layer, grid=grid,
-                                 sharding=sharding))
+    e = jax.device_get(edge_outputs(edge, x, lambda_hat, q_hat, layer=layer, grid=grid,
+                                    sharding=sharding))
     return {k: np.asarray(v)[:len(chunk)] for k, v in e.items()}
   parts = list(spmd.host_map(run, range(0, len(images), batch_size),
                              spmd.host_concurrency(concurrency, sharding)))

@@ -21,7 +21,7 @@ from rcst_jax.calibration.artifact import Calibration, CalibrationError, read_st
 from rcst_jax.core.fileio import OutputDir
 from rcst_jax.data.sources import load_sources, run_transform
 from rcst_jax.models.checkpoints import load_model, module_from_metadata, read_metadata
-from rcst_jax.models.loading import load_models
+from rcst_jax.models.loading import load_models, load_onnx_edge
 from rcst_jax.settings import schema
 from rcst_jax.sweep import engine
 
@@ -75,8 +75,10 @@ def _calibrate(config) -> Calibration:
   transform = run_transform(edge.metadata, {"server": server_meta})
   sources = load_sources(config, transform)
   sources.check_labels({"edge": edge.metadata, "server": server_meta})
+  deciding = load_onnx_edge(config.edge_onnx, edge, config.gradcam_layer) \
+      if config.get("edge_onnx") else edge
   return algorithm1.algorithm1(
-      config, edge, sources, transform, server_metadata=server_meta,
+      config, deciding, sources, transform, server_metadata=server_meta,
       geometry=Geometry(int(module.img_size), int(module.patch_size)),
       server_digest=server_meta.get("variables_digest"), progress=config.progress)
 

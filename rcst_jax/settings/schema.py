@@ -173,6 +173,7 @@ SCHEMA: dict[str, Checker] = {
     "edge": non_empty_string,
     "server": non_empty_string,
     "baseline_edge": non_empty_string,
+    "edge_onnx": optional(non_empty_string),
     # data
     "data.name": one_of(*DATA_SOURCES),
     "data.data_dir": optional(string),

@@ -38,13 +38,13 @@ from rcst_jax.calibration.artifact import Calibration, CalibrationError, Calibra
 from rcst_jax.core.fileio import atomic_write_bytes, plain
 from rcst_jax.models.checkpoints import variables_digest
 
-CACHE_VERSION = 6
+CACHE_VERSION = 7  # 7: Algorithm 1 scores with the edge step (edge.edge_outputs)
 # Config keys that cannot change any cached number: where outputs go, how
 # much is printed or drawn, how models are found (they are identified by
 # content below), how many devices share the work. Everything else is hashed.
 NOT_RESULTS = ("output_dir", "progress", "gallery_size", "per_image", "models_dir", "edge",
                "server", "baseline_edge", "devices", "multihost", "compare_dtype",
-               "host_concurrency")
+               "host_concurrency", "edge_onnx")  # an ONNX edge counts by its digest
 # Keyed apart: changing the certificate request never invalidates chunks.
 CERTIFY_KEY = "certify"
 MODEL_META = ("timm_name", "num_classes", "input_size", "crop_pct", "interpolation", "mean",
@@ -102,7 +102,14 @@ def fingerprint(config, models, sources) -> str:
   return _digest({"version": CACHE_VERSION, "config": cfg, "data": sources.identity(),
                   "models": {name: {"digest": variables_digest(m.variables),
                                     "meta": {k: m.metadata.get(k) for k in MODEL_META}}
-                             for name, m in models.named().items()}})
+                             for name, m in models.named().items()},
+                  **_deployed(models)})
+
+
+def _deployed(models) -> dict:
+  """The exported edge that decides, by its file's digest (nothing without one)."""
+  edge = getattr(models, "deployed_edge", None)
+  return {} if edge is None else {"deployed_edge": edge.digest}
 
 
 def outcome_id(config, models, sources, cal_inputs: str) -> str:
@@ -114,7 +121,8 @@ def outcome_id(config, models, sources, cal_inputs: str) -> str:
                   "taus": list(certificate.tau_grid(config)),
                   "codecs": list(certificate.codec_grid(config)),
                   "data": sources.identity(), "inputs": cal_inputs,
-                  "models": [variables_digest(m.variables) for m in (models.edge, models.server)]})
+                  "models": [variables_digest(m.variables) for m in (models.edge, models.server)],
+                  **_deployed(models)})
 
 
 def certified_id(certificate: dict) -> str:

@@ -84,6 +84,8 @@ class Passes:
     put = lambda m: dataclasses.replace(m, variables=jax.device_put(m.variables, rep))
     self.edge, self.server, self.base = (put(models.edge), put(models.server),
                                          put(models.baseline_edge))
+    if models.deployed_edge is not None:  # an exported edge decides: ONNX Runtime, on the host
+      self.edge = models.deployed_edge
     self._base_probs = edge_lib.softmax_fn(self.base, with_attn=True)
     # Edge and server calls in flight at once (XLA:CPU keeps one core busy per call).
     self.concurrency = spmd.host_concurrency(int(config.get("host_concurrency", 0)),
@@ -104,7 +106,7 @@ class Passes:
 
     def run(b):
       x = jax.device_put(b.images, self.sharding)
-      e = jax.device_get(edge_lib.edge_step(
+      e = jax.device_get(edge_lib.edge_outputs(
           self.edge, x, lambda_hat, q_hat, layer=self.config.gradcam_layer,
           grid=self.geometry.grid, sharding=self.sharding))
       return b, e, (jax.device_get(self._base_probs(x)) if with_base else None)
