@@ -1,6 +1,6 @@
 """Calibrated as deployed: Algorithm 1 scores with the function that decides
-(the edge step, a Flax model or an exported ONNX file), and the calibration
-does not depend on how many devices computed it."""
+(the edge step, a Flax model or an exported ONNX file). That the calibration
+file is the same for 1 and 8 devices: tests/sweep/test_engine.py."""
 
 import os
 
@@ -15,8 +15,6 @@ from rcst_jax.data.sources import Sources
 from rcst_jax.data.synthetic import SyntheticShapes
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.models.checkpoints import load_model
-from rcst_jax.models.loading import Models
-from rcst_jax.sweep import cache, engine
 
 ONNX = os.path.join(WEIGHTS, "demo_edge.onnx")
 
@@ -76,19 +74,3 @@ def test_rcst_calibrate_with_an_onnx_edge_records_it(tmp_path, capsys):
     cli.parse_config  # noqa: B018
     from rcst_jax.models.loading import load_onnx_edge
     load_onnx_edge(ONNX, small_models.edge(), "features")
-
-
-def test_one_and_eight_devices_write_the_same_calibration_file(tmp_path):
-  models = Models(small_models.edge(), small_models.server(), small_models.baseline())
-  sources = Sources(SyntheticShapes("calibration", 40), SyntheticShapes("test", 8),
-                    name="synthetic")
-  files = []
-  for devices in (1, 8):
-    out = tmp_path / str(devices)
-    config = cli.parse_config("imagenet:smoke", [f"--config.output_dir={out}",
-                                                 f"--config.devices={devices}",
-                                                 "--config.data.n_cal=40",
-                                                 "--config.certify.enabled=True"])
-    cal = engine.Sweep(config, models, sources, str(out), progress=False).calibrate()
-    files.append(cache.calibration_bytes(cal))  # what calibration.json holds
-  assert files[0] == files[1]

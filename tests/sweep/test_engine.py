@@ -80,9 +80,12 @@ def _points(tmp_path, models, sources, *overrides, **run_kw):
 def test_sharded_equals_unsharded(tmp_path, models12):
   assert len(jax.local_devices()) == 8  # tests/conftest.py sets XLA_FLAGS
   sources = _synthetic_sources()
-  _, one = _points(tmp_path / "one", models12, sources, "--config.devices=1")
-  _, eight = _points(tmp_path / "eight", models12, sources, "--config.devices=8")
+  ev1, one = _points(tmp_path / "one", models12, sources, "--config.devices=1")
+  ev8, eight = _points(tmp_path / "eight", models12, sources, "--config.devices=8")
   assert one["points"] == eight["points"]
+  # The calibration too, to the byte (its scores are the edge step's, per device).
+  files = [open(ev.published_calibration, "rb").read() for ev in (ev1, ev8)]
+  assert files[0] == files[1] and b'"q_hat"' in files[0]
 
 
 def test_server_min_batch_pads_fewer_rows_with_the_same_results(tmp_path, models12,
