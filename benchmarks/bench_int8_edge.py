@@ -4,9 +4,10 @@ then its accuracy, acceptance and speed next to the float file.
   .venv-export/bin/python benchmarks/bench_int8_edge.py [--out /tmp/edge_int8.onnx]
       [--cal-images 64] [--n 512]
 
-Quantises the convolutions (QDQ, int8 weights per channel, uint8 activations
-calibrated on --cal-images generated calibration images; the Grad-CAM
-backward and the APS rule stay float) and keeps the file's rcst metadata, so
+Quantises the convolutions as `rcst export --int8` does (rcst_jax/export/
+quantize.py: QDQ, int8 weights per channel, uint8 activations calibrated on
+--cal-images generated images; the Grad-CAM backward and the APS rule stay
+float) and keeps the file's rcst metadata, so
 `rcst calibrate` / `rcst demo --config.edge_onnx=OUT` calibrate it as
 deployed. Needs onnx (the export venv). Prints accuracy and acceptance at the
 demo's operating point on --n test images, and images/s at batch 1 and 16 for
@@ -27,6 +28,7 @@ from machine import cpu_name  # noqa: E402
 from rcst_edge.deployment import OperatingPoint  # noqa: E402
 from rcst_edge.onnx_edge import OnnxEdge  # noqa: E402
 from rcst_jax.data.synthetic import SyntheticShapes  # noqa: E402
+from rcst_jax.export.quantize import quantize_int8  # noqa: E402
 
 FLOAT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "weights",
                      "demo_edge.onnx")
@@ -39,29 +41,9 @@ def _images(split: str, n: int, seed: int):
 
 
 def quantize(out: str, n_cal: int) -> None:
-  from onnxruntime.quantization import (
-    CalibrationDataReader,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-  )
-  from onnxruntime.quantization.shape_inference import quant_pre_process
+  """`rcst export --int8 synthetic:N`'s quantisation, of the shipped float file."""
   images, _ = _images("calibration", n_cal, seed=1)
-
-  class Reader(CalibrationDataReader):
-    def __init__(self):
-      self.batches = iter(range(0, n_cal, 8))
-
-    def get_next(self):
-      i = next(self.batches, None)
-      return None if i is None else {
-          "images": images[i:i + 8], **{k: np.asarray(v, np.float32) for k, v in (
-              ("lambda_hat", POINT.lambda_hat), ("q_hat", POINT.q_hat), ("tau", POINT.tau))}}
-  with tempfile.TemporaryDirectory() as tmp:
-    pre = os.path.join(tmp, "pre.onnx")
-    quant_pre_process(FLOAT, pre, skip_symbolic_shape=True)
-    quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+  quantize_int8(FLOAT, out, images, (POINT.lambda_hat, POINT.q_hat, POINT.tau))
 
 
 def rate(edge: OnnxEdge, images, batch: int, seconds: float = 2.0) -> float:

@@ -44,14 +44,35 @@ def export(args, extra):
   # jax2onnx lives in the export venv (make export-env): imported only when asked for,
   # and onnx_edge names the missing package and the make target.
   from rcst_jax.export import onnx_edge, parity
-  out = onnx_edge.export_edge(args.edge, args.out, layer=args.layer, patch=args.patch,
-                              overwrite=args.overwrite)
+  if args.int8:
+    out = _export_int8(args, onnx_edge)
+  else:
+    out = onnx_edge.export_edge(args.edge, args.out, layer=args.layer, patch=args.patch,
+                                overwrite=args.overwrite)
   if args.check:
     from rcst_jax.data.synthetic import SyntheticShapes
     src = SyntheticShapes("test", args.check, seed=0)
     images = np.stack([src[i].image for i in range(args.check)])
     out["check"] = parity.check(out["out"], args.edge, images, lambda_hat=0.5, q_hat=0.9)
   print(dumps(out))
+
+
+def _export_int8(args, onnx_edge):
+  """The float export to a temporary file, then its int8 form at --out."""
+  import tempfile
+
+  from rcst_edge.onnx_edge import OnnxEdge
+  from rcst_jax.export import quantize
+  if os.path.exists(args.out) and not args.overwrite:
+    raise errors.OutputRefusedError(f"{args.out} exists; pass --overwrite to replace it")
+  with tempfile.TemporaryDirectory() as tmp:
+    float_path = os.path.join(tmp, "edge.onnx")
+    out = onnx_edge.export_edge(args.edge, float_path, layer=args.layer, patch=args.patch)
+    images = quantize.calibration_images(args.int8, OnnxEdge(float_path).transform)
+    quantize.quantize_int8(float_path, args.out, images)
+  from rcst_edge.deployment import file_digest
+  return {**out, "out": args.out, "bytes": os.path.getsize(args.out),
+          "sha256": file_digest(args.out), "int8_calibration_images": len(images)}
 
 
 def predict(args, extra):

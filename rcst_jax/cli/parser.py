@@ -40,6 +40,10 @@ def _add_model_commands(sub) -> None:
                  help="the server's patch size: patch scores on an (image size / patch)^2 "
                       "grid (default 16)")
   p.add_argument("--layer", default="features", help="Grad-CAM layer (default features)")
+  p.add_argument("--int8", metavar="IMAGES",
+                 help="also quantise the convolutions to int8 (ONNX Runtime static "
+                      "quantisation), with activation ranges from IMAGES: a directory of "
+                      "image files or synthetic:N; --out is then the int8 file")
   p.add_argument("--check", type=argtypes.int_in(0, 4096), default=0, metavar="N",
                  help="then run the file with ONNX Runtime against the Flax edge on N "
                       "generated demo images and print the largest differences")

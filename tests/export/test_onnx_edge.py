@@ -140,3 +140,27 @@ def test_keep_is_the_decision_rcst_run_makes(sess, flax_edge, images):
     off, keep, _ = methods.decide(methods.PROPOSED, edge_lib.edge_view(ref), [tau])
     got = parity.run_onnx(sess, images, lam, q, tau)
     assert (got["keep"] == keep[0]).all() and (~got["accept"] == off[0]).all(), tau
+
+
+def test_int8_export_is_a_smaller_edge_that_can_be_calibrated_as_deployed(exported, flax_edge,
+                                                                          images, tmp_path,
+                                                                          capsys):
+  from rcst_edge.deployment import OperatingPoint
+  from rcst_edge.onnx_edge import OnnxEdge
+  from rcst_jax import cli
+  from rcst_jax.models.loading import load_onnx_edge
+  out = tmp_path / "int8.onnx"
+  assert cli.main(["export", "--edge", EDGE, "--out", str(out), "--int8", "synthetic:16"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["int8_calibration_images"] == 16 and printed["bytes"] < exported["bytes"]
+  edge = load_onnx_edge(str(out), flax_edge, "features")  # what --config.edge_onnx loads
+  assert edge.meta["quantized"].startswith("int8") and "QuantizeLinear" in str(
+      [n.op_type for n in onnx.load(str(out)).graph.node])
+  lam, q = POINTS[0]
+  got = edge(images, OperatingPoint(lam, q, 0.5))
+  ref = {k: np.asarray(v) for k, v in edge_step(flax_edge, images, lam, q).items()}
+  assert 0 < np.abs(got["probs"] - ref["probs"]).max() < 0.2  # quantised: close, not equal
+  assert (got["pred"] == ref["pred"]).mean() >= 0.8
+  before = OnnxEdge(out).digest
+  assert cli.main(["export", "--edge", EDGE, "--out", str(out), "--int8", "synthetic:4"]) == 2
+  assert "--overwrite" in capsys.readouterr().err and OnnxEdge(out).digest == before
