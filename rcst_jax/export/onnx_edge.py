@@ -22,6 +22,7 @@ from rcst_edge.deployment import file_digest
 from rcst_edge.errors import OutputRefusedError, RcstError
 from rcst_edge.payload.geometry import Geometry
 from rcst_jax import __version__
+from rcst_jax.core.fileio import atomic_write_bytes
 from rcst_jax.data.sources import run_transform
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import selection
@@ -97,7 +98,8 @@ def export(edge: Model, out_path: str, geometry: Geometry = Geometry(),
                   output_names=list(onnx_format.OUTPUTS))
   props = metadata(edge, geometry, layer)
   onnx.helper.set_model_props(model, props)
-  onnx.save(model, out_path)
+  onnx.checker.check_model(model)  # a file ONNX itself calls valid, or nothing is written
+  atomic_write_bytes(out_path, model.SerializeToString())  # never half a file
   return {"metadata": props, "seconds": time.perf_counter() - t0}
 
 
