@@ -36,6 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (tunes XLA:CPU before any JAX computation)
 from machine import cpu_name  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from support import randomize_batchnorm  # noqa: E402  (the parity tests' own)
+
 from rcst_jax.data.synthetic import SyntheticShapes  # noqa: E402
 from rcst_jax.export import parity  # noqa: E402
 from rcst_jax.inference import edge as edge_lib  # noqa: E402
@@ -52,21 +55,6 @@ SHOW = 10  # flips listed per kind
 
 
 # ------------------------------------------------------------------ models
-
-def randomize_batchnorm(torch_model, seed: int = 0):
-  """Random BN affine params and running stats (as tests/conftest.py)."""
-  import torch
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in torch_model.modules():
-      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-        c = m.num_features
-        m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-        m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-        m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-  return torch_model
-
 
 def convert_random_timm(name: str, out: str) -> str:
   """A model directory of timm ``name`` at random init with random BN stats."""

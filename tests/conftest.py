@@ -11,25 +11,7 @@ os.environ.setdefault("RCST_COMPILATION_CACHE", tempfile.mkdtemp(prefix="rcst-te
 
 import numpy as np
 import pytest
-
-
-def randomize_batchnorm(torch_model, seed: int = 0):
-  """Gives every BatchNorm random affine params and running stats.
-
-  timm's init leaves mean 0 / var 1 / weight 1 / bias 0, which hides
-  conversion bugs (swapped or dropped BN tensors give identical outputs).
-  """
-  import torch
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in torch_model.modules():
-      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-        c = m.num_features
-        m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-        m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-        m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-  return torch_model
+from support import randomize_batchnorm  # noqa: F401  (the tests import it from here)
 
 
 def timm_state_dict_numpy(torch_model) -> dict:

@@ -1,5 +1,6 @@
 """What many test files share: where the repository is, demo images written as
-files, and a guard that no model runs where a cache must answer."""
+files, a guard that no model runs where a cache must answer, and timm models'
+BatchNorm statistics made random (benchmarks use it too)."""
 
 import os
 
@@ -40,3 +41,22 @@ def refuse_model_calls(m):
                     (passes.edge_lib, "edge_step_batched"),
                     (server.Server, "logits_from_images")):
     m.setattr(obj, name, refuse)
+
+
+def randomize_batchnorm(torch_model, seed: int = 0):
+  """Gives every BatchNorm random affine params and running stats.
+
+  timm's init leaves mean 0 / var 1 / weight 1 / bias 0, which hides
+  conversion bugs (swapped or dropped BN tensors give identical outputs).
+  """
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in torch_model.modules():
+      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        c = m.num_features
+        m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+        m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+        m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+  return torch_model

@@ -11,14 +11,13 @@ project's payloads; one JSON line per image, as `rcst run` prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 
 import numpy as np
 
 from rcst_edge import __version__, deployment, errors, records, transmit
-from rcst_edge.images import BadItemError, Preprocess
+from rcst_edge.images import Preprocess
 from rcst_edge.onnx_edge import OnnxEdge
 from rcst_edge.payload.geometry import Geometry
 
@@ -85,14 +84,9 @@ def classify(args) -> int:
   failed = 0
   try:
     for start in range(0, len(args.images), args.batch_size):
-      good, images = [], []
-      for path in args.images[start:start + args.batch_size]:
-        try:
-          images.append(transform(path))
-          good.append(path)
-        except (BadItemError, OSError, ValueError) as e:
-          failed += 1
-          print(json.dumps({"image": path, "error": str(e)}), flush=True)
+      good, images, bad = records.read_images(args.images[start:start + args.batch_size],
+                                              transform)
+      failed += bad
       if images:
         records.print_batch(good, decide_and_send(edge, np.stack(images), point, geometry,
                                                   remote, args), point.codec)

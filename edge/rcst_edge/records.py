@@ -1,11 +1,29 @@
-"""The one JSON line per image that `rcst run` and `rcst-edge` print, built in
-one place so both print the same fields for the same decision."""
+"""The JSON lines `rcst run` and `rcst-edge` print: one per image, and one per
+file that could not be read. Built in one place so both print the same fields
+for the same decision."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+
+from rcst_edge.images import BadItemError
+
+
+def read_images(paths, transform):
+  """(readable paths, their images, how many failed) with the run's transform;
+  a bad file is reported as a JSON line, not fatal."""
+  good, images, failed = [], [], 0
+  for path in paths:
+    try:
+      images.append(transform(path))
+      good.append(path)
+    except (BadItemError, OSError, ValueError) as e:
+      failed += 1
+      print(json.dumps({"image": path, "error": str(e)}), flush=True)
+  return good, images, failed
+
 
 _MS = ("edge_s", "encode_s", "rtt_s", "server_s", "queue_s", "decode_s")
 

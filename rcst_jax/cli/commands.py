@@ -18,7 +18,6 @@ from rcst_edge import errors, records
 from rcst_jax.calibration.artifact import Calibration
 from rcst_jax.cli import serve
 from rcst_jax.core.fileio import dumps
-from rcst_jax.data.preprocess import BadItemError
 from rcst_jax.data.sources import transform_from_record
 from rcst_jax.inference.collaborative import collaborative_inference
 from rcst_jax.jobs.calibrate import calibrate_config, reseal_calibration, verify_calibration
@@ -180,19 +179,6 @@ def _load_run(args, with_server: bool):
   return edge, server, cal, point
 
 
-def _read_images(paths, transform):
-  """The run's transform (recorded in the calibration); bad files reported, not fatal."""
-  good, images, failed = [], [], 0
-  for path in paths:
-    try:
-      images.append(transform(path))
-      good.append(path)
-    except (BadItemError, OSError, ValueError) as e:
-      failed += 1
-      print(json.dumps({"image": path, "error": str(e)}), flush=True)
-  return good, images, failed
-
-
 def run(args, extra):
   edge, server, cal, point = _load_run(args, with_server=True)
   remote = None if server is not None else serve.connect(args, cal)
@@ -201,7 +187,8 @@ def run(args, extra):
   failed = 0
   try:
     for start in range(0, len(args.images), args.batch_size):
-      good, images, bad = _read_images(args.images[start:start + args.batch_size], transform)
+      good, images, bad = records.read_images(args.images[start:start + args.batch_size],
+                                              transform)
       failed += bad
       if images:
         out = collaborative_inference(np.stack(images), edge, server, point,
@@ -220,8 +207,8 @@ def explain(args, extra):
   edge, _, cal, point = _load_run(args, with_server=False)
   if os.path.isdir(args.out) or not args.out.lower().endswith(".png"):
     raise errors.RcstError(f"--out must name a .png file, got {args.out!r}")
-  good, images, _ = _read_images([args.image], transform_from_record(cal.transform,
-                                                                      edge.metadata))
+  good, images, _ = records.read_images(
+      [args.image], transform_from_record(cal.transform, edge.metadata))
   if not images:
     return 1
   geometry = cal.patch_geometry()
