@@ -26,6 +26,7 @@ from rcst_jax.core.fileio import atomic_write_bytes
 from rcst_jax.data.sources import run_transform
 from rcst_jax.inference import edge as edge_lib
 from rcst_jax.inference import selection
+from rcst_jax.models import efficientnet
 from rcst_jax.models.checkpoints import Model, load_model, variables_digest
 
 OPSET = 23  # ONNX Runtime 1.32 runs the batch-16 edge 36 % slower at opset 21
@@ -120,15 +121,10 @@ def _check_request(edge: Model, out: str, layer: str, patch: int, overwrite: boo
   if size % patch:
     raise ExportError(f"the edge's {size}-pixel images are not a multiple of {patch}-pixel "
                       "patches")
-  taps = getattr(edge.module, "TAPS", None) or saliency_taps(edge)
+  taps = efficientnet.TAPS  # the only family exported
   if layer not in taps:
     raise ExportError(f"layer {layer!r} is not a Grad-CAM tap; available: {sorted(taps)}")
   return Geometry(size, patch)
-
-
-def saliency_taps(edge: Model) -> list[str]:
-  from rcst_jax.models import efficientnet
-  return list(efficientnet.TAPS)
 
 
 def export_edge(edge_dir: str, out: str, layer: str = "features", patch: int = 16,
